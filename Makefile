@@ -1,0 +1,29 @@
+# `make serve` and `make test` build the environment they need first (.venv from requirements.lock).
+PYTHON ?= python3
+VENV ?= .venv
+PORT ?= 3000
+HOST ?= 127.0.0.1
+BIN := $(VENV)/bin
+
+.PHONY: venv serve test tiny clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.lock
+	touch $@
+
+serve: venv
+	$(BIN)/bentoml serve service:FluxInpainting --host $(HOST) --port $(PORT)
+
+test: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Write the tiny random-weight model to a folder: make tiny DIR=/tmp/tiny-flux
+tiny: venv
+	$(BIN)/python -m runners.tiny $(or $(DIR),tiny-flux)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,99 @@
+"""Errors a request can end with, and their one mapping to fal-shaped HTTP answers.
+
+fal answers errors as ``{"detail": ..., "error_type": ...}``; validation errors carry a list of
+``{"loc": ["body", field], "msg": ..., "type": ...}`` so that clients can name the bad field.
+Everything a user can cause is an ``InpaintError`` subclass with a message they can act on;
+anything else is our fault and becomes a 500 without internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class InpaintError(Exception):
+    """Base of every error the service answers on purpose."""
+
+    status: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def detail(self) -> Any:
+        return self.message
+
+    def to_body(self) -> dict[str, Any]:
+        return {"detail": self.detail(), "error_type": self.error_type}
+
+
+class InvalidField(InpaintError):
+    """A field's value is unusable; the 422 names the field like FastAPI/fal do."""
+
+    status = 422
+    error_type = "validation_error"
+
+    def __init__(self, field: str, message: str, kind: str = "value_error"):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.kind = kind
+        self.reason = message
+
+    def detail(self) -> Any:
+        return [{"loc": ["body", self.field], "msg": self.reason, "type": self.kind}]
+
+
+class ImageLoadError(InvalidField):
+    """An image or mask that cannot be used (bad encoding, format, size)."""
+
+    error_type = "image_load_error"
+
+
+class RequestTooLarge(InpaintError):
+    status = 413
+    error_type = "request_too_large"
+
+
+class ModelNotReady(InpaintError):
+    """The model is still loading or warming up; clients should retry."""
+
+    status = 503
+    error_type = "model_not_ready"
+
+
+class InferenceFailed(InpaintError):
+    """The model raised while running this request: our fault, reported without internals."""
+
+    status = 500
+    error_type = "inference_error"
+
+
+def validation_error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """fal's 422 body from pydantic's ``ValidationError.errors()``; never echoes inputs
+    (a data URI or a prompt can be megabytes, and may be private)."""
+    detail = [
+        {"loc": ["body", *[str(p) for p in e.get("loc", ())]], "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in errors
+    ]
+    return {"detail": detail, "error_type": "validation_error"}
+
+
+class ReportedError(InpaintError):
+    """An error the model worker reported for one job, raised again at the HTTP front."""
+
+    def __init__(self, status: int, error_type: str, detail: Any):
+        super().__init__(str(detail))
+        self.status = status
+        self.error_type = error_type
+        self._detail = detail
+
+    def detail(self) -> Any:
+        return self._detail
+
+
+class WorkerUnavailable(InpaintError):
+    """The model worker could not take the job (overloaded, restarting, or gone)."""
+
+    status = 503
+    error_type = "worker_unavailable"

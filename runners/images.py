@@ -1,0 +1,121 @@
+"""Images in and out, treating every input byte as hostile (shared/security.md).
+
+Inputs: ``data:`` URIs only (http(s) fetching arrives with the fal API work), decoded by Pillow
+restricted to PNG/JPEG/WEBP, with the pixel budget checked from the header *before* decoding,
+decompression bombs as errors, tiny images refused, EXIF orientation applied, and alpha flattened
+onto black on purpose (so a transparent area of a mask means "keep").
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageLoadError
+from .schema import SIZE_MULTIPLE
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
+FILE_SUFFIXES = {"jpeg": "jpg", "png": "png"}
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int
+    max_bytes: int
+
+
+def data_uri_bytes(uri: str, field: str, max_bytes: int) -> bytes:
+    """The payload of a base64 ``data:`` URI, refusing other schemes and oversized payloads."""
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme in ("http", "https"):
+        raise ImageLoadError(field, "http(s) URLs are not fetched by this server version; send a data: URI")
+    if scheme != "data":
+        raise ImageLoadError(field, "must be a data: URI (data:image/png;base64,...)")
+    header, sep, payload = uri.partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        raise ImageLoadError(field, "data: URI must be base64-encoded (data:<type>;base64,<data>)")
+    # Refuse before decoding: base64 is 4 characters per 3 bytes.
+    if len(payload) > (max_bytes * 4) // 3 + 4:
+        raise ImageLoadError(field, f"image is larger than this server's limit of {max_bytes} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageLoadError(field, "data: URI payload is not valid base64") from None
+
+
+def open_image(data: bytes, field: str, limits: DecodeLimits) -> Image.Image:
+    """Decode untrusted bytes into an upright image, or raise ``ImageLoadError`` naming ``field``."""
+    if len(data) > limits.max_bytes:
+        raise ImageLoadError(field, f"image is larger than this server's limit of {limits.max_bytes} bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        except UnidentifiedImageError:
+            raise ImageLoadError(field, "not a PNG, JPEG or WEBP image") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageLoadError(field, "image is too large to decode safely") from None
+        except Exception:
+            raise ImageLoadError(field, "image could not be read") from None
+        width, height = image.size  # from the header; nothing decoded yet
+        if width * height > limits.max_pixels:
+            raise ImageLoadError(
+                field, f"image of {width}x{height} is over this server's limit of {limits.max_pixels} pixels"
+            )
+        if width < SIZE_MULTIPLE or height < SIZE_MULTIPLE:
+            raise ImageLoadError(
+                field, f"image of {width}x{height} is too small: each side must be at least {SIZE_MULTIPLE} pixels"
+            )
+        try:
+            image.load()
+            return ImageOps.exif_transpose(image)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageLoadError(field, "image is too large to decode safely") from None
+        except Exception:
+            raise ImageLoadError(field, "image data is corrupt or truncated") from None
+
+
+def flatten(image: Image.Image, mode: str) -> Image.Image:
+    """Convert to ``mode`` ("RGB" or "L"), compositing any transparency onto black."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert(mode)
+
+
+def decode_image_uri(uri: str, field: str, mode: str, limits: DecodeLimits) -> Image.Image:
+    return flatten(open_image(data_uri_bytes(uri, field, limits.max_bytes), field, limits), mode)
+
+
+def encode_image(image: Image.Image, output_format: str) -> bytes:
+    buffer = io.BytesIO()
+    if output_format == "jpeg":
+        image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def to_data_uri(data: bytes, content_type: str) -> str:
+    return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def encode_lossless(image: Image.Image) -> bytes:
+    """PNG with fast compression: how decoded inputs travel from the front to the worker."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def decode_trusted_png(data: bytes, mode: str) -> Image.Image:
+    """Inputs that our own front already validated and re-encoded."""
+    image = Image.open(io.BytesIO(data), formats=("PNG",))
+    image.load()
+    return image.convert(mode)

@@ -1,0 +1,249 @@
+"""The FLUX.1 inpainting loop, top to bottom, for one group of same-size requests.
+
+It computes what diffusers' ``FluxInpaintPipeline`` computes (tests/test_parity.py holds it to
+that), reorganised around per-sample state: every image being denoised is a ``Sample`` that carries
+its own prompt embeddings, guidance, mask, noise, sigma schedule and step counter. A denoising step
+stacks whatever samples are still active into one transformer batch and advances each by its own
+sigmas. Requests with different step counts or strengths therefore share a batch, and the same
+state is what lets a request join a running batch at a step boundary later.
+
+Steps:
+ 1. encode prompts (CLIP pooled + T5 sequence), once per distinct prompt;
+ 2. encode image (VAE, one posterior sample per image) and mask (binarised, latent-resolution);
+ 3. plan each sample's flow-match schedule, cut by ``strength`` exactly as diffusers does;
+ 4. noise the image latents to the first sigma;
+ 5. per step: transformer over the packed latents, Euler update, then put back the known region
+    re-noised to the next sigma from the original latents;
+ 6. decode, safety-check, hand back PIL images.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .model import FluxModel
+
+StepCallback = Callable[[int, int, int], None]  # (request index in group, step done, steps total)
+
+
+@dataclass
+class InpaintInputs:
+    """One request as the loop sees it: validated values, decoded images, no HTTP."""
+
+    prompt: str
+    image: Image.Image  # RGB, any size: resized to (width, height)
+    mask: Image.Image  # L, white = repaint, any size: resized to (width, height)
+    width: int  # multiples of 16
+    height: int
+    seed: int  # image i of this request uses seed + i
+    num_inference_steps: int = 28
+    strength: float = 0.85
+    guidance_scale: float = 3.5
+    num_images: int = 1
+    enable_safety_checker: bool = True
+
+
+@dataclass
+class InpaintResult:
+    images: list[Image.Image]
+    has_nsfw_concepts: list[bool]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Sample:
+    """One image being denoised, with everything that may differ from the other samples."""
+
+    request: int  # index of its request in the group
+    prompt_embeds: torch.Tensor  # (text_tokens, joint_dim)
+    pooled_prompt_embeds: torch.Tensor  # (pooled_dim,)
+    guidance: float
+    image_latents: torch.Tensor  # (image_tokens, 64) packed, the known image
+    noise: torch.Tensor  # (image_tokens, 64) packed, this sample's noise
+    mask: torch.Tensor  # (image_tokens, 64) packed, 1 = repaint
+    timesteps: torch.Tensor  # (n,) this sample's schedule after strength, in [0, 1000]
+    sigmas: torch.Tensor  # (n + 1,) matching sigmas, ending in 0
+    latents: torch.Tensor  # (image_tokens, 64) packed, the current state
+    step: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.timesteps)
+
+
+def plan_schedule(scheduler_config, num_inference_steps: int, strength: float, image_seq_len: int):
+    """(timesteps, sigmas) for one sample, as FluxInpaintPipeline computes them: FLUX's sigmas
+    1..1/N shifted by ``mu`` for the image size, then cut by diffusers' ``get_timesteps``, which
+    skips ``int(N - N * strength)`` steps: 24 of 28 run at strength 0.85 (not int(28 * 0.85) = 23)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux_inpaint import calculate_shift, retrieve_timesteps
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    mu = calculate_shift(
+        image_seq_len,
+        scheduler.config.get("base_image_seq_len", 256),
+        scheduler.config.get("max_image_seq_len", 4096),
+        scheduler.config.get("base_shift", 0.5),
+        scheduler.config.get("max_shift", 1.15),
+    )
+    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    retrieve_timesteps(scheduler, num_inference_steps, "cpu", sigmas=sigmas, mu=mu)
+    init_timestep = min(num_inference_steps * strength, num_inference_steps)
+    t_start = int(max(num_inference_steps - init_timestep, 0))
+    return scheduler.timesteps[t_start:].float(), scheduler.sigmas[t_start:].float()
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, C * 4): FLUX's 2x2 patch tokens."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of ``pack`` for latent height ``h`` and width ``w``."""
+    b, _, d = tokens.shape
+    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
+class Inpainter:
+    """Runs the loop for one group of requests that share an output size."""
+
+    def __init__(self, model: FluxModel):
+        self.model = model
+        self.pipe = model.pipeline
+
+    @torch.inference_mode()
+    def run(self, requests: list[InpaintInputs], on_step: StepCallback | None = None) -> list[InpaintResult]:
+        width, height = requests[0].width, requests[0].height
+        if any((r.width, r.height) != (width, height) for r in requests):
+            raise ValueError("a group must share one output size")
+        started = time.perf_counter()
+        samples = self.prepare(requests, width, height)
+        prepared = time.perf_counter()
+        self.denoise(samples, width, height, on_step)
+        denoised = time.perf_counter()
+        images, flags = self.decode(samples, requests, width, height)
+        finished = time.perf_counter()
+        timings = {"preprocess": prepared - started, "inference": denoised - prepared, "decode": finished - denoised}
+        return [
+            InpaintResult(
+                images=[images[i] for i, s in enumerate(samples) if s.request == r],
+                has_nsfw_concepts=[flags[i] for i, s in enumerate(samples) if s.request == r],
+                timings=dict(timings),
+            )
+            for r in range(len(requests))
+        ]
+
+    # 1-4: everything before the first step
+    def prepare(self, requests: list[InpaintInputs], width: int, height: int) -> list[Sample]:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.utils.torch_utils import randn_tensor
+
+        model, vae = self.model, self.model.vae
+        device, dtype = model.device, model.dtype
+        latent_h, latent_w = height // vae.scale_factor, width // vae.scale_factor
+
+        # 1. prompts: one text-encoder batch over the distinct prompts of the group
+        prompts = list(dict.fromkeys(r.prompt for r in requests))
+        prompt_embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=device, max_sequence_length=model.max_sequence_length
+        )
+        by_prompt = {p: i for i, p in enumerate(prompts)}
+
+        # 2. images through the VAE encoder in one batch; masks binarised at latent resolution
+        pixels = torch.cat([self.pipe.image_processor.preprocess(r.image, height=height, width=width) for r in requests])
+        moments = vae.encode(pixels.to(device=device, dtype=dtype))
+        masks = torch.cat([self.pipe.mask_processor.preprocess(r.mask, height=height, width=width) for r in requests])
+        masks = torch.nn.functional.interpolate(masks, size=(latent_h, latent_w)).to(device=device, dtype=dtype)
+        masks = pack(masks.repeat(1, vae.latent_channels, 1, 1))
+
+        samples = []
+        for index, request in enumerate(requests):
+            # 3. this request's schedule (samples of one request share it)
+            timesteps, sigmas = plan_schedule(
+                self.pipe.scheduler.config, request.num_inference_steps, request.strength, (latent_h // 2) * (latent_w // 2)
+            )
+            posterior = DiagonalGaussianDistribution(moments[index : index + 1])
+            for image_index in range(request.num_images):
+                # One generator per image, drawn in diffusers' order (posterior sample, then noise),
+                # so an image depends on its own seed only, never on what it was batched with.
+                generator = torch.Generator(device="cpu").manual_seed(request.seed + image_index)
+                image_latents = (posterior.sample(generator) - vae.shift_factor) * vae.scaling_factor
+                noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
+                # 4. the image noised to this schedule's first sigma
+                sigma = sigmas[0].to(dtype)
+                latents = sigma * noise + (1.0 - sigma) * image_latents
+                samples.append(
+                    Sample(
+                        request=index,
+                        prompt_embeds=prompt_embeds[by_prompt[request.prompt]],
+                        pooled_prompt_embeds=pooled[by_prompt[request.prompt]],
+                        guidance=request.guidance_scale,
+                        image_latents=pack(image_latents)[0],
+                        noise=pack(noise)[0],
+                        mask=masks[index],
+                        timesteps=timesteps,
+                        sigmas=sigmas,
+                        latents=pack(latents)[0],
+                    )
+                )
+        return samples
+
+    # 5. the denoising loop over whichever samples are still active
+    def denoise(self, samples: list[Sample], width: int, height: int, on_step: StepCallback | None = None) -> None:
+        model = self.model
+        device, dtype = model.device, model.dtype
+        scale = model.vae.scale_factor * 2  # pixels per packed token side
+        img_ids = self.pipe._prepare_latent_image_ids(None, height // scale, width // scale, device, dtype)
+        txt_ids = torch.zeros(samples[0].prompt_embeds.shape[0], 3, device=device, dtype=dtype)
+        while active := [s for s in samples if not s.done]:
+            latents = torch.stack([s.latents for s in active])
+            timestep = torch.stack([s.timesteps[s.step] for s in active]).to(device=device, dtype=dtype)
+            guidance = None
+            if model.transformer.guidance_embeds:
+                guidance = torch.tensor([s.guidance for s in active], device=device, dtype=torch.float32)
+            velocity = model.transformer(
+                hidden_states=latents,
+                encoder_hidden_states=torch.stack([s.prompt_embeds for s in active]),
+                pooled_projections=torch.stack([s.pooled_prompt_embeds for s in active]),
+                timestep=timestep / 1000,
+                guidance=guidance,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+            )
+            # Euler step in float32, as FlowMatchEulerDiscreteScheduler.step does.
+            sigma = torch.stack([s.sigmas[s.step] for s in active]).to(device).view(-1, 1, 1)
+            sigma_next = torch.stack([s.sigmas[s.step + 1] for s in active]).to(device).view(-1, 1, 1)
+            stepped = (latents.float() + (sigma_next - sigma) * velocity).to(velocity.dtype)
+            for s, new in zip(active, stepped):
+                # The known region: the original latents re-noised to the next sigma (clean at the end).
+                known = s.image_latents
+                if s.step + 1 < len(s.timesteps):
+                    next_sigma = s.sigmas[s.step + 1].to(dtype)
+                    known = next_sigma * s.noise + (1.0 - next_sigma) * s.image_latents
+                s.latents = (1 - s.mask) * known + s.mask * new
+                s.step += 1
+            if on_step is not None:
+                for s in {s.request: s for s in active}.values():
+                    on_step(s.request, s.step, len(s.timesteps))
+
+    # 6. latents to checked PIL images
+    def decode(self, samples: list[Sample], requests: list[InpaintInputs], width: int, height: int):
+        vae = self.model.vae
+        latents = unpack(torch.stack([s.latents for s in samples]), height // vae.scale_factor, width // vae.scale_factor)
+        decoded = vae.decode(latents / vae.scaling_factor + vae.shift_factor)
+        images = self.pipe.image_processor.postprocess(decoded, output_type="np")
+        flags = [False] * len(samples)
+        checker = self.model.safety_checker
+        to_check = [i for i, s in enumerate(samples) if requests[s.request].enable_safety_checker]
+        if checker is not None and to_check:
+            checked, checked_flags = checker(images[to_check])
+            for j, i in enumerate(to_check):
+                images[i], flags[i] = checked[j], checked_flags[j]
+        return self.pipe.image_processor.numpy_to_pil(images), flags

@@ -1,0 +1,113 @@
+"""What travels between the HTTP front and the model worker, and the two ends of that trip.
+
+The front validates a fal request, decodes and checks its images (CPU work that must never reach
+the GPU process with hostile bytes), and sends an ``InpaintJob``: the validated fields plus the
+decoded images re-encoded losslessly. The worker answers a ``JobResult`` per job: encoded output
+images, or the error of that job alone.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .config import ImageLimits
+from .errors import InpaintError, ReportedError
+from .images import FILE_SUFFIXES, DecodeLimits, decode_image_uri, encode_lossless, to_data_uri
+from .schema import FalImage, InpaintOutput, InpaintRequest, output_size
+
+
+# Images are raw bytes in Python and base64 in JSON, which is how they cross between processes.
+BYTES_AS_BASE64 = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+
+class InpaintJob(BaseModel):
+    model_config = BYTES_AS_BASE64
+
+    request_id: str = Field(min_length=1, max_length=128)
+    request: InpaintRequest  # image_url and mask_url blanked: the pixels travel below
+    width: int = Field(ge=16, le=14142)
+    height: int = Field(ge=16, le=14142)
+    seed: int = Field(ge=0)
+    image_png: bytes
+    mask_png: bytes
+    preprocess_s: float = 0.0  # time the front spent decoding
+
+
+class EncodedImage(BaseModel):
+    model_config = BYTES_AS_BASE64
+
+    data: bytes
+    content_type: str
+    width: int
+    height: int
+
+
+class JobError(BaseModel):
+    status: int
+    error_type: str
+    detail: str | list | dict
+
+    def as_exception(self) -> ReportedError:
+        return ReportedError(self.status, self.error_type, self.detail)
+
+
+class JobResult(BaseModel):
+    request_id: str
+    images: list[EncodedImage] = Field(default_factory=list)
+    has_nsfw_concepts: list[bool] = Field(default_factory=list)
+    timings: dict[str, float] = Field(default_factory=dict)
+    error: JobError | None = None
+
+    @classmethod
+    def failed(cls, request_id: str, exc: InpaintError) -> JobResult:
+        return cls(request_id=request_id, error=JobError(status=exc.status, error_type=exc.error_type, detail=exc.detail()))
+
+
+def prepare_job(request: InpaintRequest, limits: ImageLimits, request_id: str) -> InpaintJob:
+    """Front side: decode and check the images, settle size and seed. Raises ``InpaintError``."""
+    started = time.perf_counter()
+    decode = DecodeLimits(max_pixels=limits.max_input_pixels, max_bytes=limits.max_input_bytes)
+    image = decode_image_uri(request.image_url, "image_url", "RGB", decode)
+    mask = decode_image_uri(request.mask_url, "mask_url", "L", decode)
+    width, height = output_size(request, image.size, limits.max_output_pixels)
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    return InpaintJob(
+        request_id=request_id,
+        request=request.model_copy(update={"image_url": "-", "mask_url": "-"}),
+        width=width,
+        height=height,
+        seed=seed,
+        image_png=encode_lossless(image),
+        mask_png=encode_lossless(mask),
+        preprocess_s=time.perf_counter() - started,
+    )
+
+
+def fal_output(job: InpaintJob, result: JobResult, total_s: float) -> InpaintOutput:
+    """Front side: the fal response body for a successful job. Images come back as data URIs."""
+    suffix = FILE_SUFFIXES[job.request.output_format]
+    images = [
+        FalImage(
+            url=to_data_uri(image.data, image.content_type),
+            content_type=image.content_type,
+            file_name=f"{job.request_id}-{index}.{suffix}",
+            file_size=len(image.data),
+            width=image.width,
+            height=image.height,
+        )
+        for index, image in enumerate(result.images)
+    ]
+    timings = dict(result.timings)
+    timings["preprocess"] = timings.get("preprocess", 0.0) + job.preprocess_s
+    timings["total"] = total_s
+    return InpaintOutput(
+        images=images,
+        timings=timings,
+        seed=job.seed,
+        has_nsfw_concepts=result.has_nsfw_concepts,
+        prompt=job.request.prompt,
+    )
+
