@@ -154,11 +154,12 @@ class FluxInpainting:
             log.warning(TINY_WARNING)
 
 
-def error_response(exc: InpaintError, request_id: str) -> JSONResponse:
-    headers = {"x-fal-request-id": request_id}
-    if exc.status == 503:
+def error_response(status: int, body: dict, request_id: str) -> JSONResponse:
+    """Every error answer: fal's body, its error-type header, and a retry hint on 503."""
+    headers = {"x-fal-request-id": request_id, "x-fal-error-type": body["error_type"]}
+    if status == 503:
         headers["Retry-After"] = "5"
-    return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -198,7 +199,7 @@ async def inpaint_route(request: Request) -> JSONResponse:
         except ValidationError as exc:
             REQUESTS.labels(outcome="validation_error").inc()
             log.info("request %s rejected: invalid fields %s", request_id, [e["loc"] for e in exc.errors()])
-            return JSONResponse(validation_error_body(exc.errors()), status_code=422, headers={"x-fal-request-id": request_id})
+            return error_response(422, validation_error_body(exc.errors()), request_id)
         if fal_request.loras:
             raise InvalidField("loras", "LoRAs are not supported by this server version yet")
         job = await anyio.to_thread.run_sync(prepare_job, fal_request, SETTINGS.images, request_id)
@@ -208,11 +209,11 @@ async def inpaint_route(request: Request) -> JSONResponse:
     except InpaintError as exc:
         REQUESTS.labels(outcome=exc.error_type).inc()
         log.info("request %s failed: %s %s [model=%s]", request_id, exc.status, exc.error_type, MODEL_LABEL)
-        return error_response(exc, request_id)
+        return error_response(exc.status, exc.to_body(), request_id)
     except Exception:
         REQUESTS.labels(outcome="internal_error").inc()
         log.exception("request %s failed with an unexpected error", request_id)
-        return error_response(InpaintError("internal server error"), request_id)
+        return error_response(500, InpaintError("internal server error").to_body(), request_id)
     output = fal_output(job, result, time.perf_counter() - started)
     REQUESTS.labels(outcome="success").inc()
     log.info(

@@ -12,11 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # so plain `pytest` (not only `python -m pytest`) finds runners/
-    sys.path.insert(0, str(ROOT))
-
-from runners.tiny import (  # noqa: E402
+from tests.conftest import REPO as ROOT
+from runners.tiny import (
     MARKER_NAME,
     TINY_FORMAT_VERSION,
     ensure_tiny_model,

@@ -1,0 +1,68 @@
+"""A worker batch: grouping by size, order kept, output formats, one failing request failing alone."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+from runners.batch import group_by_size, run_jobs
+from runners.config import ImageLimits
+from runners.images import encode_lossless
+from runners.jobs import prepare_job
+from runners.schema import InpaintRequest
+from tests.conftest import scene
+
+
+def job(request_id: str, width: int = 64, height: int = 48, **fields):
+    image, mask = scene(width, height)
+    uri = lambda im: "data:image/png;base64," + base64.b64encode(encode_lossless(im)).decode()  # noqa: E731
+    values = dict(prompt="a house", image_url=uri(image), mask_url=uri(mask), num_inference_steps=3, seed=1,
+                  enable_safety_checker=False)
+    values.update(fields)
+    return prepare_job(InpaintRequest(**values), ImageLimits(), request_id)
+
+
+def decoded(result, index=0) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(result.images[index].data))).astype(np.int16)
+
+
+def test_groups_by_output_size_and_keeps_positions():
+    jobs = [job("a"), job("b", 32, 32), job("c"), job("d", 32, 32)]
+    groups = group_by_size(list(enumerate(jobs)))
+    assert [[position for position, _ in group] for group in groups] == [[0, 2], [1, 3]]
+
+
+def test_results_come_back_in_order_in_each_format(inpainter):
+    jobs = [job("a", output_format="png"), job("b", 32, 32, output_format="jpeg", num_images=2), job("c")]
+    results = run_jobs(inpainter, jobs)
+    assert [r.request_id for r in results] == ["a", "b", "c"]
+    assert all(r.error is None for r in results)
+    assert results[0].images[0].content_type == "image/png" and results[0].images[0].data[:4] == b"\x89PNG"
+    assert [i.content_type for i in results[1].images] == ["image/jpeg"] * 2
+    assert results[1].images[0].data[:2] == b"\xff\xd8"
+    assert (results[1].images[0].width, results[1].images[0].height) == (32, 32)
+    assert {"preprocess", "inference", "decode"} <= set(results[2].timings)
+
+
+def test_a_request_that_fails_in_the_model_fails_alone(inpainter, monkeypatch):
+    jobs = [job("ok-1", seed=1), job("poison", seed=2, prompt="poison"), job("ok-2", seed=3)]
+    expected = {r.request_id: decoded(r) for r in run_jobs(inpainter, [jobs[0], jobs[2]])}
+
+    real_run = type(inpainter).run
+
+    def run_that_fails_on_poison(self, requests, on_step=None):
+        if any(r.prompt == "poison" for r in requests):
+            raise RuntimeError("simulated CUDA error")
+        return real_run(self, requests, on_step)
+
+    monkeypatch.setattr(type(inpainter), "run", run_that_fails_on_poison)
+    results = run_jobs(inpainter, jobs)
+    assert results[1].error is not None and results[1].error.status == 500
+    assert results[1].error.error_type == "inference_error"
+    assert "CUDA" not in str(results[1].error.detail)  # internals stay in the log
+    for result in (results[0], results[2]):
+        assert result.error is None
+        assert np.abs(decoded(result) - expected[result.request_id]).max() <= 2

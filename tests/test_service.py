@@ -1,0 +1,252 @@
+"""The fal route through a real ``bentoml serve`` process (started and stopped here, on a free port)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO
+
+ROUTE = "/fal-ai/flux-lora/inpainting"
+MAX_BODY = 3_000_000
+EXAMPLE = json.loads((REPO / "examples" / "request.json").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "XDG_CACHE_HOME": str(tmp / "cache"),
+        "BENTOML_HOME": str(tmp / "bentoml"),
+        "FLUX_MAX_BODY_BYTES": str(MAX_BODY),
+        "FLUX_BATCH_MAX_SIZE": "4",
+    }
+    log_path = tmp / "serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "bentoml"), "serve", "service:FluxInpainting",
+             "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"bentoml serve exited early:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready in time:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield base, log_path
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def post(server, body, **kwargs) -> httpx.Response:
+    base, _ = server
+    return httpx.post(base + ROUTE, json=body, timeout=120, **kwargs)
+
+
+def image_of(fal_image: dict) -> Image.Image:
+    header, data = fal_image["url"].split(",", 1)
+    assert header == f"data:{fal_image['content_type']};base64"
+    raw = base64.b64decode(data)
+    assert len(raw) == fal_image["file_size"]
+    return Image.open(io.BytesIO(raw))
+
+
+def test_example_request_returns_fal_output(server):
+    response = post(server, EXAMPLE)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"images", "timings", "seed", "has_nsfw_concepts", "prompt"}
+    assert body["seed"] == 42 and body["prompt"] == EXAMPLE["prompt"]
+    assert body["has_nsfw_concepts"] == [False]
+    assert {"preprocess", "inference", "decode", "total"} <= set(body["timings"])
+    assert all(v >= 0 for v in body["timings"].values())
+    (fal_image,) = body["images"]
+    image = image_of(fal_image)
+    assert image.format == "JPEG" and image.size == (256, 256) == (fal_image["width"], fal_image["height"])
+    assert fal_image["file_name"].endswith(".jpg")
+    assert "random weights" in response.headers["x-flux-model"]
+    assert response.headers["x-fal-request-id"]
+
+
+def test_png_custom_size_and_several_images(server):
+    body = {**EXAMPLE, "output_format": "png", "num_images": 2, "image_size": {"width": 100, "height": 70},
+            "num_inference_steps": 4}
+    response = post(server, body)
+    assert response.status_code == 200, response.text
+    images = [image_of(i) for i in response.json()["images"]]
+    assert [(i.format, i.size) for i in images] == [("PNG", (96, 64))] * 2  # rounded down to 16
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+
+
+def test_preset_size(server):
+    response = post(server, {**EXAMPLE, "image_size": "landscape_16_9", "num_inference_steps": 1})
+    assert response.status_code == 200, response.text
+    assert image_of(response.json()["images"][0]).size == (1024, 576)
+
+
+def test_seed_reproduces_and_a_missing_seed_is_drawn_and_returned(server):
+    body = {**EXAMPLE, "num_inference_steps": 4, "output_format": "png"}
+    first, second = post(server, body).json(), post(server, body).json()
+    assert first["images"][0]["url"] == second["images"][0]["url"]
+    unseeded = {k: v for k, v in body.items() if k != "seed"}
+    drawn = [post(server, unseeded).json() for _ in range(2)]
+    assert all(0 <= d["seed"] < 2**32 for d in drawn) and drawn[0]["seed"] != drawn[1]["seed"]
+    replay = post(server, {**body, "seed": drawn[0]["seed"]}).json()
+    assert replay["images"][0]["url"] == drawn[0]["images"][0]["url"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"num_inference_steps": 51}, "num_inference_steps"),
+        ({"strength": 0}, "strength"),
+        ({"guidance_scale": 36}, "guidance_scale"),
+        ({"num_images": 5}, "num_images"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"image_size": "huge"}, "image_size"),
+        ({"seed": -1}, "seed"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": None}, "prompt"),
+        ({"acceleration": "turbo"}, "acceleration"),
+    ],
+)
+def test_invalid_fields_get_422_naming_the_field(server, change, field):
+    response = post(server, {**EXAMPLE, **change})
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error_type"] == "validation_error"
+    assert any(error["loc"][:2] == ["body", field] for error in body["detail"]), body
+    assert "base64" not in response.text  # inputs are never echoed
+
+
+def test_missing_fields_and_malformed_json(server):
+    base, _ = server
+    missing = post(server, {"prompt": "x"})
+    assert missing.status_code == 422
+    assert {tuple(e["loc"]) for e in missing.json()["detail"]} >= {("body", "image_url"), ("body", "mask_url")}
+    for raw in (b"{not json", b"[1, 2]", b""):
+        response = httpx.post(base + ROUTE, content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 422 and response.json()["error_type"] == "validation_error"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"image_url": "https://example.com/cat.png"}, "image_url"),
+        ({"mask_url": "file:///etc/passwd"}, "mask_url"),
+        ({"image_url": "data:image/png;base64,bm90IGFuIGltYWdl"}, "image_url"),
+        ({"image_size": {"width": 14000, "height": 14000}}, "image_size"),
+    ],
+)
+def test_unusable_images_get_4xx_naming_the_field(server, change, field):
+    response = post(server, {**EXAMPLE, **change})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", field]
+
+
+def test_loras_are_refused_until_supported(server):
+    response = post(server, {**EXAMPLE, "loras": [{"path": "style.safetensors", "scale": 0.8}]})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "loras"]
+
+
+def test_body_over_the_limit_gets_413(server):
+    response = post(server, {**EXAMPLE, "prompt": "x" * (MAX_BODY + 10)})
+    assert response.status_code == 413 and response.json()["error_type"] == "request_too_large"
+
+
+def test_burst_is_batched_and_images_match_the_lone_request(server):
+    base, _ = server
+    body = lambda seed: {**EXAMPLE, "seed": seed, "prompt": f"shed {seed}", "num_inference_steps": 6, "output_format": "png"}  # noqa: E731
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            # BentoML's dispatcher runs its first calls one by one while it learns their latency.
+            for seed in range(100, 112):
+                assert (await client.post(ROUTE, json=body(seed))).status_code == 200
+            alone = (await client.post(ROUTE, json=body(3))).json()
+            burst = await asyncio.gather(*[client.post(ROUTE, json=body(seed)) for seed in range(12)])
+            return alone, burst
+
+    alone, burst = asyncio.run(scenario())
+    assert [r.status_code for r in burst] == [200] * 12
+    lone_pixels = np.asarray(image_of(alone["images"][0])).astype(int)
+    burst_pixels = np.asarray(image_of(burst[3].json()["images"][0])).astype(int)
+    assert np.abs(lone_pixels - burst_pixels).max() <= 2
+    metrics = httpx.get(base + "/metrics").text
+    count = metric(metrics, "flux_batch_size_count")
+    singles = metric(metrics, 'flux_batch_size_bucket{le="1.0"}')
+    assert count > singles, "no batch larger than one request was run"
+
+
+def metric(text: str, name: str) -> float:
+    lines = [line for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{")]
+    assert lines, f"{name} missing from /metrics"
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def test_metrics_health_and_logs(server):
+    base, log_path = server
+    assert post(server, {**EXAMPLE, "num_inference_steps": 2}).status_code == 200
+    assert post(server, {**EXAMPLE, "num_images": 9}).status_code == 422
+    metrics = httpx.get(base + "/metrics").text
+    assert metric(metrics, 'flux_requests_total{outcome="success"}') >= 1
+    assert metric(metrics, 'flux_requests_total{outcome="validation_error"}') >= 1
+    assert metric(metrics, "flux_denoise_seconds_count") >= 1
+    assert httpx.get(base + "/readyz").status_code == 200
+    assert httpx.get(base + "/livez").status_code == 200
+    log = log_path.read_text()
+    assert "RANDOM WEIGHTS" in log  # said at start-up
+    assert "[model=tiny (random weights)]" in log  # and in each request's log line
+    assert "base64," not in log  # no data URI in the logs
+
+
+def test_official_fal_client_works_by_changing_the_base_url(server, monkeypatch):
+    import fal_client
+    import fal_client.client
+
+    base, _ = server
+    monkeypatch.setenv("FAL_KEY", "local:any")  # the client insists on a key; this server is open
+    monkeypatch.setattr(fal_client.client, "RUN_URL_FORMAT", base + "/")
+    output = fal_client.run("fal-ai/flux-lora/inpainting", arguments={**EXAMPLE, "num_inference_steps": 2})
+    assert output["seed"] == 42 and output["images"][0]["width"] == 256
+    with pytest.raises(fal_client.client.FalClientHTTPError) as error:
+        fal_client.run("fal-ai/flux-lora/inpainting", arguments={**EXAMPLE, "num_images": 9})
+    assert error.value.status_code == 422 and error.value.error_type == "validation_error"
+    assert error.value.message[0]["loc"] == ["body", "num_images"]

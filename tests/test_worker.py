@@ -1,0 +1,68 @@
+"""The model worker's readiness: false until the model is loaded and one warm-up inference ran."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import service
+from runners.inpaint import Inpainter
+from tests.test_batch import job
+
+Worker = service.InpaintWorker.inner  # the plain class behind the BentoML service
+
+
+def call_inpaint(worker, jobs):
+    return service.InpaintWorker.apis["inpaint"].func(worker, jobs)
+
+
+@pytest.fixture
+def gated_load(monkeypatch, tiny_model):
+    """Model loading that waits for the test to release it."""
+    release = threading.Event()
+    warmups = []
+
+    def load_model(settings):
+        release.wait(30)
+        return tiny_model
+
+    monkeypatch.setattr("runners.model.load_model", load_model)
+    real_warm_up = Worker._warm_up
+
+    def warm_up(self):
+        warmups.append(True)
+        assert not self.__is_ready__()  # still unready while warming up
+        real_warm_up(self)
+
+    monkeypatch.setattr(Worker, "_warm_up", warm_up)
+    return release, warmups
+
+
+def test_not_ready_until_loaded_and_warmed(gated_load):
+    release, warmups = gated_load
+    worker = Worker()
+    assert not worker.__is_ready__() and worker.__is_alive__()
+    (result,) = call_inpaint(worker, [job("early")])
+    assert result.error is not None and result.error.status == 503
+    assert result.error.error_type == "model_not_ready"
+    release.set()
+    assert worker.ready.wait(60)
+    assert warmups == [True] and isinstance(worker.inpainter, Inpainter)
+    (result,) = call_inpaint(worker, [job("later")])
+    assert result.error is None and len(result.images) == 1
+
+
+def test_a_model_that_fails_to_load_says_why_and_is_not_alive(monkeypatch):
+    def load_model(settings):
+        raise OSError("black-forest-labs/FLUX.1-dev is not reachable (offline)")
+
+    monkeypatch.setattr("runners.model.load_model", load_model)
+    worker = Worker()
+    for _ in range(200):
+        if worker.load_error:
+            break
+        threading.Event().wait(0.05)
+    assert not worker.__is_ready__() and not worker.__is_alive__()
+    (result,) = call_inpaint(worker, [job("x")])
+    assert result.error.status == 503 and "not reachable" in str(result.error.detail)
