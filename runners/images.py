@@ -44,9 +44,12 @@ def data_uri_bytes(uri: str, field: str, max_bytes: int) -> bytes:
     if len(payload) > (max_bytes * 4) // 3 + 4:
         raise ImageLoadError(field, f"image is larger than this server's limit of {max_bytes} bytes")
     try:
-        return base64.b64decode(payload, validate=True)
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ImageLoadError(field, "data: URI payload is not valid base64") from None
+    if len(data) > max_bytes:  # the length check above lets up to 3 bytes past
+        raise ImageLoadError(field, f"image is larger than this server's limit of {max_bytes} bytes")
+    return data
 
 
 def open_image(data: bytes, field: str, limits: DecodeLimits) -> Image.Image:
@@ -64,10 +67,11 @@ def open_image(data: bytes, field: str, limits: DecodeLimits) -> Image.Image:
         except Exception:
             raise ImageLoadError(field, "image could not be read") from None
         width, height = image.size  # from the header; nothing decoded yet
-        if width * height > limits.max_pixels:
-            raise ImageLoadError(
-                field, f"image of {width}x{height} is over this server's limit of {limits.max_pixels} pixels"
-            )
+        # Pillow's own bomb check only raises while our warning filter holds, and catch_warnings is
+        # process-wide: another thread leaving it can drop the filter mid-decode. Check it here too.
+        max_pixels = min(limits.max_pixels, Image.MAX_IMAGE_PIXELS or limits.max_pixels)
+        if width * height > max_pixels:
+            raise ImageLoadError(field, f"image of {width}x{height} is over this server's limit of {max_pixels} pixels")
         if width < SIZE_MULTIPLE or height < SIZE_MULTIPLE:
             raise ImageLoadError(
                 field, f"image of {width}x{height} is too small: each side must be at least {SIZE_MULTIPLE} pixels"
@@ -81,9 +85,22 @@ def open_image(data: bytes, field: str, limits: DecodeLimits) -> Image.Image:
             raise ImageLoadError(field, "image data is corrupt or truncated") from None
 
 
+_WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale PNG
+
+
 def flatten(image: Image.Image, mode: str) -> Image.Image:
     """Convert to ``mode`` ("RGB" or "L"), compositing any transparency onto black."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in _WIDE_GRAY_MODES:
+        # Pillow's convert() clips 16-bit values at 255 instead of scaling them (and ignores a tRNS key).
+        wide = image.convert("I")
+        gray = wide.point([value >> 8 for value in range(65536)], "L")
+        key = image.info.get("transparency")
+        if isinstance(key, int):
+            alpha = wide.point([0 if value == key else 255 for value in range(65536)], "L")
+            gray = Image.merge("LA", (gray, alpha))
+        image = gray
+    # A tRNS colour key (L, RGB, 1 or P PNGs) is transparency too, as in PNGs optimisers write from RGBA.
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)

@@ -217,10 +217,12 @@ class Inpainter:
                 img_ids=img_ids,
                 txt_ids=txt_ids,
             )
-            # Euler step in float32, as FlowMatchEulerDiscreteScheduler.step does.
+            # Euler step as FlowMatchEulerDiscreteScheduler.step does it: the velocity times the
+            # sigma difference in the model's dtype, added to the latents in float32.
             sigma = torch.stack([s.sigmas[s.step] for s in active]).to(device).view(-1, 1, 1)
             sigma_next = torch.stack([s.sigmas[s.step + 1] for s in active]).to(device).view(-1, 1, 1)
-            stepped = (latents.float() + (sigma_next - sigma) * velocity).to(velocity.dtype)
+            delta = ((sigma_next - sigma) * velocity).to(velocity.dtype)
+            stepped = (latents.float() + delta).to(velocity.dtype)
             for s, new in zip(active, stepped):
                 # The known region: the original latents re-noised to the next sigma (clean at the end).
                 known = s.image_latents

@@ -112,15 +112,22 @@ def test_a_group_must_share_its_size(inpainter):
         inpainter.run([inputs(), inputs(width=32, height=32)])
 
 
-def test_safety_checker_blacks_out_what_it_flags(tiny_model, inpainter, monkeypatch):
-    checker = tiny_model.safety_checker.checker
+def test_safety_checker_blacks_out_what_it_flags(tiny_model, inpainter):
+    thresholds = tiny_model.safety_checker.checker.concept_embeds_weights
     request = inputs(seed=4, enable_safety_checker=True)
     clean = inpainter.run([request])[0]
     assert clean.has_nsfw_concepts == [False] and pixels(clean.images[0]).max() > 0
 
-    # A checker that must flag: every concept threshold below any cosine similarity.
-    monkeypatch.setattr(checker, "concept_embeds_weights", torch.nn.Parameter(torch.full_like(checker.concept_embeds_weights, -2.0), requires_grad=False))
-    flagged = inpainter.run([request, replace(request, enable_safety_checker=False)])
+    # A checker that must flag: every concept threshold below any cosine similarity. (Changed in
+    # place: monkeypatch would delete a module parameter on undo, for the session's shared model.)
+    original = thresholds.detach().clone()
+    try:
+        with torch.no_grad():
+            thresholds.fill_(-2.0)
+        flagged = inpainter.run([request, replace(request, enable_safety_checker=False)])
+    finally:
+        with torch.no_grad():
+            thresholds.copy_(original)
     assert flagged[0].has_nsfw_concepts == [True]
     assert pixels(flagged[0].images[0]).max() == 0  # black
     assert flagged[1].has_nsfw_concepts == [False]  # checker off for that request: untouched

@@ -32,16 +32,6 @@ def offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def model_dir(cache_dir) -> Path:
-    return ensure_tiny_model(cache_dir)
-
-
 def _load(directory: Path):
     from diffusers import FluxInpaintPipeline
 
@@ -54,11 +44,11 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
-def test_loads_true_flux_classes_and_runs(model_dir):
+def test_loads_true_flux_classes_and_runs(tiny_dir):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    pipe = _load(model_dir)
+    pipe = _load(tiny_dir)
     assert isinstance(pipe.transformer, FluxTransformer2DModel)
     assert pipe.transformer.config.guidance_embeds
     assert isinstance(pipe.vae, AutoencoderKL)
@@ -88,8 +78,8 @@ def test_loads_true_flux_classes_and_runs(model_dir):
     assert out.images[0].size == (32, 32)
 
 
-def test_tokenizers_match_t5_and_clip_conventions(model_dir):
-    pipe = _load(model_dir)
+def test_tokenizers_match_t5_and_clip_conventions(tiny_dir):
+    pipe = _load(tiny_dir)
     t5 = pipe.tokenizer_2
     assert (t5.pad_token_id, t5.eos_token_id, t5.unk_token_id) == (0, 1, 2)
     ids = t5(PROMPT, padding="max_length", max_length=512, truncation=True).input_ids
@@ -102,28 +92,28 @@ def test_tokenizers_match_t5_and_clip_conventions(model_dir):
     assert pipe.text_encoder_2.config.vocab_size == len(t5)
 
 
-def test_two_writes_are_identical(model_dir, tmp_path):
+def test_two_writes_are_identical(tiny_dir, tmp_path):
     other = write_tiny_model(tmp_path / "again")
     for component in ("transformer", "vae"):
-        a = _tensors(model_dir / component / "diffusion_pytorch_model.safetensors")
+        a = _tensors(tiny_dir / component / "diffusion_pytorch_model.safetensors")
         b = _tensors(other / component / "diffusion_pytorch_model.safetensors")
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), component
     for component in ("text_encoder", "text_encoder_2"):
-        a = _tensors(model_dir / component / "model.safetensors")
+        a = _tensors(tiny_dir / component / "model.safetensors")
         b = _tensors(other / component / "model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component
 
-    first, second = _load(model_dir), _load(other)
+    first, second = _load(tiny_dir), _load(other)
     for name in ("tokenizer", "tokenizer_2"):
         assert getattr(first, name)(PROMPT).input_ids == getattr(second, name)(PROMPT).input_ids
 
 
-def test_safety_checker_loads_and_does_not_flag(model_dir):
+def test_safety_checker_loads_and_does_not_flag(tiny_dir):
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
 
-    folder = model_dir / "safety_checker"
+    folder = tiny_dir / "safety_checker"
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         assert (folder / name).is_file(), name
     checker = StableDiffusionSafetyChecker.from_pretrained(folder).eval()
@@ -137,14 +127,14 @@ def test_safety_checker_loads_and_does_not_flag(model_dir):
     assert has_nsfw == [False]
 
 
-def test_ensure_tiny_model_is_idempotent(cache_dir, model_dir):
-    marker = model_dir / MARKER_NAME
-    assert model_dir == cache_dir / f"tiny-flux-v{TINY_FORMAT_VERSION}"
+def test_ensure_tiny_model_is_idempotent(cache_dir, tiny_dir):
+    marker = tiny_dir / MARKER_NAME
+    assert tiny_dir == cache_dir / f"tiny-flux-v{TINY_FORMAT_VERSION}"
     before = marker.stat().st_mtime_ns
-    assert ensure_tiny_model(cache_dir) == model_dir
+    assert ensure_tiny_model(cache_dir) == tiny_dir
     assert marker.stat().st_mtime_ns == before
     # No leftover temporary folders next to the model.
-    assert [p.name for p in cache_dir.iterdir()] == [model_dir.name]
+    assert [p.name for p in cache_dir.iterdir()] == [tiny_dir.name]
 
 
 def test_write_refuses_incomplete_existing_folder(tmp_path):
