@@ -1,39 +1,48 @@
 """BentoML wiring and HTTP shapes of the fal-compatible FLUX inpainting server.
 
 Two services, because fal's body is one flat JSON object while a BentoML batchable API takes a
-list: ``FluxInpainting`` (the HTTP front) answers fal's routes, validates and decodes inputs, and
-calls ``InpaintWorker.inpaint`` with one job; BentoML's adaptive-batching dispatcher in the worker
-gathers concurrent jobs into one call. The model work lives in ``runners/``.
+list: ``FluxInpainting`` (the HTTP front) answers fal's routes, validates inputs and keeps the
+request queue (runners/queue.py); its feeders call ``InpaintWorker.inpaint`` with one job each, and
+BentoML's adaptive-batching dispatcher in the worker gathers concurrent jobs into one call.
+The model work lives in ``runners/``.
 
     bentoml serve service:FluxInpainting      # or: make serve
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import hmac
+import json
 import logging
 import threading
 import time
-import uuid
 
 import anyio.to_thread
 import bentoml
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from runners.config import load_settings
 from runners.errors import (
     InpaintError,
     InvalidField,
     ModelNotReady,
+    RequestInvalid,
     RequestTooLarge,
     WorkerUnavailable,
-    validation_error_body,
 )
+from runners.fetch import HostPolicy, SafeFetcher
 from runners.jobs import InpaintJob, JobResult, fal_output, prepare_job
 from runners.model import TINY_WARNING
+from runners.progress import JobBoard, JobProgress
+from runners.queue import Outcome, Record, RequestQueue, Status
 from runners.schema import InpaintRequest
+from runners.store import make_store
+from runners.webhooks import deliver, webhook_body
 
 log = logging.getLogger("flux_inpaint")
 # BentoML configures its own loggers only; ours go through the same handlers at INFO.
@@ -41,7 +50,8 @@ for _name in ("flux_inpaint", "runners"):
     logging.getLogger(_name).setLevel(logging.INFO)
 SETTINGS = load_settings()  # every process reads the same environment; bad values fail here
 MODEL_LABEL = "tiny (random weights)" if SETTINGS.model.is_tiny else SETTINGS.model.model
-ROUTE = "/fal-ai/flux-lora/inpainting"
+APP_ID = "fal-ai/flux-lora/inpainting"
+REQUESTS_PATH = "queue/fal-ai/flux-lora/requests"  # fal: status/result/cancel under owner/alias only
 
 BATCH_SIZE = bentoml.metrics.Histogram(
     name="flux_batch_size",
@@ -60,11 +70,11 @@ REQUESTS = bentoml.metrics.Counter(
 )
 
 
-@bentoml.service(
-    name="flux_inpaint_worker",
-    workers=1,
-    traffic={"timeout": SETTINGS.batching.timeout_s},
-)
+class ProgressReport(BaseModel):
+    jobs: dict[str, JobProgress] = Field(default_factory=dict)
+
+
+@bentoml.service(name="flux_inpaint_worker", workers=1, traffic={"timeout": SETTINGS.batching.timeout_s})
 class InpaintWorker:
     """Owns the model. Loads it in the background so health probes answer during a long load."""
 
@@ -72,6 +82,7 @@ class InpaintWorker:
         self.inpainter = None
         self.load_error: str | None = None
         self.ready = threading.Event()
+        self.board = JobBoard()
         threading.Thread(target=self._load, name="model-load", daemon=True).start()
 
     def _load(self) -> None:
@@ -116,11 +127,7 @@ class InpaintWorker:
         # A model that failed to load will not load by waiting: let the orchestrator restart us.
         return self.load_error is None
 
-    @bentoml.api(
-        batchable=True,
-        max_batch_size=SETTINGS.batching.max_size,
-        max_latency_ms=SETTINGS.batching.max_latency_ms,
-    )
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.batching.max_size, max_latency_ms=SETTINGS.batching.max_latency_ms)
     def inpaint(self, jobs: list[InpaintJob]) -> list[JobResult]:
         from runners.batch import run_jobs
 
@@ -129,14 +136,58 @@ class InpaintWorker:
             return [JobResult.failed(job.request_id, ModelNotReady(reason)) for job in jobs]
         BATCH_SIZE.observe(len(jobs))
         started = time.perf_counter()
-        results = run_jobs(self.inpainter, jobs, progress=_log_progress)
+        results = run_jobs(self.inpainter, jobs, self.board)
         DENOISE_SECONDS.observe(max((r.timings.get("inference", 0.0) for r in results), default=0.0))
         log.info("batch of %d request(s) in %.2f s [model=%s]", len(jobs), time.perf_counter() - started, MODEL_LABEL)
         return results
 
+    # async: these run on the event loop, not behind the thread that is running a batch
+    @bentoml.api
+    async def progress(self, request_ids: list[str]) -> ProgressReport:
+        return ProgressReport(jobs=self.board.snapshot(request_ids))
 
-def _log_progress(job: InpaintJob, done: int, total: int) -> None:
-    log.debug("request %s step %d/%d", job.request_id, done, total)
+    @bentoml.api
+    async def cancel(self, request_id: str) -> bool:
+        self.board.cancel(request_id)
+        return True
+
+
+class WorkerExecutor:
+    """How the front's queue reaches the worker (runners.queue.Executor)."""
+
+    def __init__(self, worker, fetcher: SafeFetcher, store) -> None:
+        self.worker, self.fetcher, self.store = worker, fetcher, store
+
+    async def run(self, record: Record) -> Outcome:
+        started = time.perf_counter()
+        if record.request.loras:
+            raise InvalidField("loras", "LoRAs are not supported by this server version yet")
+        job = await prepare_job(record.request, SETTINGS.images, record.id, self.fetcher)
+        try:
+            (result,) = await self.worker.to_async.inpaint([job])
+        except bentoml.exceptions.BentoMLException as exc:
+            log.warning("request %s: worker call failed: %s", record.id, exc)
+            if int(getattr(exc, "error_code", 500)) in (429, 503):
+                raise WorkerUnavailable("the model worker is overloaded or restarting; retry shortly") from None
+            raise
+        result = result if isinstance(result, JobResult) else JobResult.model_validate(result)
+        if result.error is not None:
+            raise result.error.as_exception()
+        output = await anyio.to_thread.run_sync(
+            fal_output, job, result, time.perf_counter() - started, self.store, record.base_url
+        )
+        log.info(
+            "request %s done: %dx%d, %d image(s), %d steps, %.2f s [model=%s]", record.id, job.width, job.height,
+            len(output.images), record.request.num_inference_steps, output.timings["total"], MODEL_LABEL,
+        )
+        return Outcome(output=output.model_dump(), logs=result.logs, inference_time=result.timings.get("inference", 0.0))
+
+    async def cancel(self, request_id: str) -> None:
+        await self.worker.to_async.cancel(request_id=request_id)
+
+    async def progress(self, request_ids: list[str]) -> dict[str, JobProgress]:
+        report = await self.worker.to_async.progress(request_ids=request_ids)
+        return (report if isinstance(report, ProgressReport) else ProgressReport.model_validate(report)).jobs
 
 
 app = Starlette()
@@ -152,18 +203,79 @@ class FluxInpainting:
     def __init__(self) -> None:
         if SETTINGS.model.is_tiny:
             log.warning(TINY_WARNING)
+        if not SETTINGS.server.api_keys:
+            log.warning("FLUX_API_KEYS is not set: the API is open to anyone who can reach it")
+        self.fetcher = SafeFetcher(HostPolicy(SETTINGS.server.allow_private_hosts), SETTINGS.fetch)
+        self.store = make_store(SETTINGS.store, SETTINGS.model.cache_dir)
+        self.last_sweep = time.monotonic()
+        concurrency = SETTINGS.queue.concurrency or 2 * SETTINGS.batching.max_size
+        self.queue = RequestQueue(
+            SETTINGS.queue, concurrency, WorkerExecutor(self.worker, self.fetcher, self.store), on_finish=self._finished
+        )
+
+    async def _finished(self, record: Record) -> None:
+        REQUESTS.labels(outcome="success" if record.error is None else record.error.error_type).inc()
+        if time.monotonic() - self.last_sweep > 60:  # expired outputs free their disk space
+            self.last_sweep = time.monotonic()
+            await anyio.to_thread.run_sync(self.store.sweep)
+        if record.webhook_url:
+            error = record.error.to_body() if record.error is not None else None
+            output = record.outcome.output if record.outcome is not None else None
+            await deliver(self.fetcher, record.webhook_url, webhook_body(record.id, output, error), SETTINGS.webhook)
+
+    @bentoml.on_shutdown
+    async def _stop_queue(self) -> None:
+        await self.queue.stop()
 
 
-def error_response(status: int, body: dict, request_id: str) -> JSONResponse:
-    """Every error answer: fal's body, its error-type header, and a retry hint on 503."""
-    headers = {"x-fal-request-id": request_id, "x-fal-error-type": body["error_type"]}
-    if status == 503:
+# ---- HTTP shapes ---------------------------------------------------------------------------
+
+
+def error_response(status: int, body: dict, request_id: str | None = None) -> JSONResponse:
+    """Every error answer: fal's body, its error-type header, and a retry hint on 429/503."""
+    headers = {"x-fal-error-type": body["error_type"]}
+    if request_id:
+        headers["x-fal-request-id"] = request_id
+    if status in (429, 503):
         headers["Retry-After"] = "5"
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing past ``limit`` bytes without reading them all."""
+def authorized(request: Request) -> bool:
+    keys = SETTINGS.server.api_keys
+    if not keys:
+        return True
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    given = given.strip().encode() if scheme.lower() == "key" else b""
+    # Compare against every key, in constant time, whatever matches.
+    matches = [hmac.compare_digest(key.encode(), given) for key in keys]
+    return any(matches)
+
+
+def fal_route(handler):
+    """Auth, fal-shaped errors and no leaked internals for every fal route."""
+
+    @functools.wraps(handler)
+    async def route(request: Request) -> Response:
+        if not authorized(request):
+            REQUESTS.labels(outcome="unauthorized").inc()
+            return error_response(401, {"detail": "Unauthorized", "error_type": "unauthorized"})
+        try:
+            return await handler(request)
+        except InpaintError as exc:
+            REQUESTS.labels(outcome=exc.error_type).inc()
+            log.info("%s %s answered %s %s", request.method, request.url.path, exc.status, exc.error_type)
+            return error_response(exc.status, exc.to_body())
+        except Exception:
+            REQUESTS.labels(outcome="internal_error").inc()
+            log.exception("%s %s failed unexpectedly", request.method, request.url.path)
+            return error_response(500, InpaintError("internal server error").to_body())
+
+    return route
+
+
+async def parse_request(request: Request) -> InpaintRequest:
+    limit = SETTINGS.images.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"request body is over this server's limit of {limit} bytes")
@@ -172,57 +284,141 @@ async def read_body(request: Request, limit: int) -> bytes:
         body += chunk
         if len(body) > limit:
             raise RequestTooLarge(f"request body is over this server's limit of {limit} bytes")
-    return bytes(body)
-
-
-async def call_worker(service, job: InpaintJob) -> JobResult:
-    """One job through the worker's batchable API (where BentoML batches it with others)."""
     try:
-        (result,) = await service.worker.to_async.inpaint([job])
-    except bentoml.exceptions.BentoMLException as exc:
-        status = int(getattr(exc, "error_code", 500))
-        log.warning("request %s: worker call failed with %s: %s", job.request_id, status, exc)
-        if status in (429, 503):
-            raise WorkerUnavailable("the model worker is overloaded or restarting; retry shortly") from None
-        raise
-    return result if isinstance(result, JobResult) else JobResult.model_validate(result)
+        fal_request = InpaintRequest.model_validate_json(bytes(body))
+    except ValidationError as exc:
+        raise RequestInvalid(exc.errors()) from None
+    if fal_request.loras:
+        raise InvalidField("loras", "LoRAs are not supported by this server version yet")
+    return fal_request
 
 
-async def inpaint_route(request: Request) -> JSONResponse:
-    request_id = str(uuid.uuid4())
-    started = time.perf_counter()
-    service = bentoml.get_current_service()
-    try:
-        body = await read_body(request, SETTINGS.images.max_body_bytes)
-        try:
-            fal_request = InpaintRequest.model_validate_json(body)
-        except ValidationError as exc:
-            REQUESTS.labels(outcome="validation_error").inc()
-            log.info("request %s rejected: invalid fields %s", request_id, [e["loc"] for e in exc.errors()])
-            return error_response(422, validation_error_body(exc.errors()), request_id)
-        if fal_request.loras:
-            raise InvalidField("loras", "LoRAs are not supported by this server version yet")
-        job = await anyio.to_thread.run_sync(prepare_job, fal_request, SETTINGS.images, request_id)
-        result = await call_worker(service, job)
-        if result.error is not None:
-            raise result.error.as_exception()
-    except InpaintError as exc:
-        REQUESTS.labels(outcome=exc.error_type).inc()
-        log.info("request %s failed: %s %s [model=%s]", request_id, exc.status, exc.error_type, MODEL_LABEL)
-        return error_response(exc.status, exc.to_body(), request_id)
-    except Exception:
-        REQUESTS.labels(outcome="internal_error").inc()
-        log.exception("request %s failed with an unexpected error", request_id)
-        return error_response(500, InpaintError("internal server error").to_body(), request_id)
-    output = fal_output(job, result, time.perf_counter() - started)
-    REQUESTS.labels(outcome="success").inc()
-    log.info(
-        "request %s done: %dx%d, %d image(s), %d steps, %.2f s [model=%s]",
-        request_id, job.width, job.height, len(output.images), fal_request.num_inference_steps,
-        output.timings["total"], MODEL_LABEL,
-    )
-    headers = {"x-fal-request-id": request_id, "x-flux-model": MODEL_LABEL}
-    return JSONResponse(output.model_dump(), headers=headers)
+def base_url(request: Request) -> str:
+    configured = SETTINGS.server.public_url
+    return (configured.rstrip("/") + "/") if configured else str(request.base_url)
 
 
-app.add_route(ROUTE, inpaint_route, methods=["POST"])
+def request_urls(record: Record) -> dict[str, str]:
+    response_url = f"{record.base_url}{REQUESTS_PATH}/{record.id}"
+    return {"response_url": response_url, "status_url": f"{response_url}/status", "cancel_url": f"{response_url}/cancel"}
+
+
+def status_body(record: Record, with_logs: bool) -> dict:
+    queue = bentoml.get_current_service().queue
+    body = {"status": record.status.value, "request_id": record.id, **request_urls(record)}
+    if record.status == Status.IN_QUEUE:
+        body["queue_position"] = queue.position(record)
+    else:
+        body["logs"] = record.logs if with_logs else None
+    if record.status == Status.COMPLETED:
+        body["metrics"] = {"inference_time": record.outcome.inference_time} if record.outcome else {}
+        if record.error is not None:
+            body["error"], body["error_type"] = record.error.message, record.error.error_type
+    return body
+
+
+def flag(request: Request, name: str) -> bool:
+    value = request.query_params.get(name, "0").lower()
+    if value not in ("0", "1", "true", "false"):
+        raise InvalidField(name, "must be 0, 1, true or false")
+    return value in ("1", "true")
+
+
+def find_record(request: Request) -> Record:
+    record = bentoml.get_current_service().queue.get(request.path_params["request_id"])
+    if record is None:
+        raise RequestNotFound()
+    return record
+
+
+class RequestNotFound(InpaintError):
+    status = 404
+    error_type = "request_not_found"
+
+    def __init__(self) -> None:
+        super().__init__("no such request (unknown, or its result has expired)")
+
+
+@fal_route
+async def run_sync(request: Request) -> Response:
+    fal_request = await parse_request(request)
+    record = await bentoml.get_current_service().queue.submit(fal_request, base_url(request))
+    await record.done.wait()
+    if record.error is not None:
+        raise record.error
+    return JSONResponse(record.outcome.output, headers={"x-fal-request-id": record.id, "x-flux-model": MODEL_LABEL})
+
+
+@fal_route
+async def submit(request: Request) -> Response:
+    fal_request = await parse_request(request)
+    webhook = request.query_params.get("fal_webhook")
+    if webhook is not None and not webhook.lower().startswith(("http://", "https://")):
+        raise InvalidField("fal_webhook", "must be an http(s) URL")
+    queue = bentoml.get_current_service().queue
+    record = await queue.submit(fal_request, base_url(request), webhook_url=webhook)
+    body = {"request_id": record.id, **request_urls(record), "status": record.status.value,
+            "queue_position": queue.position(record)}
+    return JSONResponse(body, status_code=202, headers={"x-fal-request-id": record.id})
+
+
+@fal_route
+async def status(request: Request) -> Response:
+    record = find_record(request)
+    return JSONResponse(status_body(record, flag(request, "logs")), status_code=200 if record.status == Status.COMPLETED else 202)
+
+
+@fal_route
+async def status_stream(request: Request) -> Response:
+    record, with_logs = find_record(request), flag(request, "logs")
+
+    async def events():
+        last, last_sent = None, time.monotonic()
+        while True:
+            data = json.dumps(status_body(record, with_logs))
+            if data != last:
+                yield f"data: {data}\n\n"
+                last, last_sent = data, time.monotonic()
+            elif time.monotonic() - last_sent > 15:
+                yield ": keep-alive\n\n"  # proxies drop silent streams
+                last_sent = time.monotonic()
+            if record.status == Status.COMPLETED:
+                return
+            await asyncio.sleep(0.2)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+@fal_route
+async def result(request: Request) -> Response:
+    record = find_record(request)
+    if record.status != Status.COMPLETED:
+        return error_response(400, {"detail": "the request is still in progress", "error_type": "request_in_progress"}, record.id)
+    if record.error is not None:
+        return error_response(record.error.status, record.error.to_body(), record.id)
+    return JSONResponse(record.outcome.output, headers={"x-fal-request-id": record.id})
+
+
+@fal_route
+async def cancel(request: Request) -> Response:
+    outcome = await bentoml.get_current_service().queue.cancel(request.path_params["request_id"])
+    code = {"CANCELLATION_REQUESTED": 202, "ALREADY_COMPLETED": 400, "NOT_FOUND": 404}[outcome]
+    return JSONResponse({"status": outcome}, status_code=code)
+
+
+async def stored_file(request: Request) -> Response:
+    """Output images (no key needed: names are unguessable, like fal's CDN URLs)."""
+    path = bentoml.get_current_service().store.open(request.path_params["name"])
+    if path is None:
+        return error_response(404, {"detail": "no such file (unknown or expired)", "error_type": "file_not_found"})
+    media_type = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}[path.suffix.lstrip(".")]
+    return FileResponse(path, media_type=media_type, headers={"cache-control": "private, max-age=3600"})
+
+
+app.add_route(f"/{APP_ID}", run_sync, methods=["POST"])
+app.add_route(f"/queue/{APP_ID}", submit, methods=["POST"])
+app.add_route(f"/{REQUESTS_PATH}/{{request_id}}/status", status, methods=["GET"])
+app.add_route(f"/{REQUESTS_PATH}/{{request_id}}/status/stream", status_stream, methods=["GET"])
+app.add_route(f"/{REQUESTS_PATH}/{{request_id}}", result, methods=["GET"])
+app.add_route(f"/{REQUESTS_PATH}/{{request_id}}/cancel", cancel, methods=["PUT"])
+app.add_route("/files/{name}", stored_file, methods=["GET"])

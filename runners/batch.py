@@ -4,6 +4,8 @@ BentoML's adaptive batching hands the worker whatever requests arrived together.
 into groups that can share one denoising loop (same output size: the transformer's token count),
 each group runs as one batched forward per step, and each job's images are encoded in its format.
 If a group raises, its jobs are retried one by one, so only the job that fails gets an error.
+Progress ("step i/N") and cancellation go through the ``JobBoard``: a job cancelled before its
+group starts never runs; one cancelled while running leaves the batch at the next step.
 """
 
 from __future__ import annotations
@@ -11,17 +13,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
 
-from .errors import InferenceFailed
+from .errors import InferenceFailed, RequestCancelled
 from .images import CONTENT_TYPES, decode_trusted_png, encode_image
 from .inpaint import Inpainter, InpaintInputs, InpaintResult
 from .jobs import EncodedImage, InpaintJob, JobResult
+from .progress import JobBoard
 
 log = logging.getLogger(__name__)
-
-# (job, steps done, steps total): progress for logs and, later, queue status.
-ProgressCallback = Callable[[InpaintJob, int, int], None]
 
 
 def to_inputs(job: InpaintJob) -> InpaintInputs:
@@ -49,7 +48,11 @@ def group_by_size(jobs: list[tuple[int, InpaintJob]]) -> list[list[tuple[int, In
     return list(groups.values())
 
 
-def encode_result(job: InpaintJob, result: InpaintResult) -> JobResult:
+def encode_result(job: InpaintJob, result: InpaintResult, board: JobBoard) -> JobResult:
+    if result.cancelled:
+        steps = [line.message for line in board.finish(job.request_id) if line.message.startswith("step ")]
+        log.info("request %s cancelled: left the batch after %s", job.request_id, steps[-1] if steps else "no step")
+        return JobResult.failed(job.request_id, RequestCancelled())
     started = time.perf_counter()
     fmt = job.request.output_format
     images = [
@@ -58,39 +61,61 @@ def encode_result(job: InpaintJob, result: InpaintResult) -> JobResult:
     ]
     timings = dict(result.timings)
     timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - started
-    return JobResult(request_id=job.request_id, images=images, has_nsfw_concepts=result.has_nsfw_concepts, timings=timings)
+    board.log(job.request_id, "done")
+    return JobResult(
+        request_id=job.request_id,
+        images=images,
+        has_nsfw_concepts=result.has_nsfw_concepts,
+        timings=timings,
+        logs=board.finish(job.request_id),
+    )
 
 
-def run_group(inpainter: Inpainter, jobs: list[InpaintJob], progress: ProgressCallback | None) -> list[JobResult]:
-    def on_step(request_index: int, done: int, total: int) -> None:
-        if progress is not None:
-            progress(jobs[request_index], done, total)
+def run_group(inpainter: Inpainter, jobs: list[InpaintJob], board: JobBoard) -> list[JobResult]:
+    for job in jobs:
+        board.start(job.request_id, f"started: {job.width}x{job.height}, batch of {len(jobs)}")
 
-    results = inpainter.run([to_inputs(job) for job in jobs], on_step=on_step)
-    return [encode_result(job, result) for job, result in zip(jobs, results)]
+    def on_step(index: int, done: int, total: int) -> None:
+        board.log(jobs[index].request_id, f"step {done}/{total}")
+
+    results = inpainter.run(
+        [to_inputs(job) for job in jobs],
+        on_step=on_step,
+        is_cancelled=lambda index: board.is_cancelled(jobs[index].request_id),
+    )
+    return [encode_result(job, result, board) for job, result in zip(jobs, results)]
 
 
-def run_jobs(inpainter: Inpainter, jobs: list[InpaintJob], progress: ProgressCallback | None = None) -> list[JobResult]:
+def run_jobs(inpainter: Inpainter, jobs: list[InpaintJob], board: JobBoard | None = None) -> list[JobResult]:
     """One ``JobResult`` per job, in order. Never raises for a job's own failure."""
+    board = board or JobBoard()
     results: dict[int, JobResult] = {}
     for group in group_by_size(list(enumerate(jobs))):
+        for position, job in group:
+            if board.is_cancelled(job.request_id):  # cancelled while waiting: never runs
+                board.finish(job.request_id)
+                results[position] = JobResult.failed(job.request_id, RequestCancelled())
+        group = [(position, job) for position, job in group if position not in results]
+        if not group:
+            continue
         members = [job for _, job in group]
         try:
-            group_results = run_group(inpainter, members, progress)
+            group_results = run_group(inpainter, members, board)
         except Exception:
             log.exception("a group of %d request(s) failed; running each alone", len(members))
-            group_results = [run_alone(inpainter, job, progress) for job in members] if len(members) > 1 else [failure(members[0])]
+            group_results = [run_alone(inpainter, job, board) for job in members] if len(members) > 1 else [failure(members[0], board)]
         results.update({position: result for (position, _), result in zip(group, group_results)})
     return [results[position] for position in range(len(jobs))]
 
 
-def run_alone(inpainter: Inpainter, job: InpaintJob, progress: ProgressCallback | None) -> JobResult:
+def run_alone(inpainter: Inpainter, job: InpaintJob, board: JobBoard) -> JobResult:
     try:
-        return run_group(inpainter, [job], progress)[0]
+        return run_group(inpainter, [job], board)[0]
     except Exception:
         log.exception("request %s failed inside the model", job.request_id)
-        return failure(job)
+        return failure(job, board)
 
 
-def failure(job: InpaintJob) -> JobResult:
+def failure(job: InpaintJob, board: JobBoard) -> JobResult:
+    board.finish(job.request_id)
     return JobResult.failed(job.request_id, InferenceFailed("the model failed while running this request"))

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TINY_MODEL = "tiny"
 DEFAULT_SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
@@ -108,12 +108,89 @@ class ImageLimits(BaseSettings):
     """Largest HTTP request body; two max-size images as base64 fit under the default."""
 
 
+def _comma_separated(value):
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class ServerSettings(BaseSettings):
+    """Who may call, what the server calls itself, and which private hosts it may fetch from."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore")
+
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, max_length=1000)
+    """Comma-separated keys; when any is set every fal route needs ``Authorization: Key <key>``."""
+
+    public_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$", max_length=2048)
+    """Base URL clients reach this server at (for status/response/file URLs); unset: the request's host."""
+
+    allow_private_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list, max_length=1000)
+    """Comma-separated host names or CIDRs that URL fetching may reach although not public (dev, tests)."""
+
+    _split = field_validator("api_keys", "allow_private_hosts", mode="before")(_comma_separated)
+
+
+class FetchSettings(BaseSettings):
+    """Limits on fetching image URLs and delivering webhooks (see shared/security.md)."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUX_FETCH_", extra="ignore")
+
+    connect_timeout_s: float = Field(5.0, ge=0.1, le=60.0)
+    read_timeout_s: float = Field(15.0, ge=0.1, le=300.0)
+    """Longest silence while reading a response."""
+    total_timeout_s: float = Field(30.0, ge=0.5, le=600.0)
+    """Whole fetch, redirects included."""
+    max_redirects: int = Field(3, ge=0, le=10)
+
+
+class StoreSettings(BaseSettings):
+    """Where output images are kept when a request does not ask for ``sync_mode``."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUX_STORE_", extra="ignore")
+
+    dir: Path | None = None
+    """Unset: ``<FLUX_CACHE_DIR>/outputs``."""
+    max_bytes: int = Field(10 * 1024**3, ge=1024**2, le=10 * 1024**4)
+    """Size budget: past it the oldest files are deleted."""
+    ttl_s: int = Field(86_400, ge=60, le=30 * 86_400)
+    """Files older than this are deleted and their URLs answer 404."""
+
+
+class QueueSettings(BaseSettings):
+    """The request queue in the HTTP front (sync and queue routes share it)."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUX_QUEUE_", extra="ignore")
+
+    max_length: int = Field(256, ge=1, le=100_000)
+    """Requests waiting or running at once; past it new ones get 429 (the fal client retries)."""
+    concurrency: int | None = Field(None, ge=1, le=256)
+    """Requests handed to the worker at once. Unset: twice the batch size (one batch running, one forming)."""
+    result_retention_s: int = Field(3600, ge=10, le=7 * 86_400)
+    """How long a finished request's status and result stay available."""
+    max_retained: int = Field(1000, ge=10, le=1_000_000)
+    """Most finished requests kept (the oldest are forgotten first)."""
+
+
+class WebhookSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLUX_WEBHOOK_", extra="ignore")
+
+    attempts: int = Field(5, ge=1, le=20)
+    total_timeout_s: float = Field(120.0, ge=1.0, le=3600.0)
+    """Give up delivering after this long, retries included."""
+
+
 class Settings(BaseSettings):
     """All settings of one process, grouped by concern."""
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     images: ImageLimits = Field(default_factory=ImageLimits)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
 
 
 def load_settings() -> Settings:

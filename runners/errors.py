@@ -97,3 +97,34 @@ class WorkerUnavailable(InpaintError):
 
     status = 503
     error_type = "worker_unavailable"
+
+
+class RequestCancelled(InpaintError):
+    """Cancelled by its caller. 400, not 409: fal's client retries 408/409/429."""
+
+    status = 400
+    error_type = "request_cancelled"
+
+    def __init__(self, message: str = "the request was cancelled"):
+        super().__init__(message)
+
+
+class QueueFull(InpaintError):
+    """More requests waiting than the server keeps; the official client retries 429."""
+
+    status = 429
+    error_type = "queue_full"
+
+
+class RequestInvalid(InpaintError):
+    """The body failed validation: fal's 422 with one entry per bad field."""
+
+    status = 422
+    error_type = "validation_error"
+
+    def __init__(self, errors: list[dict[str, Any]]):
+        super().__init__("invalid request")
+        self._detail = validation_error_body(errors)["detail"]
+
+    def detail(self) -> Any:
+        return self._detail

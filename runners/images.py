@@ -107,8 +107,12 @@ def flatten(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
+def decode_image_bytes(data: bytes, field: str, mode: str, limits: DecodeLimits) -> Image.Image:
+    return flatten(open_image(data, field, limits), mode)
+
+
 def decode_image_uri(uri: str, field: str, mode: str, limits: DecodeLimits) -> Image.Image:
-    return flatten(open_image(data_uri_bytes(uri, field, limits.max_bytes), field, limits), mode)
+    return decode_image_bytes(data_uri_bytes(uri, field, limits.max_bytes), field, mode, limits)
 
 
 def encode_image(image: Image.Image, output_format: str) -> bytes:

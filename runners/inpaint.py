@@ -30,6 +30,7 @@ from PIL import Image
 from .model import FluxModel
 
 StepCallback = Callable[[int, int, int], None]  # (request index in group, step done, steps total)
+CancelCheck = Callable[[int], bool]  # request index in group -> stop it now?
 
 
 @dataclass
@@ -54,6 +55,7 @@ class InpaintResult:
     images: list[Image.Image]
     has_nsfw_concepts: list[bool]
     timings: dict[str, float] = field(default_factory=dict)
+    cancelled: bool = False  # stopped at a step boundary; no images
 
 
 @dataclass
@@ -71,10 +73,11 @@ class Sample:
     sigmas: torch.Tensor  # (n + 1,) matching sigmas, ending in 0
     latents: torch.Tensor  # (image_tokens, 64) packed, the current state
     step: int = 0
+    cancelled: bool = False
 
     @property
     def done(self) -> bool:
-        return self.step >= len(self.timesteps)
+        return self.cancelled or self.step >= len(self.timesteps)
 
 
 def plan_schedule(scheduler_config, num_inference_steps: int, strength: float, image_seq_len: int):
@@ -119,26 +122,37 @@ class Inpainter:
         self.pipe = model.pipeline
 
     @torch.inference_mode()
-    def run(self, requests: list[InpaintInputs], on_step: StepCallback | None = None) -> list[InpaintResult]:
+    def run(
+        self,
+        requests: list[InpaintInputs],
+        on_step: StepCallback | None = None,
+        is_cancelled: CancelCheck | None = None,
+    ) -> list[InpaintResult]:
         width, height = requests[0].width, requests[0].height
         if any((r.width, r.height) != (width, height) for r in requests):
             raise ValueError("a group must share one output size")
         started = time.perf_counter()
         samples = self.prepare(requests, width, height)
         prepared = time.perf_counter()
-        self.denoise(samples, width, height, on_step)
+        self.denoise(samples, width, height, on_step, is_cancelled)
         denoised = time.perf_counter()
-        images, flags = self.decode(samples, requests, width, height)
+        finished_samples = [s for s in samples if not s.cancelled]
+        images, flags = self.decode(finished_samples, requests, width, height) if finished_samples else ([], [])
         finished = time.perf_counter()
         timings = {"preprocess": prepared - started, "inference": denoised - prepared, "decode": finished - denoised}
-        return [
-            InpaintResult(
-                images=[images[i] for i, s in enumerate(samples) if s.request == r],
-                has_nsfw_concepts=[flags[i] for i, s in enumerate(samples) if s.request == r],
-                timings=dict(timings),
+        results = []
+        for r in range(len(requests)):
+            mine = [i for i, s in enumerate(finished_samples) if s.request == r]
+            cancelled = any(s.cancelled for s in samples if s.request == r)
+            results.append(
+                InpaintResult(
+                    images=[] if cancelled else [images[i] for i in mine],
+                    has_nsfw_concepts=[] if cancelled else [flags[i] for i in mine],
+                    timings=dict(timings),
+                    cancelled=cancelled,
+                )
             )
-            for r in range(len(requests))
-        ]
+        return results
 
     # 1-4: everything before the first step
     def prepare(self, requests: list[InpaintInputs], width: int, height: int) -> list[Sample]:
@@ -196,13 +210,26 @@ class Inpainter:
         return samples
 
     # 5. the denoising loop over whichever samples are still active
-    def denoise(self, samples: list[Sample], width: int, height: int, on_step: StepCallback | None = None) -> None:
+    def denoise(
+        self,
+        samples: list[Sample],
+        width: int,
+        height: int,
+        on_step: StepCallback | None = None,
+        is_cancelled: CancelCheck | None = None,
+    ) -> None:
         model = self.model
         device, dtype = model.device, model.dtype
         scale = model.vae.scale_factor * 2  # pixels per packed token side
         img_ids = self.pipe._prepare_latent_image_ids(None, height // scale, width // scale, device, dtype)
         txt_ids = torch.zeros(samples[0].prompt_embeds.shape[0], 3, device=device, dtype=dtype)
-        while active := [s for s in samples if not s.done]:
+        while True:
+            if is_cancelled is not None:  # a cancelled request leaves the batch at this step boundary
+                for s in samples:
+                    s.cancelled = s.cancelled or (not s.done and is_cancelled(s.request))
+            active = [s for s in samples if not s.done]
+            if not active:
+                break
             latents = torch.stack([s.latents for s in active])
             timestep = torch.stack([s.timesteps[s.step] for s in active]).to(device=device, dtype=dtype)
             guidance = None

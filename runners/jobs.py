@@ -8,15 +8,25 @@ images, or the error of that job alone.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
+from typing import TYPE_CHECKING
+
+import anyio.to_thread
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import ImageLimits
-from .errors import InpaintError, ReportedError
-from .images import FILE_SUFFIXES, DecodeLimits, decode_image_uri, encode_lossless, to_data_uri
+from .errors import ImageLoadError, InpaintError, ReportedError
+from .fetch import FetchFailed, UrlRefused
+from .images import FILE_SUFFIXES, DecodeLimits, data_uri_bytes, decode_image_bytes, encode_lossless, to_data_uri
+from .progress import LogLine
 from .schema import FalImage, InpaintOutput, InpaintRequest, output_size
+
+if TYPE_CHECKING:
+    from .fetch import SafeFetcher
+    from .store import OutputStore
 
 
 # Images are raw bytes in Python and base64 in JSON, which is how they cross between processes.
@@ -59,6 +69,7 @@ class JobResult(BaseModel):
     images: list[EncodedImage] = Field(default_factory=list)
     has_nsfw_concepts: list[bool] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
+    logs: list[LogLine] = Field(default_factory=list)
     error: JobError | None = None
 
     @classmethod
@@ -66,12 +77,37 @@ class JobResult(BaseModel):
         return cls(request_id=request_id, error=JobError(status=exc.status, error_type=exc.error_type, detail=exc.detail()))
 
 
-def prepare_job(request: InpaintRequest, limits: ImageLimits, request_id: str) -> InpaintJob:
-    """Front side: decode and check the images, settle size and seed. Raises ``InpaintError``."""
+async def load_image_bytes(uri: str, field: str, max_bytes: int, fetcher: SafeFetcher | None) -> bytes:
+    """An image's encoded bytes from a data: URI or, through the safe fetcher, an http(s) URL."""
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme not in ("http", "https") or fetcher is None:
+        return data_uri_bytes(uri, field, max_bytes)
+    try:
+        return await fetcher.fetch(uri, max_bytes)
+    except UrlRefused as exc:
+        raise ImageLoadError(field, str(exc)) from None
+    except FetchFailed as exc:
+        raise ImageLoadError(field, f"could not fetch the image: {exc}") from None
+
+
+async def prepare_job(
+    request: InpaintRequest, limits: ImageLimits, request_id: str, fetcher: SafeFetcher | None = None
+) -> InpaintJob:
+    """Front side: fetch, decode and check the images, settle size and seed. Raises ``InpaintError``."""
     started = time.perf_counter()
+    image_bytes, mask_bytes = await asyncio.gather(
+        load_image_bytes(request.image_url, "image_url", limits.max_input_bytes, fetcher),
+        load_image_bytes(request.mask_url, "mask_url", limits.max_input_bytes, fetcher),
+    )
+    return await anyio.to_thread.run_sync(decode_job, request, limits, request_id, image_bytes, mask_bytes, started)
+
+
+def decode_job(
+    request: InpaintRequest, limits: ImageLimits, request_id: str, image_bytes: bytes, mask_bytes: bytes, started: float
+) -> InpaintJob:
     decode = DecodeLimits(max_pixels=limits.max_input_pixels, max_bytes=limits.max_input_bytes)
-    image = decode_image_uri(request.image_url, "image_url", "RGB", decode)
-    mask = decode_image_uri(request.mask_url, "mask_url", "L", decode)
+    image = decode_image_bytes(image_bytes, "image_url", "RGB", decode)
+    mask = decode_image_bytes(mask_bytes, "mask_url", "L", decode)
     width, height = output_size(request, image.size, limits.max_output_pixels)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     return InpaintJob(
@@ -86,20 +122,26 @@ def prepare_job(request: InpaintRequest, limits: ImageLimits, request_id: str) -
     )
 
 
-def fal_output(job: InpaintJob, result: JobResult, total_s: float) -> InpaintOutput:
-    """Front side: the fal response body for a successful job. Images come back as data URIs."""
+def fal_output(job: InpaintJob, result: JobResult, total_s: float, store: OutputStore | None, base_url: str) -> InpaintOutput:
+    """Front side: the fal response body for a successful job. Images are stored and served from
+    ``{base_url}files/<name>``, or returned as data URIs with ``sync_mode`` (or without a store)."""
     suffix = FILE_SUFFIXES[job.request.output_format]
-    images = [
-        FalImage(
-            url=to_data_uri(image.data, image.content_type),
-            content_type=image.content_type,
-            file_name=f"{job.request_id}-{index}.{suffix}",
-            file_size=len(image.data),
-            width=image.width,
-            height=image.height,
+    images = []
+    for index, image in enumerate(result.images):
+        if job.request.sync_mode or store is None:
+            url = to_data_uri(image.data, image.content_type)
+        else:
+            url = f"{base_url}files/{store.put(image.data, suffix)}"
+        images.append(
+            FalImage(
+                url=url,
+                content_type=image.content_type,
+                file_name=f"{job.request_id}-{index}.{suffix}",
+                file_size=len(image.data),
+                width=image.width,
+                height=image.height,
+            )
         )
-        for index, image in enumerate(result.images)
-    ]
     timings = dict(result.timings)
     timings["preprocess"] = timings.get("preprocess", 0.0) + job.preprocess_s
     timings["total"] = total_s
@@ -110,4 +152,3 @@ def fal_output(job: InpaintJob, result: JobResult, total_s: float) -> InpaintOut
         has_nsfw_concepts=result.has_nsfw_concepts,
         prompt=job.request.prompt,
     )
-

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 import numpy as np
 import pytest
@@ -54,3 +62,52 @@ def scene(width: int = 64, height: int = 48, seed: int = 0) -> tuple[Image.Image
 
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image).astype(np.int16)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def bentoml_server(tmp: Path, **env_overrides: str):
+    """A real ``bentoml serve`` of service.py on a free port, ready (``/readyz`` 200) when yielded.
+    Yields (base URL, log file path); stopped with SIGTERM (SIGKILL after 30 s) on exit."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "XDG_CACHE_HOME": str(tmp / "cache"),
+        "BENTOML_HOME": str(tmp / "bentoml"),
+        **env_overrides,
+    }
+    log_path = tmp / "serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "bentoml"), "serve", "service:FluxInpainting",
+             "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"bentoml serve exited early:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready in time:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield base, log_path
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

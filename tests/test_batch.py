@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 
@@ -22,7 +23,7 @@ def job(request_id: str, width: int = 64, height: int = 48, **fields):
     values = dict(prompt="a house", image_url=uri(image), mask_url=uri(mask), num_inference_steps=3, seed=1,
                   enable_safety_checker=False)
     values.update(fields)
-    return prepare_job(InpaintRequest(**values), ImageLimits(), request_id)
+    return asyncio.run(prepare_job(InpaintRequest(**values), ImageLimits(), request_id))
 
 
 def decoded(result, index=0) -> np.ndarray:
@@ -53,10 +54,10 @@ def test_a_request_that_fails_in_the_model_fails_alone(inpainter, monkeypatch):
 
     real_run = type(inpainter).run
 
-    def run_that_fails_on_poison(self, requests, on_step=None):
+    def run_that_fails_on_poison(self, requests, **kwargs):
         if any(r.prompt == "poison" for r in requests):
             raise RuntimeError("simulated CUDA error")
-        return real_run(self, requests, on_step)
+        return real_run(self, requests, **kwargs)
 
     monkeypatch.setattr(type(inpainter), "run", run_that_fails_on_poison)
     results = run_jobs(inpainter, jobs)
@@ -66,3 +67,27 @@ def test_a_request_that_fails_in_the_model_fails_alone(inpainter, monkeypatch):
     for result in (results[0], results[2]):
         assert result.error is None
         assert np.abs(decoded(result) - expected[result.request_id]).max() <= 2
+
+
+def test_a_job_cancelled_before_its_batch_never_runs_and_one_cancelled_mid_run_stops(inpainter):
+    from runners.progress import JobBoard
+
+    seen_steps = []
+
+    class CancelAfterTwoSteps(JobBoard):
+        def log(self, request_id, message):
+            super().log(request_id, message)
+            if request_id == "mid" and message.startswith("step "):
+                seen_steps.append(message)
+                if message == "step 2/6":
+                    self.cancel("mid")
+
+    board = CancelAfterTwoSteps()
+    board.cancel("early")  # cancelled while still waiting in BentoML's queue
+    jobs = [job("early"), job("mid", num_inference_steps=6, strength=1.0), job("keeps", num_inference_steps=6, strength=1.0)]
+    results = run_jobs(inpainter, jobs, board)
+    assert [r.error.error_type if r.error else None for r in results] == ["request_cancelled", "request_cancelled", None]
+    assert seen_steps == ["step 1/6", "step 2/6"]  # left the batch at the next step boundary
+    assert len(results[2].images) == 1
+    assert [line.message for line in results[2].logs][-2:] == ["step 6/6", "done"]
+    assert board.snapshot(["early", "mid", "keeps"]) == {}  # nothing left behind

@@ -3,6 +3,8 @@ shared/security.md. Every refusal must be an ``ImageLoadError`` naming the field
 
 from __future__ import annotations
 
+import asyncio
+
 import base64
 import io
 import random
@@ -18,6 +20,11 @@ from runners.config import ImageLimits
 from runners.errors import ImageLoadError, InvalidField
 from runners.images import DecodeLimits, data_uri_bytes, decode_image_uri, encode_image, flatten, open_image
 from runners.jobs import prepare_job
+
+
+def prepare_sync(*args):
+    """prepare_job is a coroutine (it may fetch URLs); these cases only use data: URIs."""
+    return asyncio.run(prepare_job(*args))
 from runners.schema import InpaintRequest
 
 LIMITS = DecodeLimits(max_pixels=4096 * 4096, max_bytes=25 * 1024 * 1024)
@@ -95,7 +102,7 @@ def test_scheme_refused(uri, field):
 @pytest.mark.parametrize("field", FIELDS)
 def test_scheme_refused_through_prepare_job(field):
     uris = {"image_url": data_uri(PNG_64), "mask_url": data_uri(MASK_64), field: "file:///etc/passwd"}
-    refused(lambda: prepare_job(job_request(uris["image_url"], uris["mask_url"]), JOB_LIMITS, "rid"), field)
+    refused(lambda: prepare_sync(job_request(uris["image_url"], uris["mask_url"]), JOB_LIMITS, "rid"), field)
 
 
 @pytest.mark.parametrize(
@@ -257,9 +264,9 @@ def test_budget_edge_accepted():
 
 def test_huge_image_refused_through_prepare_job(huge_png):
     request = job_request(data_uri(huge_png), data_uri(MASK_64))
-    refused(lambda: prepare_job(request, JOB_LIMITS, "rid"), "image_url")
+    refused(lambda: prepare_sync(request, JOB_LIMITS, "rid"), "image_url")
     request = job_request(data_uri(PNG_64), data_uri(huge_png))
-    refused(lambda: prepare_job(request, JOB_LIMITS, "rid"), "mask_url")
+    refused(lambda: prepare_sync(request, JOB_LIMITS, "rid"), "mask_url")
 
 
 def test_max_image_pixels_stays_finite():
@@ -339,7 +346,7 @@ def test_smallest_image_accepted(fmt):
 
 def test_tiny_mask_refused_through_prepare_job():
     tiny = data_uri(encode(Image.new("L", (1, 1), 255), "PNG"))
-    refused(lambda: prepare_job(job_request(data_uri(PNG_64), tiny), JOB_LIMITS, "rid"), "mask_url")
+    refused(lambda: prepare_sync(job_request(data_uri(PNG_64), tiny), JOB_LIMITS, "rid"), "mask_url")
 
 
 # --- truncated and corrupt files ----------------------------------------------------------------------
@@ -523,7 +530,7 @@ def _decoded(png: bytes) -> Image.Image:
 def test_prepare_job_rounds_input_size_and_accepts_other_mask_size():
     image = encode(noise((1000, 777)), "PNG")
     mask = encode(Image.new("RGBA", (50, 40), (255, 255, 255, 0)), "PNG")
-    job = prepare_job(job_request(data_uri(image), data_uri(mask), seed=1234), JOB_LIMITS, "rid-1")
+    job = prepare_sync(job_request(data_uri(image), data_uri(mask), seed=1234), JOB_LIMITS, "rid-1")
     assert (job.width, job.height) == (992, 768)
     assert job.seed == 1234
     assert job.request_id == "rid-1"
@@ -539,7 +546,7 @@ def test_prepare_job_size_from_upright_image():
     picture = Image.new("RGB", (48, 32))
     exif = Image.Exif()
     exif[0x0112] = 8
-    job = prepare_job(job_request(data_uri(encode(picture, "JPEG", exif=exif)), data_uri(MASK_64)), JOB_LIMITS, "r")
+    job = prepare_sync(job_request(data_uri(encode(picture, "JPEG", exif=exif)), data_uri(MASK_64)), JOB_LIMITS, "r")
     assert (job.width, job.height) == (32, 48)
 
 
@@ -548,7 +555,7 @@ def test_prepare_job_size_from_upright_image():
     [("square", (512, 512)), ("landscape_16_9", (1024, 576)), ({"width": 100, "height": 37}, (96, 32))],
 )
 def test_prepare_job_honours_image_size(image_size, expected):
-    job = prepare_job(job_request(data_uri(PNG_64), data_uri(MASK_64), image_size=image_size), JOB_LIMITS, "rid")
+    job = prepare_sync(job_request(data_uri(PNG_64), data_uri(MASK_64), image_size=image_size), JOB_LIMITS, "rid")
     assert (job.width, job.height) == expected
     assert _decoded(job.image_png).size == (64, 48)
 
@@ -557,20 +564,20 @@ def test_prepare_job_output_budget():
     limits = JOB_LIMITS.model_copy(update={"max_output_pixels": 512 * 512})
     request = job_request(data_uri(PNG_64), data_uri(MASK_64), image_size="square_hd")
     with pytest.raises(InvalidField) as caught:
-        prepare_job(request, limits, "rid")
+        prepare_sync(request, limits, "rid")
     assert caught.value.field == "image_size" and caught.value.status == 422
 
 
 def test_prepare_job_draws_seed_when_missing():
     request = job_request(data_uri(PNG_64), data_uri(MASK_64))
-    seeds = {prepare_job(request, JOB_LIMITS, "rid").seed for _ in range(6)}
+    seeds = {prepare_sync(request, JOB_LIMITS, "rid").seed for _ in range(6)}
     assert all(0 <= seed < 2**32 for seed in seeds)
     assert len(seeds) > 1
 
 
 def test_prepare_job_keeps_seed_zero_and_max():
     for seed in (0, 2**63 - 1):
-        assert prepare_job(job_request(data_uri(PNG_64), data_uri(MASK_64), seed=seed), JOB_LIMITS, "r").seed == seed
+        assert prepare_sync(job_request(data_uri(PNG_64), data_uri(MASK_64), seed=seed), JOB_LIMITS, "r").seed == seed
 
 
 # --- encode_image --------------------------------------------------------------------------------

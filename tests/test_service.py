@@ -6,73 +6,23 @@ import asyncio
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, bentoml_server
 
 ROUTE = "/fal-ai/flux-lora/inpainting"
 MAX_BODY = 3_000_000
 EXAMPLE = json.loads((REPO / "examples" / "request.json").read_text())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "XDG_CACHE_HOME": str(tmp / "cache"),
-        "BENTOML_HOME": str(tmp / "bentoml"),
-        "FLUX_MAX_BODY_BYTES": str(MAX_BODY),
-        "FLUX_BATCH_MAX_SIZE": "4",
-    }
-    log_path = tmp / "serve.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", "service:FluxInpainting",
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"bentoml serve exited early:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in time:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield base, log_path
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    with bentoml_server(tmp_path_factory.mktemp("serve"), FLUX_MAX_BODY_BYTES=str(MAX_BODY), FLUX_BATCH_MAX_SIZE="4") as running:
+        yield running
 
 
 def post(server, body, **kwargs) -> httpx.Response:
@@ -169,8 +119,17 @@ def test_missing_fields_and_malformed_json(server):
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"image_url": "https://example.com/cat.png"}, "image_url"),
+        ({"image_url": "http://127.0.0.1:1/cat.png"}, "image_url"),
+        ({"image_url": "http://localhost/cat.png"}, "image_url"),
+        ({"mask_url": "http://169.254.169.254/latest/meta-data/"}, "mask_url"),
+        ({"mask_url": "http://10.0.0.1/mask.png"}, "mask_url"),
+        ({"image_url": "http://100.64.0.1/x.png"}, "image_url"),
+        ({"image_url": "http://[::1]/x.png"}, "image_url"),
+        ({"image_url": "http://[::ffff:127.0.0.1]/x.png"}, "image_url"),
+        ({"image_url": "http://[64:ff9b::7f00:1]/x.png"}, "image_url"),
         ({"mask_url": "file:///etc/passwd"}, "mask_url"),
+        ({"mask_url": "ftp://example.com/mask.png"}, "mask_url"),
+        ({"image_url": "gopher://example.com/x"}, "image_url"),
         ({"image_url": "data:image/png;base64,bm90IGFuIGltYWdl"}, "image_url"),
         ({"image_size": {"width": 14000, "height": 14000}}, "image_size"),
     ],
@@ -179,6 +138,7 @@ def test_unusable_images_get_4xx_naming_the_field(server, change, field):
     response = post(server, {**EXAMPLE, **change})
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["loc"] == ["body", field]
+    assert httpx.get(server[0] + "/readyz").status_code == 200  # and the server stays healthy
 
 
 def test_loras_are_refused_until_supported(server):

@@ -1,0 +1,223 @@
+"""The request queue of the HTTP front, which both fal routes use.
+
+Every request, synchronous or queued, becomes a ``Record`` here: it waits in a FIFO (that is its
+``queue_position``), is handed to the model worker by one of a fixed number of feeder tasks (enough
+to keep one batch running and the next forming in BentoML's dispatcher), and ends COMPLETED with
+an output or an error. The sync route simply awaits its record. A poller asks the worker for the
+progress of dispatched requests, so status answers IN_PROGRESS with "step i/N" logs without each
+client poll reaching the worker. State is in memory: bounded in length and retention, lost on restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+from .config import QueueSettings
+from .errors import InpaintError, QueueFull, RequestCancelled
+from .progress import JobProgress, LogLine
+from .schema import InpaintRequest
+
+log = logging.getLogger(__name__)
+
+
+class Status(str, Enum):
+    IN_QUEUE = "IN_QUEUE"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+
+
+@dataclass
+class Outcome:
+    output: dict[str, Any]  # fal's output JSON
+    logs: list[LogLine]
+    inference_time: float
+
+
+class Executor(Protocol):
+    """How records reach the model: the BentoML worker in service.py, or Triton later."""
+
+    async def run(self, record: Record) -> Outcome: ...  # raises InpaintError for the caller's faults
+    async def cancel(self, request_id: str) -> None: ...
+    async def progress(self, request_ids: list[str]) -> dict[str, JobProgress]: ...
+
+
+@dataclass(eq=False)
+class Record:
+    request: InpaintRequest
+    base_url: str  # for the URLs this request's answers carry
+    webhook_url: str | None = None
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    status: Status = Status.IN_QUEUE
+    dispatched: bool = False
+    front_logs: list[LogLine] = field(default_factory=list)
+    worker_logs: list[LogLine] = field(default_factory=list)
+    outcome: Outcome | None = None
+    error: InpaintError | None = None
+    finished_at: float | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def logs(self) -> list[dict[str, Any]]:
+        return [line.model_dump() for line in self.front_logs + self.worker_logs]
+
+
+class RequestQueue:
+    POLL_INTERVAL_S = 0.25
+
+    def __init__(
+        self,
+        settings: QueueSettings,
+        concurrency: int,
+        executor: Executor,
+        on_finish: Callable[[Record], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.settings = settings
+        self.concurrency = concurrency
+        self.executor = executor
+        self.on_finish = on_finish
+        self.clock = clock
+        self._pending: deque[Record] = deque()
+        self._records: dict[str, Record] = {}
+        self._finished: OrderedDict[str, Record] = OrderedDict()  # oldest first, for retention
+        self._busy = 0  # feeders waiting on the worker
+        self._wakeup: asyncio.Condition | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # life cycle: started lazily inside the server's event loop
+    def ensure_started(self) -> None:
+        if self._tasks:
+            return
+        self._wakeup = asyncio.Condition()
+        self._tasks = [asyncio.create_task(self._feed(), name=f"feeder-{i}") for i in range(self.concurrency)]
+        self._tasks.append(asyncio.create_task(self._poll(), name="progress-poller"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+
+    # what the routes call
+    @property
+    def depth(self) -> int:
+        """Requests waiting or being worked on."""
+        return len(self._pending) + self._busy
+
+    async def submit(self, request: InpaintRequest, base_url: str, webhook_url: str | None = None) -> Record:
+        self.ensure_started()
+        self._forget_expired()
+        if self.depth >= self.settings.max_length:
+            raise QueueFull(f"the queue is full ({self.settings.max_length} requests); retry shortly")
+        record = Record(request=request, base_url=base_url, webhook_url=webhook_url)
+        record.front_logs.append(LogLine(message="queued", source="queue"))
+        self._records[record.id] = record
+        self._pending.append(record)
+        async with self._wakeup:
+            self._wakeup.notify()
+        return record
+
+    def get(self, request_id: str) -> Record | None:
+        self._forget_expired()
+        return self._records.get(request_id)
+
+    def position(self, record: Record) -> int:
+        """Requests ahead of this one; 0 once handed to the worker but not yet started."""
+        try:
+            return self._pending.index(record)
+        except ValueError:
+            return 0
+
+    async def cancel(self, request_id: str) -> str:
+        record = self.get(request_id)
+        if record is None:
+            return "NOT_FOUND"
+        if record.status == Status.COMPLETED:
+            return "ALREADY_COMPLETED"
+        if record in self._pending:
+            self._pending.remove(record)  # never runs
+        else:
+            try:
+                await self.executor.cancel(record.id)  # stops at the next denoising step
+            except Exception:
+                log.exception("request %s: could not tell the worker to cancel", record.id)
+        self._finish(record, error=RequestCancelled())
+        return "CANCELLATION_REQUESTED"
+
+    # internals
+    async def _feed(self) -> None:
+        while True:
+            async with self._wakeup:
+                await self._wakeup.wait_for(lambda: bool(self._pending))
+                record = self._pending.popleft()
+            self._busy += 1
+            record.dispatched = True
+            try:
+                outcome = await self.executor.run(record)
+            except InpaintError as exc:
+                self._finish(record, error=exc)
+            except asyncio.CancelledError:
+                self._finish(record, error=InpaintError("the server is shutting down"))
+                raise
+            except Exception:
+                log.exception("request %s failed unexpectedly", record.id)
+                self._finish(record, error=InpaintError("internal server error"))
+            else:
+                self._finish(record, outcome=outcome)
+            finally:
+                self._busy -= 1
+
+    def _finish(self, record: Record, outcome: Outcome | None = None, error: InpaintError | None = None) -> None:
+        if record.status == Status.COMPLETED:  # e.g. cancelled while the worker was still busy with it
+            return
+        record.status = Status.COMPLETED
+        record.outcome, record.error = outcome, error
+        if outcome is not None:
+            record.worker_logs = outcome.logs
+        record.front_logs.append(
+            LogLine(message="completed" if error is None else f"failed: {error.message}", source="queue",
+                    level="INFO" if error is None else "ERROR")
+        )
+        record.finished_at = self.clock()
+        self._finished[record.id] = record
+        record.done.set()
+        if self.on_finish is not None:
+            asyncio.create_task(self.on_finish(record))
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.POLL_INTERVAL_S)
+            running = [r for r in self._records.values() if r.dispatched and r.status != Status.COMPLETED]
+            if not running:
+                continue
+            try:
+                progress = await self.executor.progress([r.id for r in running])
+            except Exception:
+                log.warning("could not read progress from the worker", exc_info=True)
+                continue
+            for record in running:
+                report = progress.get(record.id)
+                if report is not None and report.started and record.status != Status.COMPLETED:
+                    record.status = Status.IN_PROGRESS
+                    record.worker_logs = report.logs
+
+    def _forget_expired(self) -> None:
+        now = self.clock()
+        while self._finished:
+            oldest_id, oldest = next(iter(self._finished.items()))
+            expired = now - oldest.finished_at > self.settings.result_retention_s
+            if not expired and len(self._finished) <= self.settings.max_retained:
+                break
+            del self._finished[oldest_id]
+            self._records.pop(oldest_id, None)

@@ -1,0 +1,351 @@
+"""The full fal contract against a real server: queue, status, stream, cancel, webhooks, stored
+outputs, URL inputs and API keys, driven by the official ``fal-client`` and by raw HTTP.
+
+This server allows private hosts for 127.0.0.1 only, so that a local HTTP server can serve images
+and receive webhooks; test_service.py's server (no allow list) proves the refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import fal_client
+import fal_client.client
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, bentoml_server
+
+KEY = "test-key-one"
+APP = "fal-ai/flux-lora/inpainting"
+EXAMPLE = json.loads((REPO / "examples" / "request.json").read_text())
+FAST = {**EXAMPLE, "num_inference_steps": 3}
+SLOW = {**EXAMPLE, "image_size": "square_hd", "num_inference_steps": 50, "strength": 1.0}  # ~10 s on the tiny model
+
+
+class Assets(BaseHTTPRequestHandler):
+    """Images to fetch and a webhook receiver."""
+
+    hooks: list[dict] = []
+
+    def do_GET(self):
+        files = {"/image.png": REPO / "examples" / "image.png", "/mask.png": REPO / "examples" / "mask.png"}
+        if self.path in files:
+            self._send(200, files[self.path].read_bytes(), "image/png")
+        elif self.path == "/to-metadata":
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+        elif self.path == "/huge":
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**9))
+            self.end_headers()
+        elif self.path == "/text":
+            self._send(200, b"<html>not an image</html>", "image/png")
+        else:
+            self._send(404, b"no", "text/plain")
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Assets.hooks.append({"path": self.path, "body": json.loads(body)})
+        self._send(200, b"ok", "text/plain")
+
+    def _send(self, code, body, content_type):
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def assets():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Assets)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server_and_log(tmp_path_factory):
+    env = {
+        "FLUX_API_KEYS": f"{KEY},second-key",
+        "FLUX_ALLOW_PRIVATE_HOSTS": "127.0.0.1",
+        "FLUX_QUEUE_CONCURRENCY": "2",
+        "FLUX_BATCH_MAX_SIZE": "2",
+        "FLUX_QUEUE_MAX_LENGTH": "6",
+        "FLUX_MAX_INPUT_BYTES": "1000000",
+        "FLUX_FETCH_READ_TIMEOUT_S": "2",
+    }
+    with bentoml_server(tmp_path_factory.mktemp("fal"), **env) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def server(server_and_log):
+    return server_and_log[0]
+
+
+@pytest.fixture
+def client(server, monkeypatch):
+    """The official client, unmodified, pointed at the local server through its two URL globals."""
+    monkeypatch.setattr(fal_client.client, "RUN_URL_FORMAT", server + "/")
+    monkeypatch.setattr(fal_client.client, "QUEUE_URL_FORMAT", server + "/queue/")
+    return fal_client.SyncClient(key=KEY)
+
+
+def auth(key=KEY):
+    return {"Authorization": f"Key {key}"}
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+# ---- the official client ------------------------------------------------------------------
+
+
+def test_run(client):
+    output = client.run(APP, arguments=FAST)
+    assert output["seed"] == 42 and output["images"][0]["width"] == 256
+
+
+def test_subscribe_with_logs_and_queue_updates(client):
+    updates = []
+    output = client.subscribe(APP, arguments={**FAST, "num_inference_steps": 20, "image_size": "square_hd"},
+                              with_logs=True, on_queue_update=updates.append)
+    assert output["images"][0]["width"] == 1024
+    kinds = [type(u).__name__ for u in updates]
+    assert kinds[-1] == "Completed" and "InProgress" in kinds
+    assert kinds.index("InProgress") < kinds.index("Completed")
+    messages = [line["message"] for line in updates[-1].logs]
+    steps = [m for m in messages if m.startswith("step ")]
+    assert steps == [f"step {i}/17" for i in range(1, 18)]  # 20 steps x strength 0.85 -> 17 run
+    in_progress = [u for u in updates if type(u).__name__ == "InProgress"]
+    assert any(line["message"].startswith("step ") for u in in_progress for line in u.logs or [])  # live, not only at the end
+
+
+def test_submit_status_result(client):
+    handle = client.submit(APP, arguments=FAST)
+    first = handle.status(with_logs=True)
+    assert type(first).__name__ in ("Queued", "InProgress", "Completed")
+    output = handle.get()
+    assert output["seed"] == 42
+    done = handle.status(with_logs=True)
+    assert type(done).__name__ == "Completed" and done.error is None
+    assert done.metrics["inference_time"] > 0
+    assert client.result(APP, handle.request_id) == output
+    assert type(client.status(APP, handle.request_id)).__name__ == "Completed"
+
+
+def test_cancel_a_running_request_stops_it_at_the_next_step(client, server_and_log):
+    handle = client.submit(APP, arguments=SLOW)
+    wait_for(lambda: any(line["message"].startswith("step ") for line in getattr(handle.status(with_logs=True), "logs", None) or []))
+    started = time.monotonic()
+    client.cancel(APP, handle.request_id)
+    status = wait_for(lambda: (s := handle.status(with_logs=True)) and type(s).__name__ == "Completed" and s)
+    assert time.monotonic() - started < 5
+    assert status.error_type == "request_cancelled" and status.error
+    with pytest.raises(fal_client.client.FalClientHTTPError) as error:
+        handle.get()
+    assert error.value.status_code == 400 and error.value.error_type == "request_cancelled"
+    # The worker itself stopped denoising it, well before its 50 steps.
+    log_path = server_and_log[1]
+    line = wait_for(lambda: next((l for l in log_path.read_text().splitlines()
+                                  if f"request {handle.request_id} cancelled" in l), None), timeout=10)
+    step = int(line.split("after step ")[1].split("/")[0])
+    assert 1 <= step < 50
+
+
+def test_errors_surface_as_the_clients_exception(client, assets):
+    with pytest.raises(fal_client.client.FalClientHTTPError) as error:
+        client.run(APP, arguments={**FAST, "num_images": 9})
+    assert error.value.status_code == 422 and error.value.message[0]["loc"] == ["body", "num_images"]
+    with pytest.raises(fal_client.client.FalClientHTTPError) as error:
+        client.subscribe(APP, arguments={**FAST, "mask_url": f"{assets}/text"})
+    assert error.value.status_code == 422 and error.value.error_type == "image_load_error"
+
+
+def test_a_wrong_key_is_refused(server, monkeypatch):
+    monkeypatch.setattr(fal_client.client, "RUN_URL_FORMAT", server + "/")
+    with pytest.raises(fal_client.client.FalClientHTTPError) as error:
+        fal_client.SyncClient(key="wrong").run(APP, arguments=FAST)
+    assert error.value.status_code == 401
+
+
+# ---- raw HTTP -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", f"/{APP}"), ("POST", f"/queue/{APP}"), ("GET", "/queue/fal-ai/flux-lora/requests/x/status"),
+     ("GET", "/queue/fal-ai/flux-lora/requests/x/status/stream"), ("GET", "/queue/fal-ai/flux-lora/requests/x"),
+     ("PUT", "/queue/fal-ai/flux-lora/requests/x/cancel")],
+)
+@pytest.mark.parametrize("header", [None, "Key wrong", "Bearer test-key-one", f"Key {KEY}x", "Key", "key test-key"])
+def test_every_fal_route_needs_a_key(server, method, path, header):
+    headers = {"Authorization": header} if header else {}
+    response = httpx.request(method, server + path, json=FAST, headers=headers)
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Unauthorized", "error_type": "unauthorized"}
+
+
+def test_health_and_metrics_need_no_key_and_both_keys_work(server):
+    for path in ("/readyz", "/livez", "/metrics"):
+        assert httpx.get(server + path).status_code == 200
+    for key in (KEY, "second-key"):
+        assert httpx.post(f"{server}/{APP}", json=FAST, headers=auth(key), timeout=60).status_code == 200
+
+
+def test_submit_answers_absolute_urls_and_status_moves_to_completed(server):
+    response = httpx.post(f"{server}/queue/{APP}", json=FAST, headers=auth())
+    assert response.status_code == 202
+    body = response.json()
+    request_id = body["request_id"]
+    assert body["status"] == "IN_QUEUE" and isinstance(body["queue_position"], int)
+    base = f"{server}/queue/fal-ai/flux-lora/requests/{request_id}"
+    assert (body["response_url"], body["status_url"], body["cancel_url"]) == (base, base + "/status", base + "/cancel")
+    seen = set()
+
+    def completed():
+        status = httpx.get(body["status_url"], params={"logs": "1"}, headers=auth())
+        seen.add((status.json()["status"], status.status_code))
+        return status.json() if status.status_code == 200 else None
+
+    final = wait_for(completed)
+    assert final["status"] == "COMPLETED" and final["request_id"] == request_id and "error" not in final
+    assert all(code == 202 for state, code in seen if state != "COMPLETED")
+    assert {"message", "level", "source", "timestamp"} <= set(final["logs"][0])
+    without_logs = httpx.get(body["status_url"], params={"logs": "0"}, headers=auth()).json()
+    assert without_logs["logs"] is None
+    assert httpx.get(body["status_url"], params={"logs": "maybe"}, headers=auth()).status_code == 422
+    result = httpx.get(body["response_url"], headers=auth())
+    assert result.status_code == 200 and result.json()["seed"] == 42
+
+
+def test_stored_outputs_are_served_from_the_file_route(server):
+    stored = httpx.post(f"{server}/{APP}", json={**FAST, "sync_mode": False, "output_format": "png", "num_images": 2},
+                        headers=auth(), timeout=60).json()
+    for image in stored["images"]:
+        assert image["url"].startswith(f"{server}/files/") and image["url"].endswith(".png")
+        fetched = httpx.get(image["url"])  # no key: unguessable names, like fal's CDN
+        assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+        assert len(fetched.content) == image["file_size"]
+        assert Image.open(__import__("io").BytesIO(fetched.content)).size == (image["width"], image["height"]) == (256, 256)
+    inline = httpx.post(f"{server}/{APP}", json={**FAST, "sync_mode": True}, headers=auth(), timeout=60).json()
+    assert inline["images"][0]["url"].startswith("data:image/jpeg;base64,")
+    assert httpx.get(f"{server}/files/../../etc/passwd").status_code == 404
+    assert httpx.get(f"{server}/files/{'a' * 32}.png").status_code == 404
+
+
+def test_status_stream_sends_events_until_completed(server):
+    request_id = httpx.post(f"{server}/queue/{APP}", json=FAST, headers=auth()).json()["request_id"]
+    events = []
+    with httpx.stream("GET", f"{server}/queue/fal-ai/flux-lora/requests/{request_id}/status/stream",
+                      params={"logs": "1"}, headers=auth(), timeout=60) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert events[-1]["status"] == "COMPLETED" and events[-1]["logs"]
+    order = {"IN_QUEUE": 0, "IN_PROGRESS": 1, "COMPLETED": 2}
+    assert [order[e["status"]] for e in events] == sorted(order[e["status"]] for e in events)
+
+
+def test_queue_positions_cancel_of_a_queued_request_and_429(server):
+    def submit(body):
+        return httpx.post(f"{server}/queue/{APP}", json=body, headers=auth())
+
+    running = [submit(SLOW).json() for _ in range(2)]  # both feeders busy
+    waiting = [submit(SLOW).json() for _ in range(2)]
+    wait_for(lambda: httpx.get(running[0]["status_url"], headers=auth()).json()["status"] == "IN_PROGRESS")
+    positions = [httpx.get(w["status_url"], headers=auth()).json()["queue_position"] for w in waiting]
+    assert positions == [0, 1]
+    full = [submit(SLOW) for _ in range(3)]  # 4 held; the limit is 6
+    assert [r.status_code for r in full] == [202, 202, 429]
+    assert full[2].json()["error_type"] == "queue_full" and full[2].headers["retry-after"]
+    cancel = httpx.put(waiting[1]["cancel_url"], headers=auth())
+    assert cancel.status_code == 202 and cancel.json() == {"status": "CANCELLATION_REQUESTED"}
+    cancelled = httpx.get(waiting[1]["status_url"], params={"logs": "1"}, headers=auth()).json()
+    assert cancelled["status"] == "COMPLETED" and cancelled["error_type"] == "request_cancelled"
+    assert not any(line["message"].startswith("started") for line in cancelled["logs"])  # it never ran
+    assert httpx.get(waiting[1]["response_url"], headers=auth()).status_code == 400
+    assert httpx.put(waiting[1]["cancel_url"], headers=auth()).json() == {"status": "ALREADY_COMPLETED"}
+    for body in running + [waiting[0]] + [r.json() for r in full[:2]]:
+        httpx.put(body["cancel_url"], headers=auth())
+    unknown = f"{server}/queue/fal-ai/flux-lora/requests/nope"
+    assert httpx.get(unknown + "/status", headers=auth()).status_code == 404
+    assert httpx.get(unknown, headers=auth()).status_code == 404
+    assert httpx.put(unknown + "/cancel", headers=auth()).json() == {"status": "NOT_FOUND"}
+
+
+def test_result_of_a_running_request_is_not_ready(server):
+    body = httpx.post(f"{server}/queue/{APP}", json=SLOW, headers=auth()).json()
+    response = httpx.get(body["response_url"], headers=auth())
+    assert response.status_code == 400 and response.json()["error_type"] == "request_in_progress"
+    httpx.put(body["cancel_url"], headers=auth())
+
+
+def test_image_and_mask_urls_are_fetched(server, assets):
+    body = {**FAST, "image_url": f"{assets}/image.png", "mask_url": f"{assets}/mask.png"}
+    response = httpx.post(f"{server}/{APP}", json=body, headers=auth(), timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["images"][0]["width"] == 256
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "words"),
+    [("/to-metadata", "image_url", "169.254.169.254"), ("/huge", "image_url", "limit"),
+     ("/text", "mask_url", "PNG, JPEG or WEBP"), ("/missing", "mask_url", "404")],
+)
+def test_bad_urls_get_a_clear_4xx_and_the_server_stays_healthy(server, assets, path, field, words):
+    response = httpx.post(f"{server}/{APP}", json={**FAST, field: assets + path}, headers=auth(), timeout=60)
+    assert response.status_code == 422
+    error = response.json()
+    assert error["error_type"] == "image_load_error" and error["detail"][0]["loc"] == ["body", field]
+    assert words in error["detail"][0]["msg"]
+    assert httpx.get(server + "/readyz").status_code == 200
+    assert httpx.post(f"{server}/{APP}", json=FAST, headers=auth(), timeout=60).status_code == 200
+
+
+def test_webhooks_are_delivered_for_success_and_error(server, assets):
+    Assets.hooks.clear()
+    ok = httpx.post(f"{server}/queue/{APP}", params={"fal_webhook": f"{assets}/hook-ok"}, json=FAST, headers=auth()).json()
+    bad = httpx.post(f"{server}/queue/{APP}", params={"fal_webhook": f"{assets}/hook-bad"},
+                     json={**FAST, "image_url": f"{assets}/text"}, headers=auth()).json()
+    hooks = wait_for(lambda: len(Assets.hooks) >= 2 and {h["path"]: h["body"] for h in Assets.hooks})
+    delivered = hooks["/hook-ok"]
+    assert delivered["request_id"] == delivered["gateway_request_id"] == ok["request_id"]
+    assert delivered["status"] == "OK" and delivered["error"] is None and delivered["payload"]["seed"] == 42
+    failed = hooks["/hook-bad"]
+    assert failed["request_id"] == bad["request_id"] and failed["status"] == "ERROR"
+    assert failed["payload"]["error_type"] == "image_load_error" and failed["error"]
+
+
+def test_a_webhook_url_that_is_not_http_is_refused(server):
+    response = httpx.post(f"{server}/queue/{APP}", params={"fal_webhook": "file:///etc/passwd"}, json=FAST, headers=auth())
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "fal_webhook"]
+
+
+def test_queued_requests_are_batched(server):
+    def metric(name):
+        text = httpx.get(server + "/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+    bodies = [httpx.post(f"{server}/queue/{APP}", json={**FAST, "seed": s}, headers=auth()).json() for s in range(4)]
+    for body in bodies:
+        wait_for(lambda: httpx.get(body["status_url"], headers=auth()).status_code == 200)
+    assert metric("flux_batch_size_count") > metric('flux_batch_size_bucket{le="1.0"}')
