@@ -349,3 +349,9 @@ def test_queued_requests_are_batched(server):
     for body in bodies:
         wait_for(lambda: httpx.get(body["status_url"], headers=auth()).status_code == 200)
     assert metric("flux_batch_size_count") > metric('flux_batch_size_bucket{le="1.0"}')
+
+
+def test_without_a_public_url_the_request_host_names_the_urls(server):
+    response = httpx.post(f"{server}/queue/{APP}", json=FAST, headers={**auth(), "Host": "gateway.internal:8443"})
+    body = response.json()
+    assert body["status_url"] == f"http://gateway.internal:8443/queue/fal-ai/flux-lora/requests/{body['request_id']}/status"

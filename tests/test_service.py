@@ -16,12 +16,14 @@ from tests.conftest import REPO, bentoml_server
 
 ROUTE = "/fal-ai/flux-lora/inpainting"
 MAX_BODY = 3_000_000
+PUBLIC_URL = "https://flux.example.com/api"
 EXAMPLE = json.loads((REPO / "examples" / "request.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with bentoml_server(tmp_path_factory.mktemp("serve"), FLUX_MAX_BODY_BYTES=str(MAX_BODY), FLUX_BATCH_MAX_SIZE="4") as running:
+    env = {"FLUX_MAX_BODY_BYTES": str(MAX_BODY), "FLUX_BATCH_MAX_SIZE": "4", "FLUX_PUBLIC_URL": PUBLIC_URL}
+    with bentoml_server(tmp_path_factory.mktemp("serve"), **env) as running:
         yield running
 
 
@@ -193,6 +195,7 @@ def test_metrics_health_and_logs(server):
     assert httpx.get(base + "/livez").status_code == 200
     log = log_path.read_text()
     assert "RANDOM WEIGHTS" in log  # said at start-up
+    assert "FLUX_API_KEYS is not set" in log  # and that the API is open
     assert "[model=tiny (random weights)]" in log  # and in each request's log line
     assert "base64," not in log  # no data URI in the logs
 
@@ -210,3 +213,13 @@ def test_official_fal_client_works_by_changing_the_base_url(server, monkeypatch)
         fal_client.run("fal-ai/flux-lora/inpainting", arguments={**EXAMPLE, "num_images": 9})
     assert error.value.status_code == 422 and error.value.error_type == "validation_error"
     assert error.value.message[0]["loc"] == ["body", "num_images"]
+
+
+def test_urls_handed_out_use_the_configured_public_url(server):
+    base, _ = server
+    submitted = httpx.post(f"{base}/queue{ROUTE}", json={**EXAMPLE, "num_inference_steps": 1}).json()
+    assert submitted["status_url"] == f"{PUBLIC_URL}/queue/fal-ai/flux-lora/requests/{submitted['request_id']}/status"
+    stored = post(server, {**EXAMPLE, "sync_mode": False, "num_inference_steps": 1}).json()
+    url = stored["images"][0]["url"]
+    assert url.startswith(f"{PUBLIC_URL}/files/")
+    assert httpx.get(base + url.removeprefix(PUBLIC_URL)).status_code == 200  # the same file, served here
