@@ -37,6 +37,7 @@ from runners.errors import (
 )
 from runners.fetch import HostPolicy, SafeFetcher
 from runners.jobs import InpaintJob, JobResult, fal_output, prepare_job
+from runners.lora_sources import LoraSources
 from runners.model import TINY_WARNING
 from runners.progress import JobBoard, JobProgress
 from runners.queue import Outcome, Record, RequestQueue, Status
@@ -68,6 +69,30 @@ REQUESTS = bentoml.metrics.Counter(
     documentation="Inpainting requests by outcome (success or error_type)",
     labelnames=["outcome"],
 )
+LORA_CACHE = bentoml.metrics.Counter(
+    name="flux_lora_cache",
+    documentation="LoRA lookups by cache (memory: loaded adapters; disk: downloaded files) and result",
+    labelnames=["cache", "result"],
+)
+LORA_DOWNLOADS = bentoml.metrics.Counter(name="flux_lora_downloads", documentation="LoRA files downloaded")
+LORA_DOWNLOAD_BYTES = bentoml.metrics.Counter(name="flux_lora_download_bytes", documentation="Bytes of LoRA files downloaded")
+LORA_LOAD_SECONDS = bentoml.metrics.Counter(
+    name="flux_lora_load_seconds", documentation="Seconds spent reading and checking LoRA files into adapters"
+)
+
+
+class CounterFeed:
+    """Publishes the growth of cumulative counts (kept by the caches) to Prometheus counters."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+
+    def publish(self, counts: dict[str, float], counters: dict) -> None:
+        for key, counter in counters.items():
+            grown = counts.get(key, 0) - self.last.get(key, 0)
+            if grown > 0:
+                counter.inc(grown)
+            self.last[key] = counts.get(key, 0)
 
 
 class ProgressReport(BaseModel):
@@ -83,6 +108,7 @@ class InpaintWorker:
         self.load_error: str | None = None
         self.ready = threading.Event()
         self.board = JobBoard()
+        self.lora_feed = CounterFeed()
         threading.Thread(target=self._load, name="model-load", daemon=True).start()
 
     def _load(self) -> None:
@@ -90,7 +116,7 @@ class InpaintWorker:
         from runners.model import load_model
 
         try:
-            self.inpainter = Inpainter(load_model(SETTINGS.model))
+            self.inpainter = Inpainter(load_model(SETTINGS.model, SETTINGS.lora))
             if SETTINGS.model.warmup:
                 self._warm_up()
             self.ready.set()
@@ -137,6 +163,13 @@ class InpaintWorker:
         BATCH_SIZE.observe(len(jobs))
         started = time.perf_counter()
         results = run_jobs(self.inpainter, jobs, self.board)
+        if (adapters := self.inpainter.model.adapters) is not None:
+            stats = adapters.stats
+            self.lora_feed.publish(
+                {"hits": stats.hits, "misses": stats.misses, "seconds": stats.load_seconds},
+                {"hits": LORA_CACHE.labels(cache="memory", result="hit"),
+                 "misses": LORA_CACHE.labels(cache="memory", result="miss"), "seconds": LORA_LOAD_SECONDS},
+            )
         DENOISE_SECONDS.observe(max((r.timings.get("inference", 0.0) for r in results), default=0.0))
         log.info("batch of %d request(s) in %.2f s [model=%s]", len(jobs), time.perf_counter() - started, MODEL_LABEL)
         return results
@@ -155,16 +188,40 @@ class InpaintWorker:
 class WorkerExecutor:
     """How the front's queue reaches the worker (runners.queue.Executor)."""
 
-    def __init__(self, worker, fetcher: SafeFetcher, store) -> None:
-        self.worker, self.fetcher, self.store = worker, fetcher, store
+    def __init__(self, worker, fetcher: SafeFetcher, store, sources: LoraSources | None) -> None:
+        self.worker, self.fetcher, self.store, self.sources = worker, fetcher, store, sources
+        self.lora_feed = CounterFeed()
+
+    async def _call(self, api: str, *args):
+        """A worker API call, tried once more when the connection fails before an answer: BentoML's
+        client reuses pooled keep-alive connections that the worker's server closes when idle, and
+        such a request never reached the worker. Still failing: the worker is unavailable (503)."""
+        import aiohttp
+
+        for attempt in (1, 2):
+            try:
+                return await getattr(self.worker.to_async, api)(*args)
+            except aiohttp.ClientConnectionError as exc:
+                if attempt == 2:
+                    log.warning("worker %s call failed twice: %s", api, exc)
+                    raise WorkerUnavailable("the model worker is not reachable; retry shortly") from None
+                log.info("worker %s call lost its connection (%s); trying again", api, exc)
 
     async def run(self, record: Record) -> Outcome:
         started = time.perf_counter()
-        if record.request.loras:
-            raise InvalidField("loras", "LoRAs are not supported by this server version yet")
-        job = await prepare_job(record.request, SETTINGS.images, record.id, self.fetcher)
         try:
-            (result,) = await self.worker.to_async.inpaint([job])
+            job = await prepare_job(
+                record.request, SETTINGS.images, record.id, self.fetcher, self.sources, SETTINGS.lora.max_per_request
+            )
+        finally:
+            if self.sources is not None:
+                self.lora_feed.publish(self.sources.stats, {
+                    "hits": LORA_CACHE.labels(cache="disk", result="hit"),
+                    "misses": LORA_CACHE.labels(cache="disk", result="miss"),
+                    "downloads": LORA_DOWNLOADS, "download_bytes": LORA_DOWNLOAD_BYTES,
+                })
+        try:
+            (result,) = await self._call("inpaint", [job])
         except bentoml.exceptions.BentoMLException as exc:
             log.warning("request %s: worker call failed: %s", record.id, exc)
             if int(getattr(exc, "error_code", 500)) in (429, 503):
@@ -183,10 +240,10 @@ class WorkerExecutor:
         return Outcome(output=output.model_dump(), logs=result.logs, inference_time=result.timings.get("inference", 0.0))
 
     async def cancel(self, request_id: str) -> None:
-        await self.worker.to_async.cancel(request_id=request_id)
+        await self._call("cancel", request_id)
 
     async def progress(self, request_ids: list[str]) -> dict[str, JobProgress]:
-        report = await self.worker.to_async.progress(request_ids=request_ids)
+        report = await self._call("progress", request_ids)
         return (report if isinstance(report, ProgressReport) else ProgressReport.model_validate(report)).jobs
 
 
@@ -208,9 +265,11 @@ class FluxInpainting:
         self.fetcher = SafeFetcher(HostPolicy(SETTINGS.server.allow_private_hosts), SETTINGS.fetch)
         self.store = make_store(SETTINGS.store, SETTINGS.model.cache_dir)
         self.last_sweep = time.monotonic()
+        sources = LoraSources(SETTINGS.lora, self.fetcher, SETTINGS.model.cache_dir) if SETTINGS.lora.max_per_request else None
         concurrency = SETTINGS.queue.concurrency or 2 * SETTINGS.batching.max_size
         self.queue = RequestQueue(
-            SETTINGS.queue, concurrency, WorkerExecutor(self.worker, self.fetcher, self.store), on_finish=self._finished
+            SETTINGS.queue, concurrency, WorkerExecutor(self.worker, self.fetcher, self.store, sources),
+            on_finish=self._finished,
         )
 
     async def _finished(self, record: Record) -> None:
@@ -288,8 +347,8 @@ async def parse_request(request: Request) -> InpaintRequest:
         fal_request = InpaintRequest.model_validate_json(bytes(body))
     except ValidationError as exc:
         raise RequestInvalid(exc.errors()) from None
-    if fal_request.loras:
-        raise InvalidField("loras", "LoRAs are not supported by this server version yet")
+    if len(fal_request.loras) > SETTINGS.lora.max_per_request:
+        raise InvalidField("loras", f"at most {SETTINGS.lora.max_per_request} LoRAs per request on this server")
     return fal_request
 
 

@@ -13,17 +13,35 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from pathlib import Path
 
-from .errors import InferenceFailed, RequestCancelled
+from .errors import InferenceFailed, InpaintError, LoraLoadError, RequestCancelled
 from .images import CONTENT_TYPES, decode_trusted_png, encode_image
 from .inpaint import Inpainter, InpaintInputs, InpaintResult
 from .jobs import EncodedImage, InpaintJob, JobResult
+from .lora_formats import LoraError
 from .progress import JobBoard
 
 log = logging.getLogger(__name__)
 
 
-def to_inputs(job: InpaintJob) -> InpaintInputs:
+def job_loras(job: InpaintJob, adapters, keep: set[str]) -> list:
+    """The job's adapters, loaded (or found in memory) and checked against the model."""
+    loras = []
+    for index, lora in enumerate(job.loras):
+        field = ("loras", index, "path")
+        if adapters is None:
+            raise LoraLoadError(field, "this server does not take per-request LoRAs")
+        try:
+            loras.append((adapters.get(Path(lora.path), lora.sha256, lora.name, keep), lora.scale))
+        except LoraError as exc:
+            raise LoraLoadError(field, f"{lora.name}: {exc}") from None
+        except OSError:
+            raise LoraLoadError(field, f"{lora.name}: the downloaded file is gone (evicted); retry") from None
+    return loras
+
+
+def to_inputs(job: InpaintJob, loras: list | None = None) -> InpaintInputs:
     request = job.request
     return InpaintInputs(
         prompt=request.prompt,
@@ -37,6 +55,7 @@ def to_inputs(job: InpaintJob) -> InpaintInputs:
         guidance_scale=request.guidance_scale,
         num_images=request.num_images,
         enable_safety_checker=request.enable_safety_checker,
+        loras=loras or [],
     )
 
 
@@ -71,7 +90,7 @@ def encode_result(job: InpaintJob, result: InpaintResult, board: JobBoard) -> Jo
     )
 
 
-def run_group(inpainter: Inpainter, jobs: list[InpaintJob], board: JobBoard) -> list[JobResult]:
+def run_group(inpainter: Inpainter, jobs: list[InpaintJob], board: JobBoard, loras: list[list]) -> list[JobResult]:
     for job in jobs:
         board.start(job.request_id, f"started: {job.width}x{job.height}, batch of {len(jobs)}")
 
@@ -79,7 +98,7 @@ def run_group(inpainter: Inpainter, jobs: list[InpaintJob], board: JobBoard) -> 
         board.log(jobs[index].request_id, f"step {done}/{total}")
 
     results = inpainter.run(
-        [to_inputs(job) for job in jobs],
+        [to_inputs(job, request_loras) for job, request_loras in zip(jobs, loras)],
         on_step=on_step,
         is_cancelled=lambda index: board.is_cancelled(jobs[index].request_id),
     )
@@ -90,27 +109,38 @@ def run_jobs(inpainter: Inpainter, jobs: list[InpaintJob], board: JobBoard | Non
     """One ``JobResult`` per job, in order. Never raises for a job's own failure."""
     board = board or JobBoard()
     results: dict[int, JobResult] = {}
-    for group in group_by_size(list(enumerate(jobs))):
-        for position, job in group:
-            if board.is_cancelled(job.request_id):  # cancelled while waiting: never runs
-                board.finish(job.request_id)
-                results[position] = JobResult.failed(job.request_id, RequestCancelled())
-        group = [(position, job) for position, job in group if position not in results]
-        if not group:
+    loras: dict[int, list] = {}
+    keep = {lora.sha256 for job in jobs for lora in job.loras}  # the batch's adapters stay loaded
+    for position, job in enumerate(jobs):
+        if board.is_cancelled(job.request_id):  # cancelled while waiting: never runs
+            board.finish(job.request_id)
+            results[position] = JobResult.failed(job.request_id, RequestCancelled())
             continue
-        members = [job for _, job in group]
         try:
-            group_results = run_group(inpainter, members, board)
+            loras[position] = job_loras(job, inpainter.model.adapters, keep)
+        except InpaintError as exc:  # a LoRA that fails to load fails its request only
+            log.info("request %s: %s", job.request_id, exc.message)
+            results[position] = JobResult.failed(job.request_id, exc)
+    runnable = [(position, job) for position, job in enumerate(jobs) if position not in results]
+    for group in group_by_size(runnable):
+        members = [job for _, job in group]
+        group_loras = [loras[position] for position, _ in group]
+        try:
+            group_results = run_group(inpainter, members, board, group_loras)
         except Exception:
             log.exception("a group of %d request(s) failed; running each alone", len(members))
-            group_results = [run_alone(inpainter, job, board) for job in members] if len(members) > 1 else [failure(members[0], board)]
+            group_results = (
+                [run_alone(inpainter, job, board, request_loras) for job, request_loras in zip(members, group_loras)]
+                if len(members) > 1
+                else [failure(members[0], board)]
+            )
         results.update({position: result for (position, _), result in zip(group, group_results)})
     return [results[position] for position in range(len(jobs))]
 
 
-def run_alone(inpainter: Inpainter, job: InpaintJob, board: JobBoard) -> JobResult:
+def run_alone(inpainter: Inpainter, job: InpaintJob, board: JobBoard, loras: list) -> JobResult:
     try:
-        return run_group(inpainter, [job], board)[0]
+        return run_group(inpainter, [job], board, [loras])[0]
     except Exception:
         log.exception("request %s failed inside the model", job.request_id)
         return failure(job, board)

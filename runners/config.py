@@ -172,6 +172,36 @@ class QueueSettings(BaseSettings):
     """Most finished requests kept (the oldest are forgotten first)."""
 
 
+class LoraSettings(BaseSettings):
+    """Per-request LoRAs (hot-swapped as low-rank deltas) and LoRAs fused at start-up."""
+
+    # populate_by_name: ``fused`` is read from FLUX_FUSED_LORAS but can still be given by name in code.
+    model_config = SettingsConfigDict(env_prefix="FLUX_LORA_", extra="ignore", populate_by_name=True)
+
+    dir: Path | None = None
+    """Local LoRA directory: requests may name files under it (no path escapes)."""
+    max_per_request: int = Field(4, ge=0, le=16)
+    """Most LoRAs one request may use (0 refuses per-request LoRAs)."""
+    max_rank: int = Field(128, ge=1, le=1024)
+    """Highest LoRA rank accepted; a file over it is refused."""
+    max_file_bytes: int = Field(2 * 1024**3, ge=1024, le=64 * 1024**3)
+    """Largest LoRA file downloaded or read."""
+    cache_max_bytes: int = Field(20 * 1024**3, ge=1024**2, le=10 * 1024**4)
+    """Disk budget of downloaded LoRA files (least recently used deleted first)."""
+    memory_max_bytes: int = Field(4 * 1024**3, ge=1024**2, le=1024**4)
+    """Budget of adapters kept loaded in memory (least recently used dropped first)."""
+    fuse_uniform_batches: bool = True
+    """Fuse a batch's LoRAs into the weights (and restore them bit for bit after) when all its requests
+    use the same LoRA set, instead of per-sample deltas. On by measurement (benchmarks/lora.py): deltas
+    cost 1.3x fused per step, fusing and restoring costs less than one step. Needs a copy of the
+    touched weights while fused; on a GPU without room for it, deltas are used."""
+    fused: Annotated[list[str], NoDecode] = Field(default_factory=list, max_length=64, validation_alias="FLUX_FUSED_LORAS")
+    """``FLUX_FUSED_LORAS``: comma-separated ``path:scale`` (scale optional, default 1) merged into the
+    base weights once at start-up."""
+
+    _split = field_validator("fused", mode="before")(_comma_separated)
+
+
 class WebhookSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLUX_WEBHOOK_", extra="ignore")
 
@@ -191,6 +221,7 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
 
 
 def load_settings() -> Settings:

@@ -34,20 +34,27 @@ class InvalidField(InpaintError):
     status = 422
     error_type = "validation_error"
 
-    def __init__(self, field: str, message: str, kind: str = "value_error"):
-        super().__init__(f"{field}: {message}")
+    def __init__(self, field: str | tuple[str | int, ...], message: str, kind: str = "value_error"):
+        self.loc = list(field) if isinstance(field, tuple) else [field]
+        super().__init__(f"{'.'.join(map(str, self.loc))}: {message}")
         self.field = field
         self.kind = kind
         self.reason = message
 
     def detail(self) -> Any:
-        return [{"loc": ["body", self.field], "msg": self.reason, "type": self.kind}]
+        return [{"loc": ["body", *self.loc], "msg": self.reason, "type": self.kind}]
 
 
 class ImageLoadError(InvalidField):
     """An image or mask that cannot be used (bad encoding, format, size)."""
 
     error_type = "image_load_error"
+
+
+class LoraLoadError(InvalidField):
+    """A LoRA that cannot be fetched, read or applied: the 422 names it (``loras.<i>.path``) and why."""
+
+    error_type = "lora_load_error"
 
 
 class RequestTooLarge(InpaintError):

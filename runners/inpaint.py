@@ -19,8 +19,9 @@ Steps:
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +49,7 @@ class InpaintInputs:
     guidance_scale: float = 3.5
     num_images: int = 1
     enable_safety_checker: bool = True
+    loras: list = field(default_factory=list)  # runners.lora.RequestLoras: (Adapter, scale) pairs
 
 
 @dataclass
@@ -134,7 +136,8 @@ class Inpainter:
         started = time.perf_counter()
         samples = self.prepare(requests, width, height)
         prepared = time.perf_counter()
-        self.denoise(samples, width, height, on_step, is_cancelled)
+        with self.loras_applied([r.loras for r in requests]):
+            self.denoise(samples, width, height, on_step, is_cancelled)
         denoised = time.perf_counter()
         finished_samples = [s for s in samples if not s.cancelled]
         images, flags = self.decode(finished_samples, requests, width, height) if finished_samples else ([], [])
@@ -153,6 +156,32 @@ class Inpainter:
                 )
             )
         return results
+
+    @contextlib.contextmanager
+    def loras_applied(self, per_request: list) -> Iterator[None]:
+        """The group's LoRAs on the transformer for the denoising loop, and off again after, whatever
+        happens: per-sample deltas, or, when every request uses one LoRA set and the model is set to
+        fuse such batches, fused into the weights and the originals copied back bit for bit."""
+        from . import lora
+
+        layers = self.model.lora_layers
+        if layers is None or not any(per_request):
+            yield
+            return
+        first = [(id(a), s) for a, s in per_request[0]]
+        uniform = all([(id(a), s) for a, s in r] == first for r in per_request)
+        if self.model.fuse_uniform_loras and uniform and lora.fuse_fits(layers, per_request[0]):
+            fused = lora.fuse(layers, per_request[0], keep_originals=True)
+            try:
+                yield
+            finally:
+                lora.unfuse(layers, fused)
+            return
+        lora.activate(layers, per_request)
+        try:
+            yield
+        finally:
+            lora.deactivate(layers)
 
     # 1-4: everything before the first step
     def prepare(self, requests: list[InpaintInputs], width: int, height: int) -> list[Sample]:
@@ -230,6 +259,10 @@ class Inpainter:
             active = [s for s in samples if not s.done]
             if not active:
                 break
+            if model.lora_layers is not None:  # each sample's row of per-request LoRA scales
+                from .lora import set_rows
+
+                set_rows(model.lora_layers, torch.tensor([s.request for s in active], device=device))
             latents = torch.stack([s.latents for s in active])
             timestep = torch.stack([s.timesteps[s.step] for s in active]).to(device=device, dtype=dtype)
             guidance = None

@@ -18,19 +18,31 @@ import anyio.to_thread
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import ImageLimits
-from .errors import ImageLoadError, InpaintError, ReportedError
+from .errors import ImageLoadError, InpaintError, InvalidField, LoraLoadError, ReportedError
 from .fetch import FetchFailed, UrlRefused
 from .images import FILE_SUFFIXES, DecodeLimits, data_uri_bytes, decode_image_bytes, encode_lossless, to_data_uri
 from .progress import LogLine
 from .schema import FalImage, InpaintOutput, InpaintRequest, output_size
 
+from .lora_sources import LoraSourceError
+
 if TYPE_CHECKING:
     from .fetch import SafeFetcher
+    from .lora_sources import LoraSources
     from .store import OutputStore
 
 
 # Images are raw bytes in Python and base64 in JSON, which is how they cross between processes.
 BYTES_AS_BASE64 = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+
+class JobLora(BaseModel):
+    """A request's LoRA, resolved by the front to a local file the worker can load."""
+
+    path: str  # local file (the front and the worker share the disk)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    scale: float
+    name: str  # what the request called it (safe to log: no query string)
 
 
 class InpaintJob(BaseModel):
@@ -43,6 +55,7 @@ class InpaintJob(BaseModel):
     seed: int = Field(ge=0)
     image_png: bytes
     mask_png: bytes
+    loras: list[JobLora] = Field(default_factory=list)
     preprocess_s: float = 0.0  # time the front spent decoding
 
 
@@ -90,16 +103,40 @@ async def load_image_bytes(uri: str, field: str, max_bytes: int, fetcher: SafeFe
         raise ImageLoadError(field, f"could not fetch the image: {exc}") from None
 
 
+async def resolve_loras(request: InpaintRequest, sources: LoraSources | None, max_per_request: int) -> list[JobLora]:
+    """Each requested LoRA as a local file (downloaded and cached when it is a URL)."""
+    if len(request.loras) > max_per_request:
+        raise InvalidField("loras", f"at most {max_per_request} LoRAs per request on this server")
+    if request.loras and sources is None:
+        raise InvalidField("loras", "this server does not take per-request LoRAs")
+    resolved = []
+    for index, lora in enumerate(request.loras):
+        try:
+            file = await sources.resolve(lora.path)
+        except LoraSourceError as exc:
+            raise LoraLoadError(("loras", index, "path"), str(exc)) from None
+        resolved.append(JobLora(path=str(file.path), sha256=file.sha256, scale=lora.scale, name=file.source))
+    return resolved
+
+
 async def prepare_job(
-    request: InpaintRequest, limits: ImageLimits, request_id: str, fetcher: SafeFetcher | None = None
+    request: InpaintRequest,
+    limits: ImageLimits,
+    request_id: str,
+    fetcher: SafeFetcher | None = None,
+    sources: LoraSources | None = None,
+    max_loras: int = 0,
 ) -> InpaintJob:
-    """Front side: fetch, decode and check the images, settle size and seed. Raises ``InpaintError``."""
+    """Front side: fetch, decode and check the images and LoRAs, settle size and seed.
+    Raises ``InpaintError``."""
     started = time.perf_counter()
+    loras = await resolve_loras(request, sources, max_loras)
     image_bytes, mask_bytes = await asyncio.gather(
         load_image_bytes(request.image_url, "image_url", limits.max_input_bytes, fetcher),
         load_image_bytes(request.mask_url, "mask_url", limits.max_input_bytes, fetcher),
     )
-    return await anyio.to_thread.run_sync(decode_job, request, limits, request_id, image_bytes, mask_bytes, started)
+    job = await anyio.to_thread.run_sync(decode_job, request, limits, request_id, image_bytes, mask_bytes, started)
+    return job.model_copy(update={"loras": loras})
 
 
 def decode_job(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import TorchTransformer, TorchVae, TransformerBackend, VaeBackend
-from .config import DEFAULT_SAFETY_CHECKER, ModelSettings
+from .config import DEFAULT_SAFETY_CHECKER, LoraSettings, ModelSettings
 from .safety import SafetyChecker
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ class FluxModel:
     source: str
     is_tiny: bool
     max_sequence_length: int
+    lora_layers: dict | None = None  # LoraLinear modules by path, when per-request LoRAs are on
+    adapters: Any = None  # runners.lora.AdapterCache
+    fuse_uniform_loras: bool = False  # fuse a batch's LoRAs when all its requests share one set
 
 
 def resolve_source(settings: ModelSettings) -> tuple[str, str | None]:
@@ -51,7 +54,7 @@ def resolve_source(settings: ModelSettings) -> tuple[str, str | None]:
     return settings.model, settings.safety_checker or DEFAULT_SAFETY_CHECKER
 
 
-def load_model(settings: ModelSettings) -> FluxModel:
+def load_model(settings: ModelSettings, lora_settings: LoraSettings | None = None) -> FluxModel:
     import torch
     from diffusers import FluxInpaintPipeline
 
@@ -69,6 +72,15 @@ def load_model(settings: ModelSettings) -> FluxModel:
         getattr(pipeline, name).eval().requires_grad_(False)
     safety_checker = SafetyChecker.load(checker_source, device, dtype) if checker_source else None
     log.info("model loaded in %.1f s", time.perf_counter() - started)
+    lora_settings = lora_settings or LoraSettings(max_per_request=0)
+    if lora_settings.fused:
+        fuse_configured_loras(pipeline.transformer, lora_settings, settings.cache_dir)
+    lora_layers = adapters = None
+    if lora_settings.max_per_request > 0:
+        from .lora import AdapterCache, enable_lora
+
+        lora_layers = enable_lora(pipeline.transformer)
+        adapters = AdapterCache(pipeline.transformer, lora_settings.memory_max_bytes, lora_settings.max_rank)
     return FluxModel(
         pipeline=pipeline,
         transformer=TorchTransformer(pipeline.transformer),
@@ -79,4 +91,44 @@ def load_model(settings: ModelSettings) -> FluxModel:
         source=source,
         is_tiny=settings.is_tiny,
         max_sequence_length=settings.max_sequence_length,
+        lora_layers=lora_layers,
+        adapters=adapters,
+        fuse_uniform_loras=lora_settings.fuse_uniform_batches,
     )
+
+
+def parse_fused_entry(entry: str) -> tuple[str, float]:
+    """``path:scale`` (scale optional). The scale is after the last colon, so URLs keep theirs."""
+    path, sep, scale = entry.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return entry, 1.0
+
+
+def fuse_configured_loras(transformer, lora_settings: LoraSettings, cache_dir: Path) -> None:
+    """FLUX_FUSED_LORAS: merged into the base weights once, before anything is served."""
+    import asyncio
+
+    import torch
+
+    from .fetch import HostPolicy, SafeFetcher
+    from .lora import Adapter, fuse
+    from .lora_formats import load_lora
+    from .lora_sources import LoraSources
+    from .config import FetchSettings, ServerSettings
+
+    sources = LoraSources(lora_settings, SafeFetcher(HostPolicy(ServerSettings().allow_private_hosts), FetchSettings()), cache_dir)
+    layers = {name: m for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    parameter = next(transformer.parameters())
+    for entry in lora_settings.fused:
+        path, scale = parse_fused_entry(entry)
+        file = asyncio.run(sources.resolve(path))
+        weights = load_lora(file.path, transformer, lora_settings.max_rank)
+        for layer in weights.layers.values():
+            layer.down, layer.up = layer.down.to(parameter.device), layer.up.to(parameter.device)
+        fuse(layers, [(Adapter(file.sha256, file.source, weights.layers, weights.format), scale)], keep_originals=False)
+        log.info("fused LoRA %s (scale %g, %s, %d layers) into the base weights", file.source, scale, weights.format,
+                 len(weights.layers))

@@ -31,11 +31,13 @@ class Assets(BaseHTTPRequestHandler):
     """Images to fetch and a webhook receiver."""
 
     hooks: list[dict] = []
+    files = {"/image.png": REPO / "examples" / "image.png", "/mask.png": REPO / "examples" / "mask.png"}
+    gets: list[str] = []
 
     def do_GET(self):
-        files = {"/image.png": REPO / "examples" / "image.png", "/mask.png": REPO / "examples" / "mask.png"}
-        if self.path in files:
-            self._send(200, files[self.path].read_bytes(), "image/png")
+        Assets.gets.append(self.path)
+        if self.path in self.files:
+            self._send(200, self.files[self.path].read_bytes(), "image/png")
         elif self.path == "/to-metadata":
             self.send_response(302)
             self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
@@ -74,8 +76,24 @@ def assets():
 
 
 @pytest.fixture(scope="module")
-def server_and_log(tmp_path_factory):
+def lora_files(tmp_path_factory, tiny_model):
+    """Two LoRAs for the tiny model in FLUX_LORA_DIR, a pickle posing as one, and a URL-served copy."""
+    from runners.lora_formats import linear_shapes
+    from tests.test_lora import write_lora
+
+    directory = tmp_path_factory.mktemp("lora-dir")
+    shapes = linear_shapes(tiny_model.pipeline.transformer)
+    write_lora(directory, "style", 4, 1, shapes, alpha=8)
+    write_lora(directory, "face", 2, 2, shapes)
+    (directory / "pickled.safetensors").write_bytes(b"\x80\x04\x95" + b"cos\nsystem\n" * 10)
+    Assets.files["/style.safetensors"] = directory / "style.safetensors"
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server_and_log(tmp_path_factory, lora_files):
     env = {
+        "FLUX_LORA_DIR": str(lora_files),
         "FLUX_API_KEYS": f"{KEY},second-key",
         "FLUX_ALLOW_PRIVATE_HOSTS": "127.0.0.1",
         "FLUX_QUEUE_CONCURRENCY": "2",
@@ -355,3 +373,76 @@ def test_without_a_public_url_the_request_host_names_the_urls(server):
     response = httpx.post(f"{server}/queue/{APP}", json=FAST, headers={**auth(), "Host": "gateway.internal:8443"})
     body = response.json()
     assert body["status_url"] == f"http://gateway.internal:8443/queue/fal-ai/flux-lora/requests/{body['request_id']}/status"
+
+
+# ---- LoRAs --------------------------------------------------------------------------------
+
+
+def metric_sum(server, prefix):
+    text = httpx.get(server + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def run_png(server, **fields):
+    response = httpx.post(f"{server}/{APP}", json={**FAST, "output_format": "png", "sync_mode": True, **fields},
+                          headers=auth(), timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["images"][0]["url"]
+
+
+def test_loras_by_local_name_and_by_url_change_the_image(server, assets):
+    plain = run_png(server)
+    local = run_png(server, loras=[{"path": "style.safetensors", "scale": 0.9}])
+    assert local != plain
+    Assets.gets.clear()
+    downloads = metric_sum(server, "flux_lora_downloads_total")
+    by_url = [run_png(server, loras=[{"path": f"{assets}/style.safetensors", "scale": 0.9}]) for _ in range(2)]
+    assert by_url == [local, local]  # the same file, whichever way it came
+    assert Assets.gets.count("/style.safetensors") == 1  # downloaded once, then a cache hit
+    assert metric_sum(server, "flux_lora_downloads_total") == downloads + 1
+    assert metric_sum(server, 'flux_lora_cache_total{cache="disk",result="hit"}') >= 1
+    assert metric_sum(server, 'flux_lora_cache_total{cache="memory",result="hit"}') >= 1
+    assert metric_sum(server, "flux_lora_load_seconds_total") > 0
+
+
+def test_several_loras_and_mixed_batches_through_the_queue(server):
+    sets = [[], [{"path": "style.safetensors", "scale": 0.7}], [{"path": "face.safetensors", "scale": 1.2}],
+            [{"path": "style.safetensors", "scale": 0.5}, {"path": "face.safetensors", "scale": -0.8}]]
+    alone = [run_png(server, seed=11, loras=loras) for loras in sets]
+    assert len(set(alone)) == 4
+    bodies = [httpx.post(f"{server}/queue/{APP}", json={**FAST, "output_format": "png", "sync_mode": True, "seed": 11,
+                                                          "loras": loras}, headers=auth()).json() for loras in sets]
+    results = []
+    for body in bodies:
+        wait_for(lambda: httpx.get(body["status_url"], headers=auth()).status_code == 200)
+        result = httpx.get(body["response_url"], headers=auth()).json()
+        assert "images" in result, result
+        results.append(result["images"][0]["url"])
+
+    def pixels(url):
+        import base64
+        import io
+
+        import numpy as np
+
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))).astype(int)
+
+    for batched, single in zip(results, alone):
+        assert abs(pixels(batched) - pixels(single)).max() <= 2
+
+
+@pytest.mark.parametrize(
+    ("path", "words"),
+    [("pickled.safetensors", "not a safetensors file"), ("../outside.safetensors", "escapes"),
+     ("missing.safetensors", "not found"), ("black-forest-labs/some-lora", "hub is not reachable"),
+     ("file:///etc/passwd", "not accepted"), ("http://10.0.0.1/x.safetensors", "private")],
+)
+def test_unusable_loras_get_a_422_naming_them_and_change_nothing(server, path, words):
+    before = run_png(server, seed=21)
+    response = httpx.post(f"{server}/{APP}", json={**FAST, "loras": [{"path": "face.safetensors"}, {"path": path}]},
+                          headers=auth(), timeout=60)
+    assert response.status_code == 422, response.text
+    error = response.json()
+    assert error["error_type"] == "lora_load_error" and error["detail"][0]["loc"] == ["body", "loras", 1, "path"]
+    assert words in error["detail"][0]["msg"]
+    assert run_png(server, seed=21) == before  # nothing half-applied

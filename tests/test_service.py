@@ -143,9 +143,13 @@ def test_unusable_images_get_4xx_naming_the_field(server, change, field):
     assert httpx.get(server[0] + "/readyz").status_code == 200  # and the server stays healthy
 
 
-def test_loras_are_refused_until_supported(server):
+def test_lora_names_need_a_lora_directory_and_the_count_is_capped(server):
     response = post(server, {**EXAMPLE, "loras": [{"path": "style.safetensors", "scale": 0.8}]})
-    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "loras"]
+    assert response.status_code == 422 and response.json()["error_type"] == "lora_load_error"
+    assert response.json()["detail"][0]["loc"] == ["body", "loras", 0, "path"]
+    too_many = post(server, {**EXAMPLE, "loras": [{"path": f"https://example.com/{i}.safetensors"} for i in range(5)]})
+    assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"] == ["body", "loras"]
+    assert "at most 4" in too_many.json()["detail"][0]["msg"]
 
 
 def test_body_over_the_limit_gets_413(server):

@@ -23,7 +23,7 @@ def gated_load(monkeypatch, tiny_model):
     release = threading.Event()
     warmups = []
 
-    def load_model(settings):
+    def load_model(settings, lora_settings=None):
         release.wait(30)
         return tiny_model
 
@@ -54,7 +54,7 @@ def test_not_ready_until_loaded_and_warmed(gated_load):
 
 
 def test_a_model_that_fails_to_load_says_why_and_is_not_alive(monkeypatch):
-    def load_model(settings):
+    def load_model(settings, lora_settings=None):
         raise OSError("black-forest-labs/FLUX.1-dev is not reachable (offline)")
 
     monkeypatch.setattr("runners.model.load_model", load_model)
@@ -66,3 +66,30 @@ def test_a_model_that_fails_to_load_says_why_and_is_not_alive(monkeypatch):
     assert not worker.__is_ready__() and not worker.__is_alive__()
     (result,) = call_inpaint(worker, [job("x")])
     assert result.error.status == 503 and "not reachable" in str(result.error.detail)
+
+
+def test_a_worker_call_whose_pooled_connection_was_closed_is_tried_once_more():
+    import asyncio
+
+    import aiohttp
+
+    from runners.errors import WorkerUnavailable
+
+    class FlakyWorker:
+        def __init__(self, failures):
+            self.failures, self.calls = failures, 0
+            self.to_async = self
+
+        async def progress(self, request_ids):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise aiohttp.ServerDisconnectedError()
+            return {"jobs": {}}
+
+    once = FlakyWorker(failures=1)
+    assert asyncio.run(service.WorkerExecutor(once, None, None, None).progress(["a"])) == {}
+    assert once.calls == 2
+    always = FlakyWorker(failures=5)
+    with pytest.raises(WorkerUnavailable) as error:
+        asyncio.run(service.WorkerExecutor(always, None, None, None).progress(["a"]))
+    assert error.value.status == 503 and always.calls == 2
