@@ -113,10 +113,12 @@ class InpaintWorker:
 
     def _load(self) -> None:
         from runners.inpaint import Inpainter
-        from runners.model import load_model
+        from runners.model import attach_backend, load_model
 
         try:
-            self.inpainter = Inpainter(load_model(SETTINGS.model, SETTINGS.lora))
+            model = load_model(SETTINGS.model, SETTINGS.lora)
+            attach_backend(model, SETTINGS)
+            self.inpainter = Inpainter(model)
             if SETTINGS.model.warmup:
                 self._warm_up()
             self.ready.set()

@@ -23,6 +23,12 @@ def _default_cache_dir() -> Path:
     return Path(base) / "flux-inpaint"
 
 
+def _comma_separated(value):
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
 class ModelSettings(BaseSettings):
     """Which model is served, and on what device and precision."""
 
@@ -74,6 +80,49 @@ class ModelSettings(BaseSettings):
         return hashlib.sha256(self.model.encode()).hexdigest()[:12]
 
 
+class BackendSettings(BaseSettings):
+    """What runs the transformer and the VAE, and the exported artifacts it runs from."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore")
+
+    backend: Literal["torch", "compile", "onnxruntime", "tensorrt"] = "torch"
+    """``torch``: eager PyTorch. ``compile``: torch.compile of the transformer. ``onnxruntime`` and
+    ``tensorrt``: the graphs ``python -m export`` wrote for this exact model and configuration."""
+    engine_dir: Path | None = None
+    """Where exported artifacts live. Unset: ``<FLUX_CACHE_DIR>/engines``."""
+    export_precision: Literal["fp32", "fp16", "bf16", "fp8"] = "bf16"
+    """TensorRT engine precision (ONNX graphs are exported in fp32; ONNX Runtime runs them so)."""
+    export_sizes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["1024x1024", "512x512", "768x1024", "1024x768", "576x1024", "1024x576"], max_length=32
+    )
+    """Pixel sizes (WxH) the TensorRT optimisation profiles cover: fal's presets by default."""
+    export_batch_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1, 4], min_length=1, max_length=16)
+    """Batch sizes the profiles cover (their range is min..max)."""
+
+    @field_validator("export_sizes", mode="before")
+    @classmethod
+    def _sizes(cls, value):
+        sizes = _comma_separated(value)
+        for size in sizes:
+            width, _, height = size.partition("x")
+            if not (width.isdigit() and height.isdigit() and int(width) % 16 == 0 and int(height) % 16 == 0
+                    and 16 <= int(width) <= 14142 and 16 <= int(height) <= 14142):
+                raise ValueError(f"{size!r}: sizes are WIDTHxHEIGHT, multiples of 16 between 16 and 14142")
+        return sizes
+
+    @field_validator("export_batch_sizes", mode="before")
+    @classmethod
+    def _batches(cls, value):
+        sizes = [int(v) for v in _comma_separated(value)] if isinstance(value, str) else value
+        if any(not 1 <= size <= 64 for size in sizes):
+            raise ValueError("batch sizes are between 1 and 64")
+        return sizes
+
+    def pixel_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) pairs."""
+        return [(int(s.split("x")[1]), int(s.split("x")[0])) for s in self.export_sizes]
+
+
 class BatchingSettings(BaseSettings):
     """BentoML adaptive batching of the worker's batchable API."""
 
@@ -106,12 +155,6 @@ class ImageLimits(BaseSettings):
 
     max_body_bytes: int = Field(80 * 1024 * 1024, ge=4096, le=1024 * 1024 * 1024)
     """Largest HTTP request body; two max-size images as base64 fit under the default."""
-
-
-def _comma_separated(value):
-    if isinstance(value, str):
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return value
 
 
 class ServerSettings(BaseSettings):
@@ -222,6 +265,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    backend: BackendSettings = Field(default_factory=BackendSettings)
 
 
 def load_settings() -> Settings:

@@ -164,20 +164,20 @@ class Inpainter:
         fuse such batches, fused into the weights and the originals copied back bit for bit."""
         from . import lora
 
-        layers = self.model.lora_layers
-        if layers is None or not any(per_request):
+        layers, pad_to = self.model.lora_layers, self.model.lora_pad_to
+        if layers is None or (not any(per_request) and pad_to is None):
             yield
             return
         first = [(id(a), s) for a, s in per_request[0]]
         uniform = all([(id(a), s) for a, s in r] == first for r in per_request)
-        if self.model.fuse_uniform_loras and uniform and lora.fuse_fits(layers, per_request[0]):
+        if self.model.fuse_uniform_loras and uniform and first and lora.fuse_fits(layers, per_request[0]):
             fused = lora.fuse(layers, per_request[0], keep_originals=True)
             try:
                 yield
             finally:
                 lora.unfuse(layers, fused)
             return
-        lora.activate(layers, per_request)
+        lora.activate(layers, per_request, pad_to=pad_to)
         try:
             yield
         finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ class FluxModel:
     lora_layers: dict | None = None  # LoraLinear modules by path, when per-request LoRAs are on
     adapters: Any = None  # runners.lora.AdapterCache
     fuse_uniform_loras: bool = False  # fuse a batch's LoRAs when all its requests share one set
+    fused_loras: list = field(default_factory=list)  # (sha256, scale) merged at start-up: part of an export's identity
+    lora_pad_to: int | None = None  # fixed LoRA rank per layer (compiled transformer: shapes never change)
+    backend: str = "torch"
 
 
 def resolve_source(settings: ModelSettings) -> tuple[str, str | None]:
@@ -73,8 +76,7 @@ def load_model(settings: ModelSettings, lora_settings: LoraSettings | None = Non
     safety_checker = SafetyChecker.load(checker_source, device, dtype) if checker_source else None
     log.info("model loaded in %.1f s", time.perf_counter() - started)
     lora_settings = lora_settings or LoraSettings(max_per_request=0)
-    if lora_settings.fused:
-        fuse_configured_loras(pipeline.transformer, lora_settings, settings.cache_dir)
+    fused = fuse_configured_loras(pipeline.transformer, lora_settings, settings.cache_dir) if lora_settings.fused else []
     lora_layers = adapters = None
     if lora_settings.max_per_request > 0:
         from .lora import AdapterCache, enable_lora
@@ -94,7 +96,51 @@ def load_model(settings: ModelSettings, lora_settings: LoraSettings | None = Non
         lora_layers=lora_layers,
         adapters=adapters,
         fuse_uniform_loras=lora_settings.fuse_uniform_batches,
+        fused_loras=fused,
     )
+
+
+def attach_backend(model: FluxModel, settings) -> None:
+    """Put the configured backend (FLUX_BACKEND) behind the loop's interfaces, or refuse at start
+    with a message saying what to change. ``settings``: runners.config.Settings."""
+    choice = settings.backend.backend
+    model.backend = choice
+    if choice == "torch":
+        return
+    if choice == "compile":
+        import torch
+
+        model.transformer = TorchTransformer(torch.compile(model.pipeline.transformer, dynamic=True))
+        if model.lora_layers is not None:
+            # Fixed shapes for the LoRA path, so swapping adapters never recompiles; a batch whose
+            # LoRAs need more rank than this runs its requests one by one.
+            model.lora_pad_to = settings.lora.max_rank * settings.lora.max_per_request
+        return
+    if model.lora_layers is not None:
+        raise RuntimeError(
+            f"FLUX_BACKEND={choice} runs exported graphs whose weights are fixed, so per-request LoRAs cannot be "
+            "applied: set FLUX_LORA_MAX_PER_REQUEST=0 (LoRAs named in FLUX_FUSED_LORAS are exported fused into the "
+            "graphs), or use FLUX_BACKEND=torch or compile"
+        )
+    from export.build import onnx_artifact, tensorrt_artifact
+
+    onnx, _ = onnx_artifact(model, settings, build=False)
+    if choice == "onnxruntime":
+        from .onnx_backend import OnnxTransformer, OnnxVae
+
+        model.transformer = OnnxTransformer(onnx.file("transformer"), model.pipeline.transformer.config, model.device, model.dtype)
+        model.vae = OnnxVae(onnx.file("vae_encoder"), onnx.file("vae_decoder"), model.vae, model.device, model.dtype)
+    else:
+        from .tensorrt_backend import TensorRTEngine, TensorRTTransformer, TensorRTVae
+
+        engines, _ = tensorrt_artifact(model, settings, onnx, build=False)
+        config = model.pipeline.transformer.config
+        model.transformer = TensorRTTransformer(TensorRTEngine(engines.file("transformer")), config.in_channels,
+                                                bool(config.guidance_embeds))
+        model.vae = TensorRTVae(TensorRTEngine(engines.file("vae_encoder")), TensorRTEngine(engines.file("vae_decoder")),
+                                model.vae.latent_channels, model.vae.scale_factor, model.vae.scaling_factor,
+                                model.vae.shift_factor)
+    log.info("backend %s from %s", choice, onnx.path)
 
 
 def parse_fused_entry(entry: str) -> tuple[str, float]:
@@ -108,8 +154,9 @@ def parse_fused_entry(entry: str) -> tuple[str, float]:
     return entry, 1.0
 
 
-def fuse_configured_loras(transformer, lora_settings: LoraSettings, cache_dir: Path) -> None:
-    """FLUX_FUSED_LORAS: merged into the base weights once, before anything is served."""
+def fuse_configured_loras(transformer, lora_settings: LoraSettings, cache_dir: Path) -> list[tuple[str, float]]:
+    """FLUX_FUSED_LORAS: merged into the base weights once, before anything is served.
+    Returns (sha256, scale) of each, which names any export made from these weights."""
     import asyncio
 
     import torch
@@ -123,6 +170,7 @@ def fuse_configured_loras(transformer, lora_settings: LoraSettings, cache_dir: P
     sources = LoraSources(lora_settings, SafeFetcher(HostPolicy(ServerSettings().allow_private_hosts), FetchSettings()), cache_dir)
     layers = {name: m for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     parameter = next(transformer.parameters())
+    fused = []
     for entry in lora_settings.fused:
         path, scale = parse_fused_entry(entry)
         file = asyncio.run(sources.resolve(path))
@@ -132,3 +180,5 @@ def fuse_configured_loras(transformer, lora_settings: LoraSettings, cache_dir: P
         fuse(layers, [(Adapter(file.sha256, file.source, weights.layers, weights.format), scale)], keep_originals=False)
         log.info("fused LoRA %s (scale %g, %s, %d layers) into the base weights", file.source, scale, weights.format,
                  len(weights.layers))
+        fused.append((file.sha256, scale))
+    return fused

@@ -1,0 +1,1 @@
+"""Export of the served networks to ONNX (and from there to TensorRT): contracts, export, validation."""

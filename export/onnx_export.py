@@ -1,0 +1,372 @@
+"""Export the three networks of ``export.networks`` to ONNX, check the graphs, and validate them
+against the eager torch modules with ONNX Runtime.
+
+Export goes through ``torch.onnx.export(..., dynamo=True)`` (torch.export, then onnxscript) with
+the dynamic axes of each spec. Graphs are float32: ONNX Runtime serves them so on CPU, and TensorRT
+builds its fp16/bf16 engines from the same graph. Two things are done for the export only and
+undone after it, so the served model is left bit for bit as it was:
+
+- FLUX's RoPE (diffusers ``FluxPosEmbed``) computes its frequencies in float64 on every device but
+  MPS. Exported as is, the graph casts to float64 (TensorRT has no float64, and float64 RoPE has
+  failed to export with dynamic shapes on other torch versions), so each ``FluxPosEmbed``
+  *instance* of the exported transformer gets a float32 ``forward`` for the duration of the export
+  (``float32_rope``); nothing global is patched. ``check_onnx`` counts float64 left in a graph.
+- The wrapper module is put in eval mode; the previous training flags are restored.
+
+A model loaded in another dtype (bf16 on a GPU) is exported from a float32 copy of the network.
+
+Validation compares the ONNX graph with the unpatched module (float64 RoPE), i.e. with what the
+torch backend serves, on seeded random inputs at several shapes, at least one of them differing
+from the export example in batch and size so the dynamic axes are exercised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import re
+import time
+import types
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .networks import (
+    HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, NetworkSpec, module_device, vae_module, vae_scale_factor,
+)
+
+log = logging.getLogger(__name__)
+
+EXTERNAL_DATA_THRESHOLD = 1_500_000_000  # bytes of float32 weights past which they go to a .data file
+EXPORT_BATCH = 2  # >= 2: torch.export specialises dimensions whose example value is 0 or 1
+EXPORT_SIZE = (64, 48)  # (height, width) pixels of the export example: 12 image tokens, latents 8 x 6
+EXPORT_TEXT_TOKENS = 7  # distinct from every other example dimension, so no two axes get unified
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+def _rope_float32_forward(self, ids: torch.Tensor):
+    """diffusers ``FluxPosEmbed.forward`` with float32 frequencies instead of float64."""
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    pos = ids.float()
+    cos_out, sin_out = [], []
+    for i in range(ids.shape[-1]):
+        cos, sin = get_1d_rotary_pos_embed(
+            self.axes_dim[i], pos[:, i], theta=self.theta, repeat_interleave_real=True, use_real=True,
+            freqs_dtype=torch.float32,
+        )
+        cos_out.append(cos)
+        sin_out.append(sin)
+    return torch.cat(cos_out, dim=-1).to(ids.device), torch.cat(sin_out, dim=-1).to(ids.device)
+
+
+@contextlib.contextmanager
+def float32_rope(module: torch.nn.Module) -> Iterator[int]:
+    """Within the block, every ``FluxPosEmbed`` inside ``module`` computes RoPE in float32 (an
+    instance attribute shadowing the class's ``forward``). Yields how many were patched; removed
+    on exit whatever happens, so the class and other instances are never touched."""
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    patched = [m for m in module.modules() if isinstance(m, FluxPosEmbed) and "forward" not in vars(m)]
+    try:
+        for m in patched:
+            m.forward = types.MethodType(_rope_float32_forward, m)
+        yield len(patched)
+    finally:
+        for m in patched:
+            vars(m).pop("forward", None)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """The exporter's optimizer logs every rewrite at INFO and torch warns about intended things
+    (one Dim shared by several inputs); keep both out of the export's own log for its duration."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*will not be used, since it shares the same shape constraints")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        try:
+            for logger in loggers:
+                logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+def float32_network(spec: NetworkSpec, model: Any) -> torch.nn.Module:
+    """``spec.module(model)``: the live network when it is float32, else a float32 copy of it."""
+    module = spec.module(model)
+    dtypes = {p.dtype for p in module.parameters()} | {b.dtype for b in module.buffers() if b.is_floating_point()}
+    if dtypes <= {torch.float32}:
+        return module
+    log.warning("%s is %s: exporting from a float32 copy", spec.name, sorted(map(str, dtypes)))
+    return copy.deepcopy(module).float()
+
+
+def _check_no_active_lora(module: torch.nn.Module) -> None:
+    for name, m in module.named_modules():
+        if getattr(m, "lora_down", None) is not None:
+            raise RuntimeError(f"{name} carries per-request LoRA deltas; export the base model (fused LoRAs are fine)")
+
+
+def dynamic_shapes(spec: NetworkSpec, model: Any) -> tuple[dict[int, Any], ...]:
+    """torch.export dynamic shapes for ``spec.inputs_for(model)``, from ``spec.dynamic_axes``: one
+    ``Dim`` per axis name, shared across inputs; pixel height/width are 8 x the latent dims."""
+    dims: dict[str, Any] = {}
+
+    def dim(axis: str):
+        if axis not in dims:
+            if axis in (HEIGHT, WIDTH):  # images must be whole latent cells
+                latent = dim(LATENT_HEIGHT if axis == HEIGHT else LATENT_WIDTH)
+                dims[axis] = vae_scale_factor(vae_module(model)) * latent
+            else:
+                dims[axis] = torch.export.Dim(axis, min=1)
+        return dims[axis]
+
+    return tuple(
+        {index: dim(axis) for index, axis in spec.dynamic_axes[name].items()} for name in spec.inputs_for(model)
+    )
+
+
+def name_output_dims(spec: NetworkSpec, graph_model) -> None:
+    """Give outputs' dims that torch left as opaque symbols (``s38``: e.g. the encoder's latent
+    height, computed through strided convolutions) the spec's axis name, so the graph's interface
+    reads like ``spec.dynamic_axes``. Named or fixed dims are left as they are."""
+    import onnx_ir as ir
+
+    for value in graph_model.graph.outputs:
+        axes = spec.dynamic_axes.get(value.name, {})
+        if value.shape is None or not axes:
+            continue
+        dims = list(value.shape.dims)
+        for index, axis in axes.items():
+            if isinstance(dims[index], ir.SymbolicDim) and re.fullmatch(r"s\d+|unk__\d+|None", str(dims[index].value)):
+                dims[index] = ir.SymbolicDim(axis)
+        value.shape = ir.Shape(dims)
+
+
+def weight_bytes(module: torch.nn.Module, itemsize: int = 4) -> int:
+    return sum(t.numel() * itemsize for t in [*module.parameters(), *module.buffers()])
+
+
+def export_onnx(
+    spec: NetworkSpec,
+    model: Any,
+    path: Path,
+    *,
+    opset: int | None = None,
+    batch: int = EXPORT_BATCH,
+    size: tuple[int, int] = EXPORT_SIZE,
+    text_tokens: int = EXPORT_TEXT_TOKENS,
+) -> Path:
+    """Export ``spec``'s network of ``model`` to ``path`` (float32, dynamic axes) and return the
+    .onnx path. Weights over 1.5 GB go to an external data file beside it (``<name>.data``);
+    smaller graphs are one self-contained file. ``opset``: None for the exporter's default."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = float32_network(spec, model)
+    _check_no_active_lora(module)
+    inputs = spec.sample_inputs(model, batch, size[0], size[1], text_tokens, device=module_device(module))
+    external = weight_bytes(module) > EXTERNAL_DATA_THRESHOLD
+    log.info("exporting %s (%.1f MB float32, example B%d %dx%d, %s) to %s", spec.name, weight_bytes(module) / 1e6,
+             batch, size[1], size[0], "external data" if external else "single file", path)
+    started = time.perf_counter()
+    with eval_mode(module), float32_rope(module) as patched, quiet_exporter():
+        if patched:
+            log.info("%s: %d FluxPosEmbed computing RoPE in float32 for the export", spec.name, patched)
+        program = torch.onnx.export(
+            module,
+            inputs,
+            None,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes(spec, model),
+            input_names=list(spec.inputs_for(model)),
+            output_names=list(spec.output_names),
+            opset_version=opset,
+            verbose=False,
+        )
+        name_output_dims(spec, program.model)
+        path.with_name(f"{path.name}.data").unlink(missing_ok=True)  # no stale weights beside a new graph
+        program.save(str(path), external_data=external)
+    log.info("exported %s in %.1f s (%.1f MB on disk)", spec.name, time.perf_counter() - started,
+             onnx_bytes(path) / 1e6)
+    return path
+
+
+# -- checking --------------------------------------------------------------------------------
+
+
+@dataclass
+class OnnxSummary:
+    """What ``check_onnx`` read back: tensor names with their dims (str = symbolic, int = fixed)."""
+
+    path: Path
+    inputs: dict[str, list[int | str]]
+    outputs: dict[str, list[int | str]]
+    opset: int
+    bytes: int  # the .onnx file plus its external data files
+    float64: int  # nodes casting to / initializers in float64 (TensorRT has no float64): 0 expected
+
+
+def _dims(value_info) -> list[int | str]:
+    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def onnx_bytes(path: Path) -> int:
+    """The .onnx file's size plus the external data files it names."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = {ExternalDataInfo(t).location for t in proto.graph.initializer if uses_external_data(t)}
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+
+
+def check_onnx(path: Path) -> OnnxSummary:
+    """``onnx.checker.check_model`` on the path (so external data and graphs over 2 GB work), then
+    the graph's interface, read without loading the weights."""
+    import onnx
+
+    path = Path(path)
+    started = time.perf_counter()
+    onnx.checker.check_model(str(path))
+    proto = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    double = onnx.TensorProto.DOUBLE
+    float64 = sum(1 for t in proto.graph.initializer if t.data_type == double) + sum(
+        1 for n in proto.graph.node
+        if any(a.name == "to" and a.i == double for a in n.attribute)
+        or any(a.name == "value" and a.t.data_type == double for a in n.attribute)
+    )
+    summary = OnnxSummary(
+        path=path,
+        inputs={i.name: _dims(i) for i in proto.graph.input},
+        outputs={o.name: _dims(o) for o in proto.graph.output},
+        opset=opset,
+        bytes=onnx_bytes(path),
+        float64=float64,
+    )
+    log.info("checked %s in %.2f s: opset %d, inputs %s, outputs %s", path.name, time.perf_counter() - started,
+             opset, summary.inputs, summary.outputs)
+    if float64:
+        log.warning("%s has %d float64 nodes or initializers: TensorRT cannot build it", path.name, float64)
+    return summary
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+@dataclass
+class ValidationRow:
+    """ONNX Runtime against torch at one shape. ``shape`` is ``B<batch> <width>x<height>`` (pixels,
+    WIDTHxHEIGHT as FLUX_EXPORT_SIZES writes sizes). ``max_abs`` = max |onnx - torch|; ``max_rel``
+    = max_abs / max |torch| (error relative to the output's scale: elementwise |a-b|/|b| is
+    meaningless where outputs cross zero). ``ok``: same shape, all finite, and
+    ``max_abs <= tolerance * max(1, max |torch|)``, i.e. absolute for outputs within unit magnitude
+    (images in [-1, 1], FLUX velocities) and relative beyond it (e.g. VAE log-variances)."""
+
+    network: str
+    shape: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    ok: bool
+    error: str = field(default="")  # why the graph could not be run at all, if it could not
+
+
+def ort_session(path: Path):
+    """An ONNX Runtime session on the CUDA provider when available, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def compare(network: str, shape: str, actual: np.ndarray, expected: np.ndarray, tolerance: float) -> ValidationRow:
+    if actual.shape != expected.shape:
+        return ValidationRow(network, shape, float("inf"), float("inf"), tolerance, False,
+                             f"output shape {actual.shape} != torch's {expected.shape}")
+    actual, expected = actual.astype(np.float64), expected.astype(np.float64)
+    max_abs = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    finite = bool(np.isfinite(actual).all() and np.isfinite(expected).all())
+    if not finite:
+        max_abs = float("inf")
+    max_rel = max_abs / max(scale, 1e-6)
+    ok = finite and max_abs <= tolerance * max(1.0, scale)
+    return ValidationRow(network, shape, max_abs, max_rel, tolerance, ok)
+
+
+def validate(
+    spec: NetworkSpec,
+    model: Any,
+    onnx_path: Path,
+    shapes: list[tuple[int, int, int]],
+    text_tokens: int,
+    tolerance: float,
+    *,
+    seed: int = 1234,
+) -> list[ValidationRow]:
+    """Check the graph, then run it and the torch module on the same random inputs (seeded, one
+    seed per shape) at each (batch, height, width) and compare. A graph that cannot be run with
+    the spec's inputs at a shape gives a failed row with ``error`` set rather than an exception."""
+    check_onnx(onnx_path)
+    started = time.perf_counter()
+    session = ort_session(onnx_path)
+    log.info("%s: ONNX Runtime session on %s in %.2f s", spec.name, session.get_providers()[0],
+             time.perf_counter() - started)
+    module = float32_network(spec, model)
+    names = spec.inputs_for(model)
+    graph_inputs = [i.name for i in session.get_inputs()]
+    rows = []
+    for index, (batch, height, width) in enumerate(shapes):
+        label = f"B{batch} {width}x{height}"
+        if graph_inputs != list(names):
+            rows.append(ValidationRow(spec.name, label, float("inf"), float("inf"), tolerance, False,
+                                      f"graph inputs {graph_inputs} != the spec's {list(names)}"))
+            continue
+        started = time.perf_counter()
+        inputs = spec.sample_inputs(
+            model, batch, height, width, text_tokens, seed=seed + index, device=module_device(module)
+        )
+        with torch.inference_mode(), eval_mode(module):
+            expected = module(*inputs).float().cpu().numpy()
+        try:
+            actual = session.run(None, {n: t.cpu().numpy() for n, t in zip(names, inputs, strict=True)})[0]
+        except Exception as exc:  # noqa: BLE001 - a graph that cannot run is a failed validation
+            rows.append(ValidationRow(spec.name, label, float("inf"), float("inf"), tolerance, False,
+                                      f"{type(exc).__name__}: {exc}"))
+            continue
+        row = compare(spec.name, label, actual, expected, tolerance)
+        rows.append(row)
+        log.info("%s %s: max abs %.3g, max rel %.3g (tolerance %g) %s in %.2f s", spec.name, label, row.max_abs,
+                 row.max_rel, tolerance, "ok" if row.ok else "FAILED", time.perf_counter() - started)
+    for row in rows:
+        if row.error:
+            log.warning("%s %s failed: %s", row.network, row.shape, row.error)
+    return rows

@@ -1,0 +1,176 @@
+"""Tests for export/networks.py and export/onnx_export.py on the tiny FLUX model: each network
+exports with dynamic axes, passes the ONNX checker, matches torch under ONNX Runtime at batch
+sizes and image sizes other than the export example's, and leaves the served model as it was."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+
+from export import onnx_export
+from export.networks import SPECS, latent_image_ids
+from export.onnx_export import EXPORT_BATCH, EXPORT_SIZE, check_onnx, export_onnx, float32_rope, validate
+
+NAMES = ["transformer", "vae_encoder", "vae_decoder"]
+# (batch, height, width): square and non-square, batch 1 and 3 besides the export's 2 (the export
+# example is B2 64x48 with 7 text tokens; validation uses the model's 32).
+SHAPES = [(1, 32, 32), (2, 64, 48), (3, 48, 64)]
+TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    """Each network exported once: {name: (onnx path, torch outputs before export)}. The decoder
+    goes through the external-data path (threshold lowered to 0), the others as single files."""
+    folder = tmp_path_factory.mktemp("onnx")
+    result = {}
+    for name in NAMES:
+        spec = SPECS[name]
+        probe = spec.sample_inputs(tiny_model, 2, 48, 32, tiny_model.max_sequence_length, seed=7)
+        with torch.inference_mode():
+            before = spec.module(tiny_model)(*probe)
+        with pytest.MonkeyPatch.context() as patch:
+            if name == "vae_decoder":
+                patch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+            path = export_onnx(spec, tiny_model, folder / f"{name}.onnx")
+        result[name] = (path, probe, before)
+    return result
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_graph_interface_is_the_spec_with_symbolic_axes(exported, tiny_model, name):
+    spec = SPECS[name]
+    path = exported[name][0]
+    summary = check_onnx(path)
+    assert list(summary.inputs) == list(spec.input_names) == list(spec.inputs_for(tiny_model))
+    assert list(summary.outputs) == list(spec.output_names)
+    example = spec.input_shapes(tiny_model, EXPORT_BATCH, *EXPORT_SIZE, 7)
+    for tensor, dims in {**summary.inputs, **summary.outputs}.items():
+        axes = spec.dynamic_axes[tensor]
+        for index, dim in enumerate(dims):
+            if index in axes:
+                assert isinstance(dim, str) and dim, f"{tensor}[{index}] ({axes[index]}) is fixed: {dims}"
+            else:
+                assert isinstance(dim, int) and dim > 0, f"{tensor}[{index}] should be fixed: {dims}"
+        if tensor in example:
+            assert len(dims) == len(example[tensor])
+        if 0 in axes and axes[0] == "batch":
+            assert dims[0] == "batch"
+    assert summary.opset >= 18
+    assert summary.float64 == 0  # float32 RoPE during the export: nothing TensorRT cannot build
+    if name == "vae_decoder":
+        assert (path.parent / f"{path.name}.data").exists()
+        assert summary.bytes > path.stat().st_size
+    else:
+        assert not (path.parent / f"{path.name}.data").exists()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_onnx_runtime_matches_torch_at_other_shapes(exported, tiny_model, name):
+    rows = validate(SPECS[name], tiny_model, exported[name][0], SHAPES, tiny_model.max_sequence_length, TOLERANCE)
+    assert [row.shape for row in rows] == ["B1 32x32", "B2 48x64", "B3 64x48"]
+    for row in rows:
+        print(f"{row.network} {row.shape}: max abs {row.max_abs:.2e} max rel {row.max_rel:.2e}")
+        assert row.ok and not row.error, row
+        assert 0 <= row.max_abs <= TOLERANCE and row.tolerance == TOLERANCE
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_leaves_the_model_unchanged(exported, tiny_model, name):
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    spec = SPECS[name]
+    _, probe, before = exported[name]
+    with torch.inference_mode():
+        after = spec.module(tiny_model)(*probe)
+    assert torch.equal(before, after)
+    transformer = tiny_model.pipeline.transformer
+    assert not transformer.training and not tiny_model.pipeline.vae.training
+    assert all(p.dtype == torch.float32 for p in transformer.parameters())
+    assert all("forward" not in vars(m) for m in transformer.modules() if isinstance(m, FluxPosEmbed))
+
+
+def test_float32_rope_is_patched_per_instance_and_removed(tiny_model):
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    transformer = tiny_model.pipeline.transformer
+    ids = latent_image_ids(4, 3)
+    with torch.inference_mode():
+        cos64, _ = transformer.pos_embed(ids)
+        with float32_rope(transformer) as patched:
+            assert patched == 1 and "forward" in vars(transformer.pos_embed)
+            cos32, _ = transformer.pos_embed(ids)
+        assert "forward" not in vars(transformer.pos_embed)
+        assert FluxPosEmbed.forward is not onnx_export._rope_float32_forward
+        again, _ = transformer.pos_embed(ids)
+    assert torch.equal(again, cos64)
+    torch.testing.assert_close(cos32, cos64, rtol=0, atol=1e-6)
+
+
+def test_a_wrong_graph_fails_validation(exported, tiny_model):
+    # The encoder's graph against the decoder's contract: its inputs are not the spec's.
+    rows = validate(SPECS["vae_decoder"], tiny_model, exported["vae_encoder"][0], SHAPES[:2], 32, TOLERANCE)
+    assert rows and not any(row.ok for row in rows)
+    assert all("graph inputs" in row.error for row in rows)
+    # The right interface but other weights: a torch model changed after the export.
+    vae = copy.deepcopy(tiny_model.pipeline.vae)
+    with torch.no_grad():
+        vae.encoder.conv_out.bias.add_(0.05)
+    changed = types.SimpleNamespace(pipeline=types.SimpleNamespace(vae=vae))
+    rows = validate(SPECS["vae_encoder"], changed, exported["vae_encoder"][0], SHAPES, 32, TOLERANCE)
+    assert not any(row.ok for row in rows)
+    assert all(row.error == "" and row.max_abs > TOLERANCE for row in rows)
+
+
+def test_sample_inputs_have_the_loop_shapes_and_dtypes(tiny_model):
+    spec = SPECS["transformer"]
+    inputs = dict(zip(spec.inputs_for(tiny_model), spec.sample_inputs(tiny_model, 3, 64, 48, 5), strict=True))
+    assert {k: tuple(v.shape) for k, v in inputs.items()} == {
+        "hidden_states": (3, 12, 64), "encoder_hidden_states": (3, 5, 32), "pooled_projections": (3, 32),
+        "timestep": (3,), "img_ids": (12, 3), "txt_ids": (5, 3), "guidance": (3,),
+    }
+    assert all(v.dtype == torch.float32 for v in inputs.values())
+    assert torch.equal(inputs["img_ids"][:, 1:], latent_image_ids(4, 3)[:, 1:])
+    assert 0 <= inputs["timestep"].min() and inputs["timestep"].max() <= 1
+    (images,) = SPECS["vae_encoder"].sample_inputs(tiny_model, 2, 64, 48, 5)
+    assert images.shape == (2, 3, 64, 48) and -1 <= images.min() and images.max() <= 1
+    (latents,) = SPECS["vae_decoder"].sample_inputs(tiny_model, 2, 64, 48, 5)
+    assert latents.shape == (2, 16, 8, 6)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        spec.sample_inputs(tiny_model, 1, 40, 32, 5)
+
+
+def test_profiles_cover_the_configured_sizes_and_batches(tiny_model):
+    sizes = [(64, 48), (32, 32), (48, 64), (96, 32)]  # (height, width); the first is opt
+    for name in NAMES:
+        profile = SPECS[name].profile(tiny_model, sizes, [1, 4], 32)
+        assert list(profile) == list(SPECS[name].inputs_for(tiny_model))
+        for shapes in profile.values():
+            low, opt, high = shapes
+            assert len(low) == len(opt) == len(high)
+            assert all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True)), (name, shapes)
+    transformer = SPECS["transformer"].profile(tiny_model, sizes, [1, 4], 32)
+    assert transformer["hidden_states"] == ((1, 4, 64), (4, 12, 64), (4, 12, 64))
+    assert transformer["img_ids"] == ((4, 3), (12, 3), (12, 3))
+    assert transformer["encoder_hidden_states"] == ((1, 32, 32), (4, 32, 32), (4, 32, 32))
+    assert transformer["txt_ids"] == ((32, 3),) * 3
+    assert transformer["guidance"] == ((1,), (4,), (4,))
+    encoder = SPECS["vae_encoder"].profile(tiny_model, sizes, [1, 4], 32)
+    assert encoder["images"] == ((1, 3, 32, 32), (4, 3, 64, 48), (4, 3, 96, 64))
+    decoder = SPECS["vae_decoder"].profile(tiny_model, sizes, [2], 32)
+    assert decoder["latents"] == ((2, 16, 4, 4), (2, 16, 8, 6), (2, 16, 12, 8))
+
+
+def test_a_model_without_guidance_embeds_has_no_guidance_input(tiny_model):
+    config = dict(tiny_model.pipeline.transformer.config)
+    config["guidance_embeds"] = False
+    no_guidance = types.SimpleNamespace(
+        pipeline=types.SimpleNamespace(transformer=types.SimpleNamespace(config=types.SimpleNamespace(**config)))
+    )
+    spec = SPECS["transformer"]
+    assert spec.inputs_for(no_guidance) == spec.input_names[:-1]
+    assert "guidance" not in spec.profile(no_guidance, [(32, 32)], [1], 8)
+    assert "guidance" not in spec.input_shapes(no_guidance, 1, 32, 32, 8)
