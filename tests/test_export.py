@@ -206,3 +206,32 @@ def test_the_service_runs_on_onnxruntime_and_matches_torch(export_env, exported,
     (result,) = run_jobs(Inpainter(torch_model), [job])
     expected = Image.open(io.BytesIO(result.images[0].data))
     assert np.abs(pixels(served) - pixels(expected)).max() <= 2  # stated tolerance: 2 levels of 255
+
+
+def test_compile_backend_serves_the_same_images_as_eager(tiny_dir):
+    """FLUX_BACKEND=compile: torch.compile of the transformer (inductor; ~1 minute here), LoRAs on."""
+    import torch._dynamo
+
+    from runners.config import Settings
+    from runners.inpaint import Inpainter, InpaintInputs
+    from runners.model import attach_backend, load_model
+    from tests.conftest import scene
+
+    settings = Settings.model_validate({
+        "model": {"model": str(tiny_dir), "max_sequence_length": 32, "safety_checker": str(tiny_dir / "safety_checker")},
+        "backend": {"backend": "compile"}, "lora": {"max_per_request": 2, "max_rank": 8},
+    })
+    image, mask = scene()
+    requests = [InpaintInputs(prompt="a house", image=image, mask=mask, width=64, height=48, seed=seed,
+                              num_inference_steps=3, enable_safety_checker=False) for seed in (1, 2)]
+    eager = Inpainter(load_model(settings.model, settings.lora)).run(requests)
+    compiled_model = load_model(settings.model, settings.lora)
+    attach_backend(compiled_model, settings)
+    assert compiled_model.lora_pad_to == 16 and compiled_model.backend == "compile"
+    torch._dynamo.reset()
+    try:
+        compiled = Inpainter(compiled_model).run(requests)
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(eager, compiled):
+        assert np.abs(pixels(a.images[0]) - pixels(b.images[0])).max() <= 2
