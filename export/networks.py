@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from runners.backends import TorchTransformer
+
 # Names of the dynamic axes used in ``NetworkSpec.dynamic_axes`` (and as the ONNX symbolic dims).
 BATCH = "batch"
 IMAGE_TOKENS = "image_tokens"  # (height / 16) * (width / 16)
@@ -76,16 +78,11 @@ class TransformerNetwork(torch.nn.Module):
     def forward(
         self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None
     ):
-        return self.transformer(
-            hidden_states=hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=guidance,
-            return_dict=False,
-        )[0]
+        # The same call the torch backend makes, so the graph is exactly what the loop runs.
+        return TorchTransformer(self.transformer)(
+            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections, timestep=timestep, guidance=guidance, img_ids=img_ids, txt_ids=txt_ids,
+        )
 
 
 class VaeEncoderNetwork(torch.nn.Module):
