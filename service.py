@@ -11,36 +11,23 @@ The model work lives in ``runners/``.
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import hmac
-import json
 import logging
 import threading
 import time
 
 import anyio.to_thread
 import bentoml
-from pydantic import BaseModel, Field, ValidationError
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
 
 from runners.config import load_settings
-from runners.errors import (
-    InpaintError,
-    InvalidField,
-    ModelNotReady,
-    RequestInvalid,
-    RequestTooLarge,
-    WorkerUnavailable,
-)
+from runners.errors import ModelNotReady, WorkerUnavailable
+from runners.fal_http import FalApi
 from runners.fetch import HostPolicy, SafeFetcher
 from runners.jobs import InpaintJob, JobResult, fal_output, prepare_job
 from runners.lora_sources import LoraSources
 from runners.model import TINY_WARNING
 from runners.progress import JobBoard, JobProgress
-from runners.queue import Outcome, Record, RequestQueue, Status
+from runners.queue import Outcome, Record, RequestQueue
 from runners.schema import InpaintRequest
 from runners.store import make_store
 from runners.webhooks import deliver, webhook_body
@@ -51,8 +38,6 @@ for _name in ("flux_inpaint", "runners"):
     logging.getLogger(_name).setLevel(logging.INFO)
 SETTINGS = load_settings()  # every process reads the same environment; bad values fail here
 MODEL_LABEL = "tiny (random weights)" if SETTINGS.model.is_tiny else SETTINGS.model.model
-APP_ID = "fal-ai/flux-lora/inpainting"
-REQUESTS_PATH = "queue/fal-ai/flux-lora/requests"  # fal: status/result/cancel under owner/alias only
 
 BATCH_SIZE = bentoml.metrics.Histogram(
     name="flux_batch_size",
@@ -249,7 +234,12 @@ class WorkerExecutor:
         return (report if isinstance(report, ProgressReport) else ProgressReport.model_validate(report)).jobs
 
 
-app = Starlette()
+app = FalApi(
+    context=bentoml.get_current_service,
+    settings=SETTINGS,
+    count=lambda outcome: REQUESTS.labels(outcome=outcome).inc(),
+    model_label=MODEL_LABEL,
+).app()
 
 
 @bentoml.service(name="flux_inpaint", traffic={"timeout": SETTINGS.batching.timeout_s})
@@ -287,199 +277,3 @@ class FluxInpainting:
     @bentoml.on_shutdown
     async def _stop_queue(self) -> None:
         await self.queue.stop()
-
-
-# ---- HTTP shapes ---------------------------------------------------------------------------
-
-
-def error_response(status: int, body: dict, request_id: str | None = None) -> JSONResponse:
-    """Every error answer: fal's body, its error-type header, and a retry hint on 429/503."""
-    headers = {"x-fal-error-type": body["error_type"]}
-    if request_id:
-        headers["x-fal-request-id"] = request_id
-    if status in (429, 503):
-        headers["Retry-After"] = "5"
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def authorized(request: Request) -> bool:
-    keys = SETTINGS.server.api_keys
-    if not keys:
-        return True
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    given = given.strip().encode() if scheme.lower() == "key" else b""
-    # Compare against every key, in constant time, whatever matches.
-    matches = [hmac.compare_digest(key.encode(), given) for key in keys]
-    return any(matches)
-
-
-def fal_route(handler):
-    """Auth, fal-shaped errors and no leaked internals for every fal route."""
-
-    @functools.wraps(handler)
-    async def route(request: Request) -> Response:
-        if not authorized(request):
-            REQUESTS.labels(outcome="unauthorized").inc()
-            return error_response(401, {"detail": "Unauthorized", "error_type": "unauthorized"})
-        try:
-            return await handler(request)
-        except InpaintError as exc:
-            REQUESTS.labels(outcome=exc.error_type).inc()
-            log.info("%s %s answered %s %s", request.method, request.url.path, exc.status, exc.error_type)
-            return error_response(exc.status, exc.to_body())
-        except Exception:
-            REQUESTS.labels(outcome="internal_error").inc()
-            log.exception("%s %s failed unexpectedly", request.method, request.url.path)
-            return error_response(500, InpaintError("internal server error").to_body())
-
-    return route
-
-
-async def parse_request(request: Request) -> InpaintRequest:
-    limit = SETTINGS.images.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(f"request body is over this server's limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestTooLarge(f"request body is over this server's limit of {limit} bytes")
-    try:
-        fal_request = InpaintRequest.model_validate_json(bytes(body))
-    except ValidationError as exc:
-        raise RequestInvalid(exc.errors()) from None
-    if len(fal_request.loras) > SETTINGS.lora.max_per_request:
-        raise InvalidField("loras", f"at most {SETTINGS.lora.max_per_request} LoRAs per request on this server")
-    return fal_request
-
-
-def base_url(request: Request) -> str:
-    configured = SETTINGS.server.public_url
-    return (configured.rstrip("/") + "/") if configured else str(request.base_url)
-
-
-def request_urls(record: Record) -> dict[str, str]:
-    response_url = f"{record.base_url}{REQUESTS_PATH}/{record.id}"
-    return {"response_url": response_url, "status_url": f"{response_url}/status", "cancel_url": f"{response_url}/cancel"}
-
-
-def status_body(record: Record, with_logs: bool) -> dict:
-    queue = bentoml.get_current_service().queue
-    body = {"status": record.status.value, "request_id": record.id, **request_urls(record)}
-    if record.status == Status.IN_QUEUE:
-        body["queue_position"] = queue.position(record)
-    else:
-        body["logs"] = record.logs if with_logs else None
-    if record.status == Status.COMPLETED:
-        body["metrics"] = {"inference_time": record.outcome.inference_time} if record.outcome else {}
-        if record.error is not None:
-            body["error"], body["error_type"] = record.error.message, record.error.error_type
-    return body
-
-
-def flag(request: Request, name: str) -> bool:
-    value = request.query_params.get(name, "0").lower()
-    if value not in ("0", "1", "true", "false"):
-        raise InvalidField(name, "must be 0, 1, true or false")
-    return value in ("1", "true")
-
-
-def find_record(request: Request) -> Record:
-    record = bentoml.get_current_service().queue.get(request.path_params["request_id"])
-    if record is None:
-        raise RequestNotFound()
-    return record
-
-
-class RequestNotFound(InpaintError):
-    status = 404
-    error_type = "request_not_found"
-
-    def __init__(self) -> None:
-        super().__init__("no such request (unknown, or its result has expired)")
-
-
-@fal_route
-async def run_sync(request: Request) -> Response:
-    fal_request = await parse_request(request)
-    record = await bentoml.get_current_service().queue.submit(fal_request, base_url(request))
-    await record.done.wait()
-    if record.error is not None:
-        raise record.error
-    return JSONResponse(record.outcome.output, headers={"x-fal-request-id": record.id, "x-flux-model": MODEL_LABEL})
-
-
-@fal_route
-async def submit(request: Request) -> Response:
-    fal_request = await parse_request(request)
-    webhook = request.query_params.get("fal_webhook")
-    if webhook is not None and not webhook.lower().startswith(("http://", "https://")):
-        raise InvalidField("fal_webhook", "must be an http(s) URL")
-    queue = bentoml.get_current_service().queue
-    record = await queue.submit(fal_request, base_url(request), webhook_url=webhook)
-    body = {"request_id": record.id, **request_urls(record), "status": record.status.value,
-            "queue_position": queue.position(record)}
-    return JSONResponse(body, status_code=202, headers={"x-fal-request-id": record.id})
-
-
-@fal_route
-async def status(request: Request) -> Response:
-    record = find_record(request)
-    return JSONResponse(status_body(record, flag(request, "logs")), status_code=200 if record.status == Status.COMPLETED else 202)
-
-
-@fal_route
-async def status_stream(request: Request) -> Response:
-    record, with_logs = find_record(request), flag(request, "logs")
-
-    async def events():
-        last, last_sent = None, time.monotonic()
-        while True:
-            data = json.dumps(status_body(record, with_logs))
-            if data != last:
-                yield f"data: {data}\n\n"
-                last, last_sent = data, time.monotonic()
-            elif time.monotonic() - last_sent > 15:
-                yield ": keep-alive\n\n"  # proxies drop silent streams
-                last_sent = time.monotonic()
-            if record.status == Status.COMPLETED:
-                return
-            await asyncio.sleep(0.2)
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
-
-
-@fal_route
-async def result(request: Request) -> Response:
-    record = find_record(request)
-    if record.status != Status.COMPLETED:
-        return error_response(400, {"detail": "the request is still in progress", "error_type": "request_in_progress"}, record.id)
-    if record.error is not None:
-        return error_response(record.error.status, record.error.to_body(), record.id)
-    return JSONResponse(record.outcome.output, headers={"x-fal-request-id": record.id})
-
-
-@fal_route
-async def cancel(request: Request) -> Response:
-    outcome = await bentoml.get_current_service().queue.cancel(request.path_params["request_id"])
-    code = {"CANCELLATION_REQUESTED": 202, "ALREADY_COMPLETED": 400, "NOT_FOUND": 404}[outcome]
-    return JSONResponse({"status": outcome}, status_code=code)
-
-
-async def stored_file(request: Request) -> Response:
-    """Output images (no key needed: names are unguessable, like fal's CDN URLs)."""
-    path = bentoml.get_current_service().store.open(request.path_params["name"])
-    if path is None:
-        return error_response(404, {"detail": "no such file (unknown or expired)", "error_type": "file_not_found"})
-    media_type = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}[path.suffix.lstrip(".")]
-    return FileResponse(path, media_type=media_type, headers={"cache-control": "private, max-age=3600"})
-
-
-app.add_route(f"/{APP_ID}", run_sync, methods=["POST"])
-app.add_route(f"/queue/{APP_ID}", submit, methods=["POST"])
-app.add_route(f"/{REQUESTS_PATH}/{{request_id}}/status", status, methods=["GET"])
-app.add_route(f"/{REQUESTS_PATH}/{{request_id}}/status/stream", status_stream, methods=["GET"])
-app.add_route(f"/{REQUESTS_PATH}/{{request_id}}", result, methods=["GET"])
-app.add_route(f"/{REQUESTS_PATH}/{{request_id}}/cancel", cancel, methods=["PUT"])
-app.add_route("/files/{name}", stored_file, methods=["GET"])
