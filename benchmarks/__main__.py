@@ -1,0 +1,21 @@
+"""python -m benchmarks <command>: ``run`` measures the inpainting loop directly (benchmarks/loop.py).
+LoRA costs have their own module: ``python -m benchmarks.lora``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    commands = {"run": "benchmarks.loop"}
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m benchmarks {{{','.join(commands)}}} [--help]\n\n{__doc__}", file=sys.stderr)
+        return 2
+    import importlib
+
+    importlib.import_module(commands[argv[0]]).main(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
