@@ -227,3 +227,22 @@ def test_urls_handed_out_use_the_configured_public_url(server):
     url = stored["images"][0]["url"]
     assert url.startswith(f"{PUBLIC_URL}/files/")
     assert httpx.get(base + url.removeprefix(PUBLIC_URL)).status_code == 200  # the same file, served here
+
+
+def test_load_benchmark_smoke(server, tmp_path):
+    """python -m benchmarks load against this server: bounded, the figures consistent (no speed asserted)."""
+    from benchmarks import load
+
+    base, _ = server
+    results = load.main(["--url", base, "--concurrency", "1,3", "--duration", "20", "--requests", "6", "--steps", "2",
+                         "--sizes", "64x48,input", "--routes", "sync,queue", "--dollars-per-hour", "1", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "load.json").read_text()) == results
+    assert (tmp_path / "load.md").read_text().startswith("# Load test")
+    for level in results["levels"]:
+        assert level["requests"] == level["succeeded"] == 6 and level["error_rate"] == 0 and level["rate_429"] == 0
+        assert level["images_per_s"] == 6 / level["seconds"]
+        assert 0 < level["p50_s"] <= level["p95_s"] <= level["p99_s"]
+        assert level["batches_run"] >= 1 and level["mean_batch_size"] >= 1
+        assert abs(level["cost_per_mp"] - 1 / 3600 / level["megapixels_per_s"]) < 1e-12
+    with pytest.raises(SystemExit):
+        load.main(["--url", "http://10.1.2.3:3000", "--duration", "1"])  # not loopback: refused

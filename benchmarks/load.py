@@ -1,0 +1,172 @@
+"""Load test of a running server over fal's routes: throughput, latency, rejections, and the batch
+sizes the server ran (read from its /metrics), at each concurrency level.
+
+    python -m benchmarks load --url http://127.0.0.1:3000 --concurrency 1,4,8 --duration 30
+
+Every client loops (sync route, or queue submit + status polling + result) until the duration or
+the request count is reached, so the run is bounded whatever the server does. Only loopback
+addresses are driven unless ``--allow-remote`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import statistics
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+ROUTE = "fal-ai/flux-lora/inpainting"
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def histogram(metrics: str, name: str) -> tuple[float, float, dict[str, float]]:
+    """(count, sum, {le: cumulative}) of a Prometheus histogram, summed over label sets."""
+    count = total = 0.0
+    buckets: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith(f"{name}_count"):
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{name}_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{name}_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[le] = buckets.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    return count, total, buckets
+
+
+def request_body(size: str, steps: int, seed: int, loras: list[dict]) -> dict:
+    uri = lambda name: "data:image/png;base64," + base64.b64encode((REPO / "examples" / name).read_bytes()).decode()  # noqa: E731
+    body = {"prompt": f"load test {seed}", "image_url": uri("image.png"), "mask_url": uri("mask.png"), "seed": seed,
+            "num_inference_steps": steps, "sync_mode": True, "loras": loras}
+    if size != "input":
+        width, _, height = size.partition("x")
+        body["image_size"] = size if not height else {"width": int(width), "height": int(height)}
+    return body
+
+
+def megapixels(body: dict) -> float:
+    """Output megapixels of one request (fal bills width * height * num_images)."""
+    from runners.schema import IMAGE_SIZE_PRESETS
+
+    size = body.get("image_size")
+    width, height = (256, 256) if size is None else IMAGE_SIZE_PRESETS[size] if isinstance(size, str) else (size["width"], size["height"])
+    return width * height * body.get("num_images", 1) / 1e6
+
+
+async def one_request(client: httpx.AsyncClient, body: dict, route: str) -> tuple[int, float]:
+    started = time.perf_counter()
+    if route == "sync":
+        response = await client.post(f"/{ROUTE}", json=body)
+        return response.status_code, time.perf_counter() - started
+    submitted = await client.post(f"/queue/{ROUTE}", json=body)
+    if submitted.status_code != 202:
+        return submitted.status_code, time.perf_counter() - started
+    # Paths from --url and the id, as fal_client.status(app, id) builds them: the URLs the server
+    # hands out name its public address, which a load test on the node itself may not reach.
+    request = f"/queue/fal-ai/flux-lora/requests/{submitted.json()['request_id']}"
+    while (status := await client.get(f"{request}/status")).status_code == 202:
+        await asyncio.sleep(0.05)
+    result = await client.get(request) if status.status_code == 200 else status
+    return result.status_code, time.perf_counter() - started
+
+
+async def level(url: str, headers: dict, concurrency: int, bodies: list[dict], routes: list[str], duration: float,
+                max_requests: int, timeout: float) -> dict:
+    outcomes: list[tuple[int, float, float]] = []  # (status, latency, megapixels)
+    deadline = time.monotonic() + duration
+    counter = iter(range(10**9))
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while time.monotonic() < deadline and (n := next(counter)) < max_requests:
+            body, route = bodies[n % len(bodies)], routes[n % len(routes)]
+            try:
+                status, latency = await one_request(client, body, route)
+            except httpx.HTTPError:
+                status, latency = 0, timeout  # no answer within the timeout counts as an error
+            outcomes.append((status, latency, megapixels(body)))
+
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout) as client:
+        before = (await client.get("/metrics")).text
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        after = (await client.get("/metrics")).text
+    count0, sum0, _ = histogram(before, "flux_batch_size")
+    count1, sum1, buckets = histogram(after, "flux_batch_size")
+    ok = [(latency, mp) for status, latency, mp in outcomes if status == 200]
+    latencies = sorted(latency for latency, _ in ok)
+
+    def pct(q: float) -> float | None:
+        return latencies[min(len(latencies) - 1, int(round(q * (len(latencies) - 1))))] if latencies else None
+
+    return {
+        "concurrency": concurrency, "requests": len(outcomes), "succeeded": len(ok), "seconds": elapsed,
+        "images_per_s": len(ok) / elapsed, "megapixels_per_s": sum(mp for _, mp in ok) / elapsed,
+        "p50_s": pct(0.50), "p95_s": pct(0.95), "p99_s": pct(0.99),
+        "mean_s": statistics.fmean(latencies) if latencies else None,
+        "rate_429": sum(1 for s, _, _ in outcomes if s == 429) / max(1, len(outcomes)),
+        "error_rate": sum(1 for s, _, _ in outcomes if s not in (200, 429)) / max(1, len(outcomes)),
+        "batches_run": count1 - count0, "mean_batch_size": (sum1 - sum0) / (count1 - count0) if count1 > count0 else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks load", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:3000")
+    parser.add_argument("--key", default=None, help="an API key of the server (Authorization: Key ...)")
+    parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per concurrency level")
+    parser.add_argument("--requests", type=int, default=10**6, help="at most this many requests per level")
+    parser.add_argument("--sizes", default="square", help="fal presets, WxH, or 'input' (the example's 256x256), rotated through")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--routes", default="sync,queue", help="sync, queue, or both (alternating)")
+    parser.add_argument("--loras", default="", help="comma-separated LoRA paths, rotated through ('' = none)")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--dollars-per-hour", type=float, default=2.99)
+    parser.add_argument("--allow-remote", action="store_true", help="drive a host that is not loopback")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    if urlsplit(args.url).hostname not in LOOPBACK and not args.allow_remote:
+        parser.error(f"{args.url} is not a loopback address; pass --allow-remote to drive it")
+    loras = [[{"path": p, "scale": 1.0}] for p in args.loras.split(",") if p] or [[]]
+    sizes = args.sizes.split(",")
+    bodies = [request_body(size, args.steps, seed, loras[seed % len(loras)]) for seed, size in enumerate(sizes * len(loras))]
+    headers = {"Authorization": f"Key {args.key}"} if args.key else {}
+    results = {"url": args.url, "sizes": sizes, "steps": args.steps, "routes": args.routes, "loras": args.loras,
+               "dollars_per_hour": args.dollars_per_hour, "levels": []}
+    for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        figures = asyncio.run(level(args.url, headers, concurrency, bodies, args.routes.split(","), args.duration,
+                                    args.requests, args.timeout))
+        mps = figures["megapixels_per_s"]
+        figures["cost_per_mp"] = args.dollars_per_hour / 3600 / mps if mps else None
+        results["levels"].append(figures)
+        print(f"concurrency {concurrency}: {figures['images_per_s']:.2f} images/s, p95 {figures['p95_s']} s, "
+              f"429s {figures['rate_429']:.0%}, errors {figures['error_rate']:.0%}, mean batch {figures['mean_batch_size']}",
+              flush=True)
+    write(results, args.out)
+    return results
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "load.json").write_text(json.dumps(results, indent=2))
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"# Load test of {results['url']}", "",
+             f"Sizes {', '.join(results['sizes'])}, {results['steps']} steps, routes {results['routes']}, "
+             f"LoRAs: {results['loras'] or 'none'}; cost at ${results['dollars_per_hour']}/hour.", "",
+             "| concurrency | requests | ok | images/s | MP/s | p50 s | p95 s | p99 s | 429 | errors | mean batch | $/MP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for f in results["levels"]:
+        lines.append(f"| {f['concurrency']} | {f['requests']} | {f['succeeded']} | {f['images_per_s']:.2f} | "
+                     f"{f['megapixels_per_s']:.3f} | {fmt(f['p50_s'], '.2f')} | {fmt(f['p95_s'], '.2f')} | "
+                     f"{fmt(f['p99_s'], '.2f')} | {f['rate_429']:.0%} | {f['error_rate']:.0%} | "
+                     f"{fmt(f['mean_batch_size'], '.2f')} | {fmt(f['cost_per_mp'], '.5f')} |")
+    (out / "load.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
