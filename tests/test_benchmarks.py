@@ -62,3 +62,9 @@ def test_loop_benchmark_smoke(tmp_path, cache_dir, monkeypatch):
         assert abs(cell["margin_vs_fal"] * cell["cost_per_mp"] - loop.FAL_PRICE_PER_MP) < 1e-12
         assert cell["transformer_tflop"] > 0 and cell["fraction_of_peak"] is None  # no peak figure for a CPU
     assert results["cells"][1]["transformer_tflop"] == 2 * results["cells"][0]["transformer_tflop"]  # batch 2
+
+    from benchmarks import report
+
+    written = report.main(["--results", str(tmp_path)])
+    assert [p.name for p in written] == ["loop-throughput.png"]
+    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and written[0].stat().st_size > 10_000
