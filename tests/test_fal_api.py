@@ -67,9 +67,14 @@ class Assets(BaseHTTPRequestHandler):
         pass
 
 
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # the server under test hangs up on /huge on purpose
+
+
 @pytest.fixture(scope="module")
 def assets():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Assets)
+    httpd = QuietServer(("127.0.0.1", 0), Assets)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
