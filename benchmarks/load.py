@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from .stats import percentile
+
 ROUTE = "fal-ai/flux-lora/inpainting"
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -101,10 +103,10 @@ async def level(url: str, headers: dict, concurrency: int, bodies: list[dict], r
     count0, sum0, _ = histogram(before, "flux_batch_size")
     count1, sum1, buckets = histogram(after, "flux_batch_size")
     ok = [(latency, mp) for status, latency, mp in outcomes if status == 200]
-    latencies = sorted(latency for latency, _ in ok)
+    latencies = [latency for latency, _ in ok]
 
     def pct(q: float) -> float | None:
-        return latencies[min(len(latencies) - 1, int(round(q * (len(latencies) - 1))))] if latencies else None
+        return percentile(latencies, q) if latencies else None
 
     return {
         "concurrency": concurrency, "requests": len(outcomes), "succeeded": len(ok), "seconds": elapsed,

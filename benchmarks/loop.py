@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .stats import percentile
+
 FAL_PRICE_PER_MP = 0.035  # fal-ai/flux-lora/inpainting, dollars per output megapixel
 # Dense bf16 tensor throughput, TFLOP/s, from the vendors' data sheets (matched by device name).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -46,11 +48,6 @@ def device_peak_tflops(override: float | None) -> float | None:
         return None  # no published figure for a CPU: the fraction is left out
     name = torch.cuda.get_device_name()
     return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def run_cell(inpainter, model, width, height, steps, strength, batch, repeats, warmup):

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .stats import percentile
+
 
 def timed(fn, repeats: int, warmup: int = 1) -> dict[str, float]:
     for _ in range(warmup):
@@ -33,8 +35,7 @@ def timed(fn, repeats: int, warmup: int = 1) -> dict[str, float]:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         samples.append(time.perf_counter() - started)
-    samples.sort()
-    return {"median_s": statistics.median(samples), "p95_s": samples[min(len(samples) - 1, int(0.95 * len(samples)))]}
+    return {"median_s": statistics.median(samples), "p95_s": percentile(samples, 0.95)}
 
 
 def make_lora(directory: Path, shapes: dict, rank: int, seed: int):

@@ -43,14 +43,15 @@ def model_identity(source: str | Path, cache_dir: Path) -> str:
     memo_path = cache_dir / "file-digests.json"
     memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
     digest = hashlib.sha256()
+    known = len(memo)
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin", ".model", ".txt")):
         stat = path.stat()
         key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         if key not in memo:
             memo[key] = file_sha256(path)
         digest.update(f"{path.relative_to(root)}={memo[key]}\n".encode())
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(memo_path, json.dumps(memo).encode())
+    if len(memo) != known:  # only a new digest is worth a write
+        write_atomic(memo_path, json.dumps(memo).encode())
     return digest.hexdigest()
 
 
@@ -59,12 +60,25 @@ def artifact_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data) -> Path:
+    """Write bytes (or any buffer, e.g. TensorRT's IHostMemory) to a temporary file next to ``path``,
+    fsync it, then ``os.replace`` it into place: readers see the old file or the new one, never half."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(temp, path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(memoryview(data))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
 
 
 @dataclass

@@ -35,14 +35,13 @@ there an fp32 graph can only be built as fp32, and asking for fp16/bf16 says so.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .artifacts import write_atomic
 from runners.tensorrt_backend import (
     INSTALL_HINT,
     _parser_error_text,
@@ -201,27 +200,6 @@ def plan_precision(precision: str, graph: GraphTypes, weak_flags: frozenset[str]
 
 # -- files -------------------------------------------------------------------------------------------------
 
-def write_atomically(path: Path, data) -> Path:
-    """Write bytes (or any buffer, e.g. TensorRT's IHostMemory) to a temporary file next to ``path``,
-    fsync it, then ``os.replace`` it into place: readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(memoryview(data))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 # -- build -------------------------------------------------------------------------------------------------
 
 def _clock(log: Callable[[str], None]) -> Callable[[str], None]:
@@ -361,8 +339,8 @@ def build_engine(request: EngineRequest, log: Callable[[str], None] = print) -> 
         raise RuntimeError(f"TensorRT failed to build {request.engine_path.name} from {onnx_path}"
                            + ("".join(f"\n  {e}" for e in errors[-10:]) if errors else " (no error was logged)"))
     if request.timing_cache is not None:
-        write_atomically(request.timing_cache, config.get_timing_cache().serialize())
-    write_atomically(request.engine_path, serialized)
+        write_atomic(request.timing_cache, config.get_timing_cache().serialize())
+    write_atomic(request.engine_path, serialized)
     say(f"wrote {request.engine_path} ({request.engine_path.stat().st_size / 2**20:.1f} MiB)")
     return request.engine_path
 
@@ -384,5 +362,5 @@ def refit_engine(engine_path: Path, onnx_path: Path, log: Callable[[str], None] 
                            "for another GPU?): " + "; ".join(logger.take_errors()))
     say(f"refitting {engine_path.name} from {onnx_path} ...")
     count = refit_from_onnx(trt, engine, onnx_path, logger)
-    write_atomically(engine_path, engine.serialize())
+    write_atomic(engine_path, engine.serialize())
     say(f"refit {count} weights; wrote {engine_path} ({engine_path.stat().st_size / 2**20:.1f} MiB)")

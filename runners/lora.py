@@ -187,10 +187,8 @@ def deactivate(layers: dict[str, LoraLinear], pad_to: int | None = None) -> None
 
 
 def set_rows(layers: dict[str, LoraLinear], index: torch.Tensor) -> None:
-    """Which request each sample of the next forward belongs to."""
-    for module in layers.values():
-        module.lora_rows.index = index
-        return  # one holder is shared by all layers
+    """Which request each sample of the next forward belongs to (one holder serves every layer)."""
+    next(iter(layers.values())).lora_rows.index = index
 
 
 @dataclass

@@ -78,7 +78,10 @@ def test_model_identity_follows_file_contents(tmp_path):
     weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(b"a" * 100)
     first = model_identity(model, tmp_path / "cache")
+    memo = tmp_path / "cache" / "file-digests.json"
+    written = memo.stat().st_mtime_ns
     assert model_identity(model, tmp_path / "cache") == first
+    assert memo.stat().st_mtime_ns == written  # nothing new: the memo is not rewritten
     weights.write_bytes(b"b" * 100)
     os.utime(weights, ns=(1, 1))  # even with a different mtime the content decides
     assert model_identity(model, tmp_path / "cache") != first

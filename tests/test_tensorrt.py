@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from export.artifacts import write_atomic
 from export.tensorrt_build import (
     EngineRequest,
     GraphTypes,
@@ -28,7 +29,6 @@ from export.tensorrt_build import (
     plan_precision,
     refit_engine,
     tensorrt_available,
-    write_atomically,
 )
 from runners.tensorrt_backend import (
     TRT_TO_TORCH,
@@ -241,11 +241,11 @@ def test_choose_profile_names_the_input_and_the_allowed_range():
 
 def test_write_atomically_replaces_whole_files_only(tmp_path):
     target = tmp_path / "sub" / "engine.plan"
-    write_atomically(target, b"old")
-    write_atomically(target, bytearray(b"new plan"))
+    write_atomic(target, b"old")
+    write_atomic(target, bytearray(b"new plan"))
     assert target.read_bytes() == b"new plan"
     with pytest.raises(TypeError):
-        write_atomically(target, object())  # not a buffer: nothing written
+        write_atomic(target, object())  # not a buffer: nothing written
     assert target.read_bytes() == b"new plan"
     assert sorted(p.name for p in target.parent.iterdir()) == ["engine.plan"]  # no temporary files left
 
@@ -667,7 +667,7 @@ def test_build_engine_reports_parser_and_builder_errors(fake_tensorrt, tmp_path)
 
 def test_refit_engine_control_flow(fake_tensorrt, tmp_path):
     onnx_path = export_mlp(mlp(1), tmp_path / "b.onnx")
-    plan = write_atomically(tmp_path / "mlp.plan", b"serialized-plan")
+    plan = write_atomic(tmp_path / "mlp.plan", b"serialized-plan")
     fake = fake_tensorrt()
     lines = []
     refit_engine(plan, onnx_path, log=lines.append)
