@@ -54,6 +54,26 @@ REQUESTS = bentoml.metrics.Counter(
     documentation="Inpainting requests by outcome (success or error_type)",
     labelnames=["outcome"],
 )
+QUEUE_DEPTH = bentoml.metrics.Gauge(
+    name="flux_queue_depth", documentation="Requests accepted and waiting for the model (not yet in flight)"
+)
+IN_FLIGHT = bentoml.metrics.Gauge(name="flux_in_flight", documentation="Requests handed to the model and not finished")
+REJECTIONS = bentoml.metrics.Counter(
+    name="flux_rejections",
+    documentation="Requests refused or stopped before an answer, by reason (queue_full, draining, timeout, ...)",
+    labelnames=["reason"],
+)
+STEP_SECONDS = bentoml.metrics.Histogram(
+    name="flux_step_seconds",
+    documentation="Seconds per denoising step of a batch (one transformer forward and the update)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8),
+)
+STAGE_SECONDS = bentoml.metrics.Histogram(
+    name="flux_stage_seconds",
+    documentation="Seconds per request in each stage: preprocess, inference, decode, total",
+    labelnames=["stage"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128),
+)
 LORA_CACHE = bentoml.metrics.Counter(
     name="flux_lora_cache",
     documentation="LoRA lookups by cache (memory: loaded adapters; disk: downloaded files) and result",

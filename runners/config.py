@@ -171,6 +171,15 @@ class ServerSettings(BaseSettings):
     allow_private_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list, max_length=1000)
     """Comma-separated host names or CIDRs that URL fetching may reach although not public (dev, tests)."""
 
+    request_timeout_s: float = Field(600.0, ge=1.0, le=7200.0)
+    """Deadline of one request from its arrival: past it the denoising loop drops the request at the
+    next step and the caller gets 504 ``request_timeout`` (queued time counts)."""
+    drain_timeout_s: float = Field(120.0, ge=0.0, le=3600.0)
+    """On SIGTERM: how long accepted requests may take to finish before they are failed (503) to
+    their callers and webhooks. Keep Kubernetes' terminationGracePeriodSeconds above it."""
+    log_format: Literal["json", "text"] = "json"
+    """``json``: one JSON object per log event, with the request id (for log pipelines)."""
+
     _split = field_validator("api_keys", "allow_private_hosts", mode="before")(_comma_separated)
 
 
@@ -206,9 +215,11 @@ class QueueSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLUX_QUEUE_", extra="ignore")
 
     max_length: int = Field(256, ge=1, le=100_000)
-    """Requests waiting or running at once; past it new ones get 429 (the fal client retries)."""
+    """Requests waiting for the model (not yet in flight); past it new ones get 429 with Retry-After
+    (the fal clients retry)."""
     concurrency: int | None = Field(None, ge=1, le=256)
-    """Requests handed to the worker at once. Unset: twice the batch size (one batch running, one forming)."""
+    """Most requests in flight at the model at once. Unset: twice the batch size (one batch running,
+    one forming)."""
     result_retention_s: int = Field(3600, ge=10, le=7 * 86_400)
     """How long a finished request's status and result stay available."""
     max_retained: int = Field(1000, ge=10, le=1_000_000)
