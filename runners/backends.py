@@ -8,6 +8,7 @@ and dtype; every method is called under ``torch.inference_mode``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -31,6 +32,38 @@ class TransformerBackend(Protocol):
         img_ids: torch.Tensor,  # (image_tokens, 3)
         txt_ids: torch.Tensor,  # (text_tokens, 3)
     ) -> torch.Tensor: ...
+
+
+@dataclass
+class FirstBlockOutput:
+    """The transformer after its embeddings and first double-stream block: what the first-block
+    cache (runners.acceleration) looks at to decide which samples need the remaining blocks."""
+
+    hidden_states: torch.Tensor  # (B, image_tokens, dim) image stream after the first block
+    encoder_hidden_states: torch.Tensor  # (B, text_tokens, dim) text stream after the first block
+    residual: torch.Tensor  # (B, image_tokens, dim) what the first block added to the image stream
+    temb: torch.Tensor  # (B, dim) timestep, guidance and pooled-text conditioning
+    rotary: tuple  # (cos, sin) RoPE of the joint (text, image) positions, the same for every sample
+
+
+class SplitTransformerBackend(TransformerBackend, Protocol):
+    """An optional capability: the forward in three parts, so some samples of a batch can skip the
+    middle one. ``first_block`` then ``remaining_blocks`` then ``output`` computes exactly ``__call__``.
+    Backends that run one opaque graph (ONNX Runtime, TensorRT, torch.compile) have ``splittable`` False."""
+
+    splittable: bool
+
+    def first_block(self, **inputs) -> FirstBlockOutput:
+        """Embeddings and the first double-stream block; ``inputs`` as for ``__call__``."""
+        ...
+
+    def remaining_blocks(self, first: FirstBlockOutput, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The image stream after the last block, for the samples at ``index`` (all when None)."""
+        ...
+
+    def output(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """Final norm and projection: image stream to predicted velocity."""
+        ...
 
 
 class VaeBackend(Protocol):
@@ -69,6 +102,46 @@ class TorchTransformer:
             txt_ids=txt_ids,
             return_dict=False,
         )[0]
+
+
+    @property
+    def splittable(self) -> bool:
+        # A torch.compile'd module runs as one graph: splitting it would run the blocks eager.
+        return not hasattr(self.module, "_orig_mod")
+
+    # The three parts below are FluxTransformer2DModel.forward (diffusers 0.42) cut after the first
+    # block, op for op, so that running all three gives the same bits as the whole forward.
+    def first_block(self, *, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance, img_ids, txt_ids):
+        import torch
+
+        module = self.module
+        embedded = module.x_embedder(hidden_states)
+        timestep = timestep.to(embedded.dtype) * 1000
+        if guidance is None:
+            temb = module.time_text_embed(timestep, pooled_projections)
+        else:
+            temb = module.time_text_embed(timestep, guidance.to(embedded.dtype) * 1000, pooled_projections)
+        text = module.context_embedder(encoder_hidden_states)
+        rotary = module.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+        text, image = module.transformer_blocks[0](
+            hidden_states=embedded, encoder_hidden_states=text, temb=temb, image_rotary_emb=rotary, joint_attention_kwargs=None
+        )
+        return FirstBlockOutput(image, text, image - embedded, temb, rotary)
+
+    def remaining_blocks(self, first, index=None):
+        image, text, temb = first.hidden_states, first.encoder_hidden_states, first.temb
+        if index is not None:
+            image, text, temb = image[index], text[index], temb[index]
+        module = self.module
+        for block in [*module.transformer_blocks[1:], *module.single_transformer_blocks]:
+            text, image = block(
+                hidden_states=image, encoder_hidden_states=text, temb=temb, image_rotary_emb=first.rotary,
+                joint_attention_kwargs=None,
+            )
+        return image
+
+    def output(self, hidden_states, temb):
+        return self.module.proj_out(self.module.norm_out(hidden_states, temb))
 
 
 class TorchVae:

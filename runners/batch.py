@@ -5,7 +5,8 @@ into groups that can share one denoising loop (same output size: the transformer
 each group runs as one batched forward per step, and each job's images are encoded in its format.
 If a group raises, its jobs are retried one by one, so only the job that fails gets an error.
 Progress ("step i/N") and cancellation go through the ``JobBoard``: a job cancelled before its
-group starts never runs; one cancelled while running leaves the batch at the next step.
+group starts never runs; one cancelled while running leaves the batch at the next step. A job past
+its deadline is stopped the same way, and answers 504 instead of "cancelled".
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .errors import InferenceFailed, InpaintError, LoraLoadError, RequestCancelled
+from .errors import InferenceFailed, InpaintError, LoraLoadError, RequestCancelled, RequestTimedOut
 from .images import CONTENT_TYPES, decode_trusted_png, encode_image
 from .inpaint import Inpainter, InpaintInputs, InpaintResult
 from .jobs import EncodedImage, InpaintJob, JobResult
@@ -56,6 +57,7 @@ def to_inputs(job: InpaintJob, loras: list | None = None) -> InpaintInputs:
         num_images=request.num_images,
         enable_safety_checker=request.enable_safety_checker,
         loras=loras or [],
+        acceleration=request.acceleration,
     )
 
 
@@ -67,11 +69,22 @@ def group_by_size(jobs: list[tuple[int, InpaintJob]]) -> list[list[tuple[int, In
     return list(groups.values())
 
 
+def should_stop(job: InpaintJob, board: JobBoard) -> bool:
+    return board.is_cancelled(job.request_id) or job.past_deadline()
+
+
+def stopped(job: InpaintJob, board: JobBoard) -> JobResult:
+    """The answer of a job that was stopped (cancelled or out of time) before it finished."""
+    why = "cancelled" if board.is_cancelled(job.request_id) or not job.past_deadline() else "out of time"
+    steps = [line.message for line in board.finish(job.request_id) if line.message.startswith("step ")]
+    log.info("request %s %s: left the batch after %s", job.request_id, why, steps[-1] if steps else "no step",
+             extra={"request_id": job.request_id})
+    return JobResult.failed(job.request_id, RequestCancelled() if why == "cancelled" else RequestTimedOut())
+
+
 def encode_result(job: InpaintJob, result: InpaintResult, board: JobBoard) -> JobResult:
     if result.cancelled:
-        steps = [line.message for line in board.finish(job.request_id) if line.message.startswith("step ")]
-        log.info("request %s cancelled: left the batch after %s", job.request_id, steps[-1] if steps else "no step")
-        return JobResult.failed(job.request_id, RequestCancelled())
+        return stopped(job, board)
     started = time.perf_counter()
     fmt = job.request.output_format
     images = [
@@ -100,7 +113,7 @@ def run_group(inpainter: Inpainter, jobs: list[InpaintJob], board: JobBoard, lor
     results = inpainter.run(
         [to_inputs(job, request_loras) for job, request_loras in zip(jobs, loras)],
         on_step=on_step,
-        is_cancelled=lambda index: board.is_cancelled(jobs[index].request_id),
+        is_cancelled=lambda index: should_stop(jobs[index], board),
     )
     return [encode_result(job, result, board) for job, result in zip(jobs, results)]
 
@@ -112,9 +125,8 @@ def run_jobs(inpainter: Inpainter, jobs: list[InpaintJob], board: JobBoard | Non
     loras: dict[int, list] = {}
     keep = {lora.sha256 for job in jobs for lora in job.loras}  # the batch's adapters stay loaded
     for position, job in enumerate(jobs):
-        if board.is_cancelled(job.request_id):  # cancelled while waiting: never runs
-            board.finish(job.request_id)
-            results[position] = JobResult.failed(job.request_id, RequestCancelled())
+        if should_stop(job, board):  # cancelled or out of time while waiting: never runs
+            results[position] = stopped(job, board)
             continue
         try:
             loras[position] = job_loras(job, inpainter.model.adapters, keep)

@@ -264,6 +264,50 @@ class WebhookSettings(BaseSettings):
     """Give up delivering after this long, retries included."""
 
 
+class AccelerationSettings(BaseSettings):
+    """What a request with ``acceleration: "regular"`` gets (``"none"`` always runs the full model).
+    Each optimisation has its own switch, so a benchmark can ablate it (benchmarks/loop.py)."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUX_ACCEL_", extra="ignore")
+
+    first_block_cache: bool = True
+    """First-block residual cache: on a step where the first transformer block's output barely
+    changed since the sample's last full step, reuse what the other blocks added then instead of
+    running them. Needs a backend that can split the transformer (``torch``); others run as ``none``."""
+    threshold: float = Field(0.08, ge=0.0, le=10.0)
+    """Relative mean absolute change of the first block's residual under which a step is skipped.
+    0.08 is ParaAttention's default for FLUX (1.55x at 28 steps, "nearly zero quality loss");
+    0 never skips (the output then equals ``none`` bit for bit); above ~2, every step the other rules
+    allow is skipped (an ablation, not a setting)."""
+    warmup_steps: int = Field(1, ge=1, le=50)
+    """The first steps of every sample always run the whole transformer (the first has no reference)."""
+    max_consecutive_skips: int = Field(3, ge=0, le=50)
+    """Most steps in a row one sample may skip before a full step refreshes its cache (0: never skip).
+    The last step is never skipped."""
+    tf32: bool = True
+    """TF32 matmuls (CUDA, fp32 weights only: bf16 and fp16 models already use tensor cores) for a
+    transformer forward whose samples are all ``regular``; a forward with any ``none`` sample keeps
+    full fp32 precision. No effect on the CPU."""
+
+
+class ExecutorSettings(BaseSettings):
+    """Where the front's requests run: the in-process BentoML worker, or a Triton server (runners/triton_*.py)."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore")
+
+    executor: Literal["in-process", "triton"] = "in-process"
+    """``in-process``: the BentoML worker this server starts owns the model. ``triton``: the model runs
+    on the Triton server at FLUX_TRITON_URL (``python -m runners.triton_server``); no model here."""
+    triton_url: str = Field("http://127.0.0.1:8000", pattern=r"^https?://[^\s/]+/?$", max_length=2048)
+    """KServe v2 HTTP endpoint of the Triton tier."""
+    triton_model: str = Field("flux_inpaint", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    triton_connect_timeout_s: float = Field(5.0, ge=0.1, le=60.0)
+    triton_timeout_s: float = Field(900.0, ge=1.0, le=7200.0)
+    """One inference call, Triton's queueing included."""
+    triton_ready_cache_s: float = Field(1.0, ge=0.0, le=60.0)
+    """How long the front's /readyz reuses Triton's last /v2/health/ready answer."""
+
+
 class Settings(BaseSettings):
     """All settings of one process, grouped by concern."""
 
@@ -277,6 +321,8 @@ class Settings(BaseSettings):
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     backend: BackendSettings = Field(default_factory=BackendSettings)
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+    acceleration: AccelerationSettings = Field(default_factory=AccelerationSettings)
 
 
 def load_settings() -> Settings:

@@ -12,7 +12,8 @@ Steps:
  2. encode image (VAE, one posterior sample per image) and mask (binarised, latent-resolution);
  3. plan each sample's flow-match schedule, cut by ``strength`` exactly as diffusers does;
  4. noise the image latents to the first sigma;
- 5. per step: transformer over the packed latents, Euler update, then put back the known region
+ 5. per step: transformer over the packed latents (for ``acceleration: "regular"`` samples, with
+    the first-block cache of runners/acceleration.py), Euler update, then put back the known region
     re-noised to the next sigma from the original latents;
  6. decode, safety-check, hand back PIL images.
 """
@@ -20,6 +21,7 @@ Steps:
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +30,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import acceleration
+from .acceleration import FirstBlockCache
+from .config import AccelerationSettings
 from .model import FluxModel
+
+log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int, int], None]  # (request index in group, step done, steps total)
 CancelCheck = Callable[[int], bool]  # request index in group -> stop it now?
@@ -50,6 +57,7 @@ class InpaintInputs:
     num_images: int = 1
     enable_safety_checker: bool = True
     loras: list = field(default_factory=list)  # runners.lora.RequestLoras: (Adapter, scale) pairs
+    acceleration: str = "none"  # "regular": first-block cache and TF32 where this server has them
 
 
 @dataclass
@@ -58,6 +66,7 @@ class InpaintResult:
     has_nsfw_concepts: list[bool]
     timings: dict[str, float] = field(default_factory=dict)
     cancelled: bool = False  # stopped at a step boundary; no images
+    steps_skipped: int = 0  # transformer steps the first-block cache skipped, over this request's images
 
 
 @dataclass
@@ -76,6 +85,8 @@ class Sample:
     latents: torch.Tensor  # (image_tokens, 64) packed, the current state
     step: int = 0
     cancelled: bool = False
+    accelerated: bool = False  # asked for acceleration "regular"
+    first_block_cache: FirstBlockCache | None = None  # None: every step runs the whole transformer
 
     @property
     def done(self) -> bool:
@@ -119,9 +130,12 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class Inpainter:
     """Runs the loop for one group of requests that share an output size."""
 
-    def __init__(self, model: FluxModel):
+    def __init__(self, model: FluxModel, settings: AccelerationSettings | None = None):
         self.model = model
         self.pipe = model.pipeline
+        self.acceleration = settings or AccelerationSettings()
+        self.first_block_cache = self.acceleration.first_block_cache and getattr(model.transformer, "splittable", False)
+        log.info(acceleration.describe(self.acceleration, getattr(model.transformer, "splittable", False), model.backend))
 
     @torch.inference_mode()
     def run(
@@ -153,8 +167,13 @@ class Inpainter:
                     has_nsfw_concepts=[] if cancelled else [flags[i] for i in mine],
                     timings=dict(timings),
                     cancelled=cancelled,
+                    steps_skipped=sum(s.first_block_cache.skipped for s in samples
+                                      if s.request == r and s.first_block_cache is not None),
                 )
             )
+            if results[-1].steps_skipped:
+                log.info("request %d of the group: first-block cache skipped %d of %d transformer steps", r,
+                         results[-1].steps_skipped, sum(s.step for s in samples if s.request == r))
         return results
 
     @contextlib.contextmanager
@@ -234,6 +253,9 @@ class Inpainter:
                         timesteps=timesteps,
                         sigmas=sigmas,
                         latents=pack(latents)[0],
+                        accelerated=request.acceleration == "regular",
+                        first_block_cache=FirstBlockCache()
+                        if request.acceleration == "regular" and self.first_block_cache else None,
                     )
                 )
         return samples
@@ -259,16 +281,13 @@ class Inpainter:
             active = [s for s in samples if not s.done]
             if not active:
                 break
-            if model.lora_layers is not None:  # each sample's row of per-request LoRA scales
-                from .lora import set_rows
-
-                set_rows(model.lora_layers, torch.tensor([s.request for s in active], device=device))
+            self.use_lora_rows(active)
             latents = torch.stack([s.latents for s in active])
             timestep = torch.stack([s.timesteps[s.step] for s in active]).to(device=device, dtype=dtype)
             guidance = None
             if model.transformer.guidance_embeds:
                 guidance = torch.tensor([s.guidance for s in active], device=device, dtype=torch.float32)
-            velocity = model.transformer(
+            inputs = dict(
                 hidden_states=latents,
                 encoder_hidden_states=torch.stack([s.prompt_embeds for s in active]),
                 pooled_projections=torch.stack([s.pooled_prompt_embeds for s in active]),
@@ -277,6 +296,13 @@ class Inpainter:
                 img_ids=img_ids,
                 txt_ids=txt_ids,
             )
+            # Lower-precision matmuls only when every sample of this forward asked for them.
+            with acceleration.reduced_precision_matmuls(self.acceleration.tf32 and all(s.accelerated for s in active)):
+                if any(s.first_block_cache is not None for s in active):
+                    velocity = acceleration.cached_forward(model.transformer, inputs, active, self.acceleration,
+                                                           self.use_lora_rows)
+                else:
+                    velocity = model.transformer(**inputs)
             # Euler step as FlowMatchEulerDiscreteScheduler.step does it: the velocity times the
             # sigma difference in the model's dtype, added to the latents in float32.
             sigma = torch.stack([s.sigmas[s.step] for s in active]).to(device).view(-1, 1, 1)
@@ -294,6 +320,13 @@ class Inpainter:
             if on_step is not None:
                 for s in {s.request: s for s in active}.values():
                     on_step(s.request, s.step, len(s.timesteps))
+
+    def use_lora_rows(self, batch: list[Sample]) -> None:
+        """Point per-request LoRA scales at the requests of the next forward's samples, row by row."""
+        if self.model.lora_layers is not None:
+            from .lora import set_rows
+
+            set_rows(self.model.lora_layers, torch.tensor([s.request for s in batch], device=self.model.device))
 
     # 6. latents to checked PIL images
     def decode(self, samples: list[Sample], requests: list[InpaintInputs], width: int, height: int):
