@@ -5,7 +5,7 @@ PORT ?= 3000
 HOST ?= 127.0.0.1
 BIN := $(VENV)/bin
 
-.PHONY: venv serve test tiny clean
+.PHONY: venv serve test tiny bento bento-tensorrt clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +24,15 @@ test: venv
 # Write the tiny random-weight model to a folder: make tiny DIR=/tmp/tiny-flux
 tiny: venv
 	$(BIN)/python -m runners.tiny $(or $(DIR),tiny-flux)
+
+# Pack the service into a Bento (bentofile.yaml); no network or container engine needed.
+# `bentoml containerize flux_inpaint:latest` then builds the image where a container engine runs.
+bento: venv
+	HF_HUB_OFFLINE=1 $(BIN)/bentoml build
+
+# The same with TensorRT added to the image (deploy/bentofile.tensorrt.yaml).
+bento-tensorrt: venv
+	HF_HUB_OFFLINE=1 $(BIN)/bentoml build -f deploy/bentofile.tensorrt.yaml .
 
 clean:
 	rm -rf $(VENV) .pytest_cache
