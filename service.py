@@ -24,6 +24,8 @@ from runners.errors import ModelNotReady, WorkerUnavailable
 from runners.fal_http import FalApi
 from runners.fetch import HostPolicy, SafeFetcher
 from runners.jobs import InpaintJob, JobResult, fal_output, prepare_job
+from runners.lifecycle import drain_on_sigterm
+from runners.logs import configure_logging
 from runners.lora_sources import LoraSources
 from runners.model import TINY_WARNING
 from runners.progress import JobBoard, JobProgress
@@ -33,10 +35,8 @@ from runners.store import make_store
 from runners.webhooks import deliver, webhook_body
 
 log = logging.getLogger("flux_inpaint")
-# BentoML configures its own loggers only; ours go through the same handlers at INFO.
-for _name in ("flux_inpaint", "runners"):
-    logging.getLogger(_name).setLevel(logging.INFO)
 SETTINGS = load_settings()  # every process reads the same environment; bad values fail here
+configure_logging(SETTINGS.server.log_format)  # ours: one JSON line per event (BentoML's keep theirs)
 MODEL_LABEL = "tiny (random weights)" if SETTINGS.model.is_tiny else SETTINGS.model.model
 
 BATCH_SIZE = bentoml.metrics.Histogram(
@@ -114,7 +114,19 @@ class InpaintWorker:
         self.ready = threading.Event()
         self.board = JobBoard()
         self.lora_feed = CounterFeed()
+        self.running = 0
+        self.last_call = time.monotonic()
         threading.Thread(target=self._load, name="model-load", daemon=True).start()
+        drain_on_sigterm(self._drain, "model worker")
+
+    async def _drain(self) -> None:
+        """Keep serving after SIGTERM while the front still sends work (it drains its queue through
+        us), until no batch has run or arrived for a few seconds, or the drain time is spent."""
+        import asyncio
+
+        until = time.monotonic() + SETTINGS.server.drain_timeout_s + 30
+        while time.monotonic() < until and (self.running or time.monotonic() - self.last_call < 3):
+            await asyncio.sleep(0.2)
 
     def _load(self) -> None:
         from runners.inpaint import Inpainter
@@ -169,7 +181,13 @@ class InpaintWorker:
             return [JobResult.failed(job.request_id, ModelNotReady(reason)) for job in jobs]
         BATCH_SIZE.observe(len(jobs))
         started = time.perf_counter()
-        results = run_jobs(self.inpainter, jobs, self.board)
+        self.running += 1
+        self.last_call = time.monotonic()
+        try:
+            results = run_jobs(self.inpainter, jobs, self.board)
+        finally:
+            self.running -= 1
+            self.last_call = time.monotonic()
         if (adapters := self.inpainter.model.adapters) is not None:
             stats = adapters.stats
             self.lora_feed.publish(
@@ -177,7 +195,10 @@ class InpaintWorker:
                 {"hits": LORA_CACHE.labels(cache="memory", result="hit"),
                  "misses": LORA_CACHE.labels(cache="memory", result="miss"), "seconds": LORA_LOAD_SECONDS},
             )
-        DENOISE_SECONDS.observe(max((r.timings.get("inference", 0.0) for r in results), default=0.0))
+        DENOISE_SECONDS.observe(inference := max((r.timings.get("inference", 0.0) for r in results), default=0.0))
+        steps = max((sum(line.message.startswith("step ") for line in r.logs) for r in results), default=0)
+        if steps:
+            STEP_SECONDS.observe(inference / steps)  # the batch's mean step
         log.info("batch of %d request(s) in %.2f s [model=%s]", len(jobs), time.perf_counter() - started, MODEL_LABEL)
         return results
 
@@ -218,7 +239,8 @@ class WorkerExecutor:
         started = time.perf_counter()
         try:
             job = await prepare_job(
-                record.request, SETTINGS.images, record.id, self.fetcher, self.sources, SETTINGS.lora.max_per_request
+                record.request, SETTINGS.images, record.id, self.fetcher, self.sources, SETTINGS.lora.max_per_request,
+                deadline=record.deadline,
             )
         finally:
             if self.sources is not None:
@@ -227,14 +249,7 @@ class WorkerExecutor:
                     "misses": LORA_CACHE.labels(cache="disk", result="miss"),
                     "downloads": LORA_DOWNLOADS, "download_bytes": LORA_DOWNLOAD_BYTES,
                 })
-        try:
-            (result,) = await self._call("inpaint", [job])
-        except bentoml.exceptions.BentoMLException as exc:
-            log.warning("request %s: worker call failed: %s", record.id, exc)
-            if int(getattr(exc, "error_code", 500)) in (429, 503):
-                raise WorkerUnavailable("the model worker is overloaded or restarting; retry shortly") from None
-            raise
-        result = result if isinstance(result, JobResult) else JobResult.model_validate(result)
+        result = await self.infer(job)
         if result.error is not None:
             raise result.error.as_exception()
         output = await anyio.to_thread.run_sync(
@@ -244,7 +259,20 @@ class WorkerExecutor:
             "request %s done: %dx%d, %d image(s), %d steps, %.2f s [model=%s]", record.id, job.width, job.height,
             len(output.images), record.request.num_inference_steps, output.timings["total"], MODEL_LABEL,
         )
+        for stage, seconds in output.timings.items():
+            STAGE_SECONDS.labels(stage=stage).observe(seconds)
         return Outcome(output=output.model_dump(), logs=result.logs, inference_time=result.timings.get("inference", 0.0))
+
+    async def infer(self, job: InpaintJob) -> JobResult:
+        """The one step that differs between executors: the job to the model, its result back."""
+        try:
+            (result,) = await self._call("inpaint", [job])
+        except bentoml.exceptions.BentoMLException as exc:
+            log.warning("request %s: worker call failed: %s", job.request_id, exc)
+            if int(getattr(exc, "error_code", 500)) in (429, 503):
+                raise WorkerUnavailable("the model worker is overloaded or restarting; retry shortly") from None
+            raise
+        return result if isinstance(result, JobResult) else JobResult.model_validate(result)
 
     async def cancel(self, request_id: str) -> None:
         await self._call("cancel", request_id)
@@ -254,10 +282,28 @@ class WorkerExecutor:
         return (report if isinstance(report, ProgressReport) else ProgressReport.model_validate(report)).jobs
 
 
+class TritonExecutor(WorkerExecutor):
+    """FLUX_EXECUTOR=triton: the same path with the model on a Triton server; only ``infer`` differs.
+    Triton reports no step progress and cannot stop a running request (runners/triton_executor.py)."""
+
+    def __init__(self, client, fetcher: SafeFetcher, store, sources: LoraSources | None) -> None:
+        super().__init__(None, fetcher, store, sources)
+        self.client = client
+
+    async def infer(self, job: InpaintJob) -> JobResult:
+        return await self.client.infer(job)
+
+    async def cancel(self, request_id: str) -> None:
+        await self.client.cancel(request_id)
+
+    async def progress(self, request_ids: list[str]) -> dict[str, JobProgress]:
+        return await self.client.progress(request_ids)
+
+
 app = FalApi(
     context=bentoml.get_current_service,
     settings=SETTINGS,
-    count=lambda outcome: REQUESTS.labels(outcome=outcome).inc(),
+    reject=lambda reason: (REJECTIONS.labels(reason=reason).inc(), REQUESTS.labels(outcome=reason).inc()),
     model_label=MODEL_LABEL,
 ).app()
 
@@ -267,7 +313,8 @@ app = FalApi(
 class FluxInpainting:
     """The fal-compatible HTTP front."""
 
-    worker = bentoml.depends(InpaintWorker)
+    if SETTINGS.executor.executor == "in-process":  # on Triton the model is not ours: no worker process
+        worker = bentoml.depends(InpaintWorker)
 
     def __init__(self) -> None:
         if SETTINGS.model.is_tiny:
@@ -280,9 +327,31 @@ class FluxInpainting:
         sources = LoraSources(SETTINGS.lora, self.fetcher, SETTINGS.model.cache_dir) if SETTINGS.lora.max_per_request else None
         concurrency = SETTINGS.queue.concurrency or 2 * SETTINGS.batching.max_size
         self.queue = RequestQueue(
-            SETTINGS.queue, concurrency, WorkerExecutor(self.worker, self.fetcher, self.store, sources),
-            on_finish=self._finished,
+            SETTINGS.queue, concurrency, self._executor(sources),
+            on_finish=self._finished, request_timeout_s=SETTINGS.server.request_timeout_s, on_change=self._gauge,
         )
+        self._gauge(self.queue)  # the gauges exist (at 0) from the first scrape on
+        drain_on_sigterm(lambda: self.queue.drain(SETTINGS.server.drain_timeout_s), "front")
+
+    async def __is_ready__(self) -> bool:
+        if self.queue.draining:  # readiness goes false on SIGTERM, so traffic moves elsewhere
+            return False
+        return self.triton is None or await self.triton.ready()  # Triton's /v2/health/ready, cached
+
+    @staticmethod
+    def _gauge(queue: RequestQueue) -> None:
+        QUEUE_DEPTH.set(queue.waiting)
+        IN_FLIGHT.set(queue.in_flight)
+
+    def _executor(self, sources: LoraSources | None) -> WorkerExecutor:
+        if SETTINGS.executor.executor == "triton":
+            from runners.triton_executor import TritonClient
+
+            self.triton = TritonClient(SETTINGS.executor)
+            log.info("model tier: Triton at %s (model %s)", SETTINGS.executor.triton_url, SETTINGS.executor.triton_model)
+            return TritonExecutor(self.triton, self.fetcher, self.store, sources)
+        self.triton = None
+        return WorkerExecutor(self.worker, self.fetcher, self.store, sources)
 
     async def _finished(self, record: Record) -> None:
         REQUESTS.labels(outcome="success" if record.error is None else record.error.error_type).inc()

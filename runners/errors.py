@@ -135,3 +135,34 @@ class RequestInvalid(InpaintError):
 
     def detail(self) -> Any:
         return self._detail
+
+
+class RequestTimedOut(InpaintError):
+    """Past ``FLUX_REQUEST_TIMEOUT_S``: the loop dropped it at a step boundary. 504 (without fal's
+    ingress header, so the official client does not retry a request that has used its time)."""
+
+    status = 504
+    error_type = "request_timeout"
+
+    def __init__(self, message: str = "the request ran past this server's time limit and was stopped"):
+        super().__init__(message)
+
+
+class ServerDraining(InpaintError):
+    """The server is shutting down (SIGTERM): new work is refused, unfinished work is failed at the
+    end of the grace period. Another replica can take the retry."""
+
+    status = 503
+    error_type = "server_draining"
+
+    def __init__(self, message: str = "the server is shutting down; retry (another replica will answer)"):
+        super().__init__(message)
+
+
+class ClientDisconnected(RequestCancelled):
+    """The caller of the sync route hung up: nobody is waiting for the answer, so the work stops."""
+
+    error_type = "client_disconnected"
+
+    def __init__(self) -> None:
+        super().__init__("the client disconnected before the answer")

@@ -23,7 +23,8 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from .config import Settings
-from .errors import InpaintError, InvalidField, RequestInvalid, RequestTooLarge
+from .errors import ClientDisconnected, InpaintError, InvalidField, RequestInvalid, RequestTooLarge
+from .openapi import openapi_document
 from .queue import Record, Status
 from .schema import InpaintRequest
 
@@ -51,40 +52,45 @@ class RequestNotFound(InpaintError):
 
 
 class FalApi:
-    """The routes; ``context()`` returns the running front (its ``queue`` and ``store``), ``count``
-    records a request outcome for metrics."""
+    """The routes; ``context()`` returns the running front (its ``queue`` and ``store``). ``reject``
+    counts a request refused at the door, by reason (the error type), for metrics; requests that
+    are accepted are counted when they finish, by the queue's owner."""
 
-    def __init__(self, context: Callable, settings: Settings, count: Callable[[str], None], model_label: str):
-        self.context, self.settings, self.count, self.model_label = context, settings, count, model_label
+    def __init__(self, context: Callable, settings: Settings, reject: Callable[[str], None], model_label: str):
+        self.context, self.settings, self.reject, self.model_label = context, settings, reject, model_label
 
     def app(self) -> Starlette:
         requests = f"/{REQUESTS_PATH}/{{request_id}}"
         return Starlette(routes=[
-            Route(f"/{APP_ID}", self.guarded(self.run_sync), methods=["POST"]),
-            Route(f"/queue/{APP_ID}", self.guarded(self.submit), methods=["POST"]),
+            Route(f"/{APP_ID}", self.guarded(self.run_sync, admits=True), methods=["POST"]),
+            Route(f"/queue/{APP_ID}", self.guarded(self.submit, admits=True), methods=["POST"]),
             Route(f"{requests}/status", self.guarded(self.status), methods=["GET"]),
             Route(f"{requests}/status/stream", self.guarded(self.status_stream), methods=["GET"]),
             Route(requests, self.guarded(self.result), methods=["GET"]),
             Route(f"{requests}/cancel", self.guarded(self.cancel), methods=["PUT"]),
             Route("/files/{name}", self.stored_file, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
         ])
 
-    def guarded(self, handler):
-        """Auth, fal-shaped errors and no leaked internals for every fal route."""
+    def guarded(self, handler, admits: bool = False):
+        """Auth, fal-shaped errors and no leaked internals for every fal route. On the routes that
+        admit requests (``admits``), an error raised is a refusal, counted by its reason."""
 
         @functools.wraps(handler)
         async def route(request: Request) -> Response:
             if not self.authorized(request):
-                self.count("unauthorized")
+                self.reject("unauthorized")
                 return error_response(401, {"detail": "Unauthorized", "error_type": "unauthorized"})
             try:
                 return await handler(request)
             except InpaintError as exc:
-                self.count(exc.error_type)
+                if admits:
+                    self.reject(exc.error_type)
                 log.info("%s %s answered %s %s", request.method, request.url.path, exc.status, exc.error_type)
                 return error_response(exc.status, exc.to_body())
             except Exception:
-                self.count("internal_error")
+                if admits:
+                    self.reject("internal_error")
                 log.exception("%s %s failed unexpectedly", request.method, request.url.path)
                 return error_response(500, InpaintError("internal server error").to_body())
 
@@ -153,11 +159,33 @@ class FalApi:
 
     async def run_sync(self, request: Request) -> Response:
         fal_request = await self.parse_request(request)
-        record = await self.context().queue.submit(fal_request, self.base_url(request))
-        await record.done.wait()
+        queue = self.context().queue
+        record = await queue.submit(fal_request, self.base_url(request))
+        if not await self.answered_before_hang_up(request, record):
+            log.info("request %s: the client disconnected; stopping its work", record.id, extra={"request_id": record.id})
+            await queue.end(record, ClientDisconnected())
+            return Response(status_code=499)  # nobody reads it; uvicorn needs an answer all the same
+        headers = {"x-fal-request-id": record.id, "x-flux-model": self.model_label}
         if record.error is not None:
-            raise record.error
-        return JSONResponse(record.outcome.output, headers={"x-fal-request-id": record.id, "x-flux-model": self.model_label})
+            return error_response(record.error.status, record.error.to_body(), record.id)
+        return JSONResponse(record.outcome.output, headers=headers)
+
+    @staticmethod
+    async def answered_before_hang_up(request: Request, record: Record) -> bool:
+        """Wait for the record to finish; False if the client disconnects first. The body has been
+        read, so the next ASGI message the server sends is ``http.disconnect``, and only on a hang-up."""
+
+        async def hang_up() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        done, watch = asyncio.create_task(record.done.wait()), asyncio.create_task(hang_up())
+        try:
+            await asyncio.wait({done, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (done, watch):
+                task.cancel()
+        return record.done.is_set()
 
     async def submit(self, request: Request) -> Response:
         fal_request = await self.parse_request(request)
@@ -205,6 +233,11 @@ class FalApi:
         outcome = await self.context().queue.cancel(request.path_params["request_id"])
         code = {"CANCELLATION_REQUESTED": 202, "ALREADY_COMPLETED": 400, "NOT_FOUND": 404}[outcome]
         return JSONResponse({"status": outcome}, status_code=code)
+
+    async def openapi(self, request: Request) -> Response:
+        """The OpenAPI document of these routes (BentoML's /docs.json does not describe them); open,
+        like fal's own schema page."""
+        return JSONResponse(openapi_document(APP_ID, REQUESTS_PATH))
 
     async def stored_file(self, request: Request) -> Response:
         """Output images (no key needed: names are unguessable, like fal's CDN URLs)."""

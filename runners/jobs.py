@@ -57,6 +57,10 @@ class InpaintJob(BaseModel):
     mask_png: bytes
     loras: list[JobLora] = Field(default_factory=list)
     preprocess_s: float = 0.0  # time the front spent decoding
+    deadline: float | None = None  # unix time: past it the loop drops the job (wall clock, valid across hosts)
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
 
 
 class EncodedImage(BaseModel):
@@ -126,6 +130,7 @@ async def prepare_job(
     fetcher: SafeFetcher | None = None,
     sources: LoraSources | None = None,
     max_loras: int = 0,
+    deadline: float | None = None,
 ) -> InpaintJob:
     """Front side: fetch, decode and check the images and LoRAs, settle size and seed.
     Raises ``InpaintError``."""
@@ -136,7 +141,7 @@ async def prepare_job(
         load_image_bytes(request.mask_url, "mask_url", limits.max_input_bytes, fetcher),
     )
     job = await anyio.to_thread.run_sync(decode_job, request, limits, request_id, image_bytes, mask_bytes, started)
-    return job.model_copy(update={"loras": loras})
+    return job.model_copy(update={"loras": loras, "deadline": deadline})
 
 
 def decode_job(

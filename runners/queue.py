@@ -6,6 +6,11 @@ to keep one batch running and the next forming in BentoML's dispatcher), and end
 an output or an error. The sync route simply awaits its record. A poller asks the worker for the
 progress of dispatched requests, so status answers IN_PROGRESS with "step i/N" logs without each
 client poll reaching the worker. State is in memory: bounded in length and retention, lost on restart.
+
+Limits: at most ``concurrency`` requests in flight at the model and ``max_length`` waiting (429
+past it); every request has a deadline (the worker stops its loop there; the queue fails it here
+if the worker has not answered shortly after); ``drain`` refuses new work and lets accepted work
+finish for a grace period, then fails what is left, so no accepted request ends unreported.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from enum import Enum
 from typing import Any, Protocol
 
 from .config import QueueSettings
-from .errors import InpaintError, QueueFull, RequestCancelled
+from .errors import InpaintError, QueueFull, RequestCancelled, RequestTimedOut, ServerDraining
+from .logs import REQUEST_ID
 from .progress import JobProgress, LogLine
 from .schema import InpaintRequest
 
@@ -55,6 +61,7 @@ class Record:
     request: InpaintRequest
     base_url: str  # for the URLs this request's answers carry
     webhook_url: str | None = None
+    deadline: float | None = None  # unix time (it travels to the worker, maybe on another host)
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     status: Status = Status.IN_QUEUE
     dispatched: bool = False
@@ -72,6 +79,9 @@ class Record:
 
 class RequestQueue:
     POLL_INTERVAL_S = 0.25
+    # How long past its deadline a dispatched request may go unanswered before the queue fails it
+    # itself: the worker stops at its next step boundary, but a step or a decode can be long.
+    DEADLINE_GRACE_S = 30.0
 
     def __init__(
         self,
@@ -80,12 +90,18 @@ class RequestQueue:
         executor: Executor,
         on_finish: Callable[[Record], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        request_timeout_s: float | None = None,
+        on_change: Callable[[RequestQueue], None] | None = None,
     ):
         self.settings = settings
         self.concurrency = concurrency
         self.executor = executor
         self.on_finish = on_finish
         self.clock = clock
+        self.request_timeout_s = request_timeout_s
+        self.on_change = on_change  # metrics: called whenever ``waiting`` or ``in_flight`` may have changed
+        self.draining = False
+        self._finishing: set[asyncio.Task] = set()  # on_finish calls (webhooks) still running
         self._pending: deque[Record] = deque()
         self._records: dict[str, Record] = {}
         self._finished: OrderedDict[str, Record] = OrderedDict()  # oldest first, for retention
@@ -109,21 +125,51 @@ class RequestQueue:
                 await task
         self._tasks = []
 
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking work; wait up to ``timeout_s`` for accepted requests to finish, then fail
+        the rest (503 ``server_draining`` to their callers and webhooks); then wait a little for
+        webhook deliveries still under way."""
+        self.draining = True
+        until = time.monotonic() + timeout_s
+        while self.depth and time.monotonic() < until:
+            await asyncio.sleep(0.1)
+        unfinished = [r for r in self._records.values() if r.status != Status.COMPLETED]
+        if unfinished:
+            log.warning("drain: %d request(s) unfinished after %.0f s; failing them", len(unfinished), timeout_s)
+        for record in unfinished:
+            await self.end(record, ServerDraining("the server shut down before this request finished; retry"))
+        if self._finishing:
+            await asyncio.wait(self._finishing, timeout=max(5.0, until - time.monotonic()))
+
     # what the routes call
+    @property
+    def waiting(self) -> int:
+        """Requests accepted and not yet handed to the model."""
+        return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests handed to the model and not finished."""
+        return self._busy
+
     @property
     def depth(self) -> int:
         """Requests waiting or being worked on."""
         return len(self._pending) + self._busy
 
     async def submit(self, request: InpaintRequest, base_url: str, webhook_url: str | None = None) -> Record:
+        if self.draining:
+            raise ServerDraining()
         self.ensure_started()
         self._forget_expired()
-        if self.depth >= self.settings.max_length:
-            raise QueueFull(f"the queue is full ({self.settings.max_length} requests); retry shortly")
-        record = Record(request=request, base_url=base_url, webhook_url=webhook_url)
+        if len(self._pending) >= self.settings.max_length:
+            raise QueueFull(f"the queue is full ({self.settings.max_length} requests waiting); retry shortly")
+        deadline = time.time() + self.request_timeout_s if self.request_timeout_s else None
+        record = Record(request=request, base_url=base_url, webhook_url=webhook_url, deadline=deadline)
         record.front_logs.append(LogLine(message="queued", source="queue"))
         self._records[record.id] = record
         self._pending.append(record)
+        self._changed()
         async with self._wakeup:
             self._wakeup.notify()
         return record
@@ -145,15 +191,21 @@ class RequestQueue:
             return "NOT_FOUND"
         if record.status == Status.COMPLETED:
             return "ALREADY_COMPLETED"
-        if record in self._pending:
-            self._pending.remove(record)  # never runs
-        else:
-            try:
-                await self.executor.cancel(record.id)  # stops at the next denoising step
-            except Exception:
-                log.exception("request %s: could not tell the worker to cancel", record.id)
-        self._finish(record, error=RequestCancelled())
+        await self.end(record, RequestCancelled())
         return "CANCELLATION_REQUESTED"
+
+    async def end(self, record: Record, error: InpaintError) -> None:
+        """End an unfinished request with ``error``: a waiting one never runs, a running one is told
+        to leave its batch at the next denoising step."""
+        if record in self._pending:
+            self._pending.remove(record)
+            self._changed()
+        elif record.dispatched:
+            try:
+                await self.executor.cancel(record.id)
+            except Exception:
+                log.warning("request %s: could not tell the model to stop it", record.id, exc_info=True)
+        self._finish(record, error=error)
 
     # internals
     async def _feed(self) -> None:
@@ -161,7 +213,13 @@ class RequestQueue:
             async with self._wakeup:
                 await self._wakeup.wait_for(lambda: bool(self._pending))
                 record = self._pending.popleft()
+            REQUEST_ID.set(record.id)  # this feeder task's log lines belong to this request now
+            if record.deadline is not None and time.time() > record.deadline:
+                self._changed()
+                self._finish(record, error=RequestTimedOut("the request waited past this server's time limit"))
+                continue
             self._busy += 1
+            self._changed()
             record.dispatched = True
             try:
                 outcome = await self.executor.run(record)
@@ -177,6 +235,12 @@ class RequestQueue:
                 self._finish(record, outcome=outcome)
             finally:
                 self._busy -= 1
+                self._changed()
+                REQUEST_ID.set(None)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
 
     def _finish(self, record: Record, outcome: Outcome | None = None, error: InpaintError | None = None) -> None:
         if record.status == Status.COMPLETED:  # e.g. cancelled while the worker was still busy with it
@@ -193,11 +257,14 @@ class RequestQueue:
         self._finished[record.id] = record
         record.done.set()
         if self.on_finish is not None:
-            asyncio.create_task(self.on_finish(record))
+            task = asyncio.create_task(self.on_finish(record))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.POLL_INTERVAL_S)
+            await self._enforce_deadlines()
             running = [r for r in self._records.values() if r.dispatched and r.status != Status.COMPLETED]
             if not running:
                 continue
@@ -211,6 +278,17 @@ class RequestQueue:
                 if report is not None and report.started and record.status != Status.COMPLETED:
                     record.status = Status.IN_PROGRESS
                     record.worker_logs = report.logs
+
+    async def _enforce_deadlines(self) -> None:
+        """Waiting requests end at their deadline; running ones are stopped by the worker at a step
+        boundary, and failed here only if no answer came ``DEADLINE_GRACE_S`` later."""
+        now = time.time()
+        for record in list(self._records.values()):
+            if record.status == Status.COMPLETED or record.deadline is None:
+                continue
+            grace = self.DEADLINE_GRACE_S if record.dispatched else 0.0
+            if now > record.deadline + grace:
+                await self.end(record, RequestTimedOut())
 
     def _forget_expired(self) -> None:
         now = self.clock()

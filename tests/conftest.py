@@ -70,10 +70,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class Served(tuple):
+    """(base URL, log file path) of a served test server, and its ``bentoml serve`` process."""
+
+    process: subprocess.Popen
+
+
 @contextmanager
 def bentoml_server(tmp: Path, **env_overrides: str):
     """A real ``bentoml serve`` of service.py on a free port, ready (``/readyz`` 200) when yielded.
-    Yields (base URL, log file path); stopped with SIGTERM (SIGKILL after 30 s) on exit."""
+    Yields a ``Served`` (base URL, log file path); stopped with SIGTERM (SIGKILL after 30 s) on exit."""
     port = free_port()
     env = {
         **os.environ,
@@ -103,7 +109,9 @@ def bentoml_server(tmp: Path, **env_overrides: str):
             if time.monotonic() > deadline:
                 pytest.fail(f"server not ready in time:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield base, log_path
+        served = Served((base, log_path))
+        served.process = process
+        yield served
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:

@@ -91,3 +91,28 @@ def test_a_job_cancelled_before_its_batch_never_runs_and_one_cancelled_mid_run_s
     assert len(results[2].images) == 1
     assert [line.message for line in results[2].logs][-2:] == ["step 6/6", "done"]
     assert board.snapshot(["early", "mid", "keeps"]) == {}  # nothing left behind
+
+
+def test_a_job_past_its_deadline_leaves_the_loop_at_a_step_boundary_with_a_504(inpainter):
+    import time
+
+    from runners.progress import JobBoard
+
+    seen_steps = []
+
+    class DeadlineAfterTwoSteps(JobBoard):
+        def log(self, request_id, message):
+            super().log(request_id, message)
+            if request_id == "slow" and message.startswith("step "):
+                seen_steps.append(message)
+                if message == "step 2/6":
+                    jobs[1].deadline = time.time() - 1  # its time runs out here
+
+    late = job("late").model_copy(update={"deadline": time.time() - 1})  # out of time before its batch
+    slow = job("slow", num_inference_steps=6, strength=1.0).model_copy(update={"deadline": time.time() + 600})
+    jobs = [late, slow, job("keeps", num_inference_steps=6, strength=1.0)]
+    results = run_jobs(inpainter, jobs, DeadlineAfterTwoSteps())
+    assert [r.error.error_type if r.error else None for r in results] == ["request_timeout", "request_timeout", None]
+    assert results[0].error.status == 504
+    assert seen_steps == ["step 1/6", "step 2/6"]  # the loop stopped, not just the caller's wait
+    assert len(results[2].images) == 1

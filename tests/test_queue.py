@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from runners.config import QueueSettings
-from runners.errors import ImageLoadError, QueueFull
+from runners.errors import ImageLoadError, QueueFull, ServerDraining
 from runners.progress import JobProgress, LogLine
 from runners.queue import Outcome, RequestQueue, Status
 from runners.schema import InpaintRequest
@@ -95,14 +95,77 @@ def test_cancel_queued_never_runs_and_cancel_running_reaches_the_worker():
     run(scenario())
 
 
-def test_queue_length_is_bounded():
+def test_waiting_requests_are_bounded_and_in_flight_by_concurrency():
     async def scenario():
-        queue = RequestQueue(QueueSettings(max_length=3), concurrency=1, executor=FakeWorker())
-        for _ in range(3):
+        seen = []
+        queue = RequestQueue(QueueSettings(max_length=2), concurrency=1, executor=FakeWorker(),
+                             on_change=lambda q: seen.append((q.waiting, q.in_flight)))
+        await queue.submit(REQUEST, "http://h/")
+        await settle()  # the first is in flight: it no longer counts against the waiting room
+        for _ in range(2):
             await queue.submit(REQUEST, "http://h/")
         with pytest.raises(QueueFull) as error:
             await queue.submit(REQUEST, "http://h/")
         assert error.value.status == 429
+        assert (queue.waiting, queue.in_flight) == (2, 1)
+        assert seen[-1] == (2, 1) and (0, 1) in seen  # the metrics hook saw every change
+        await queue.stop()
+
+    run(scenario())
+
+
+def test_a_waiting_request_ends_at_its_deadline_without_running():
+    async def scenario():
+        worker = FakeWorker()
+        queue = RequestQueue(QueueSettings(), concurrency=1, executor=worker, request_timeout_s=0.2)
+        queue.POLL_INTERVAL_S = 0.02
+        running = await queue.submit(REQUEST, "http://h/")
+        waiting = await queue.submit(REQUEST, "http://h/")
+        await waiting.done.wait()
+        assert waiting.error.status == 504 and waiting.error.error_type == "request_timeout"
+        assert waiting.id not in worker.started and queue.waiting == 0
+        assert running.deadline is not None and not running.done.is_set()  # the worker has its grace
+        await queue.stop()
+
+    run(scenario())
+
+
+def test_a_running_request_unanswered_past_its_deadline_is_stopped():
+    async def scenario():
+        worker = FakeWorker()
+        queue = RequestQueue(QueueSettings(), concurrency=1, executor=worker, request_timeout_s=0.1)
+        queue.POLL_INTERVAL_S, queue.DEADLINE_GRACE_S = 0.02, 0.1
+        record = await queue.submit(REQUEST, "http://h/")
+        await record.done.wait()
+        assert record.error.error_type == "request_timeout" and worker.cancelled == [record.id]
+        await queue.stop()
+
+    run(scenario())
+
+
+def test_drain_refuses_new_work_finishes_what_it_can_and_reports_the_rest():
+    async def scenario():
+        worker = FakeWorker()
+        finished = []
+
+        async def on_finish(record):
+            await asyncio.sleep(0.05)  # a webhook delivery the drain waits for
+            finished.append(record.id)
+
+        queue = RequestQueue(QueueSettings(), concurrency=1, executor=worker, on_finish=on_finish)
+        quick, stuck, waiting = [await queue.submit(REQUEST, "http://h/") for _ in range(3)]
+        await settle()
+        drain = asyncio.create_task(queue.drain(timeout_s=0.5))
+        await settle()
+        with pytest.raises(ServerDraining) as refused:
+            await queue.submit(REQUEST, "http://h/")
+        assert refused.value.status == 503
+        worker.finish(quick)  # finishes inside the grace period; the next one never finishes
+        await drain
+        assert quick.error is None
+        assert stuck.error.error_type == "server_draining" and waiting.error.error_type == "server_draining"
+        assert stuck.id in worker.cancelled and waiting.id not in worker.started
+        assert set(finished) == {quick.id, stuck.id, waiting.id}  # every caller's webhook was told
         await queue.stop()
 
     run(scenario())

@@ -1,0 +1,51 @@
+"""SIGTERM drains first, then reaches the server's own handler; a second SIGTERM does not wait."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from runners.lifecycle import drain_on_sigterm
+
+
+def test_sigterm_runs_the_drain_before_the_servers_handler_and_a_second_one_skips_it():
+    events = []
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: events.append("server handler"))  # uvicorn's, here
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def drain():
+            events.append("drain started")
+            await release.wait()
+            events.append("drain done")
+
+        assert drain_on_sigterm(drain, "test")
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0.05)
+        assert events == ["drain started"]  # the server keeps running while it drains
+        release.set()
+        await asyncio.sleep(0.05)
+        assert events == ["drain started", "drain done", "server handler"]
+
+        events.clear()
+        assert drain_on_sigterm(drain, "test")
+        release.clear()
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # impatient: straight to the server's handler
+        await asyncio.sleep(0.05)
+        assert events == ["drain started", "server handler"]
+        release.set()
+        await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_outside_an_event_loop_it_declines():
+    assert drain_on_sigterm(lambda: None, "test") is False

@@ -1,0 +1,209 @@
+"""The server under load and faults, as a real ``bentoml serve`` process (issue 7's proof).
+
+Every test accounts for every request it sends: each ends as a success or a clean refusal (429,
+503 with Retry-After), none hangs (every client call has a timeout), and the server is healthy
+afterwards or, after SIGTERM, drains as promised: readiness goes false at once, new work is
+refused, accepted work finishes within the grace period or is reported failed to its caller and
+its webhook, and the process exits.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import REPO, bentoml_server
+
+APP = "fal-ai/flux-lora/inpainting"
+EXAMPLE = json.loads((REPO / "examples" / "request.json").read_text())
+QUICK = {**EXAMPLE, "num_inference_steps": 4, "image_size": {"width": 64, "height": 64}, "enable_safety_checker": False}
+SLOW = {**EXAMPLE, "image_size": "square_hd", "num_inference_steps": 50, "strength": 1.0}  # ~10 s on 2 cores
+FAULTS = REPO / "tests" / "faults"  # sitecustomize: a prompt with this text raises inside the model
+FAULT_PROMPT = "raise inside the model"
+
+
+def metrics(base: str) -> dict[str, float]:
+    values = {}
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def tree_rss(pid: int) -> int:
+    process = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+
+
+def post(base: str, body: dict, timeout: float = 120) -> httpx.Response:
+    return httpx.post(f"{base}/{APP}", json=body, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("production")
+    env = {
+        "FLUX_BATCH_MAX_SIZE": "4", "FLUX_QUEUE_CONCURRENCY": "4", "FLUX_QUEUE_MAX_LENGTH": "6",
+        "PYTHONPATH": os.pathsep.join([str(FAULTS), str(REPO)]),
+    }
+    with bentoml_server(tmp, **env) as served:
+        # BentoML's dispatcher learns its latency model from the first calls, one at a time.
+        for seed in range(12):
+            assert post(served[0], {**QUICK, "seed": seed}).status_code == 200
+        yield served
+
+
+def test_overload_ends_every_request_cleanly_memory_stays_bounded_and_batches_form(server):
+    base, _ = server
+    before = metrics(base)
+    rss_before = tree_rss(server.process.pid)
+    outcomes: collections.Counter = collections.Counter()
+    retry_after_missing = []
+    stop_at = time.monotonic() + 20
+
+    def client(index: int) -> None:
+        while time.monotonic() < stop_at:
+            try:
+                response = post(base, {**QUICK, "seed": index}, timeout=90)
+            except httpx.HTTPError as exc:  # a hang or a dropped connection: never acceptable
+                outcomes[f"client error {type(exc).__name__}"] += 1
+                continue
+            outcomes[response.status_code] += 1
+            if response.status_code in (429, 503):
+                if "retry-after" not in response.headers:
+                    retry_after_missing.append(response.status_code)
+                time.sleep(0.2)
+
+    with ThreadPoolExecutor(24) as pool:  # 24 clients against 4 in flight + 6 waiting
+        list(pool.map(client, range(24)))
+    rss_after = tree_rss(server.process.pid)
+    after = metrics(base)
+    print(f"\noverload outcomes: {dict(outcomes)}; server memory {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB")
+
+    assert set(outcomes) <= {200, 429, 503}, outcomes
+    assert outcomes[200] >= 10 and outcomes[429] >= 10  # it served, and it refused the surplus cleanly
+    assert not retry_after_missing
+    refused = after['flux_rejections_total{reason="queue_full"}'] - before.get('flux_rejections_total{reason="queue_full"}', 0)
+    assert refused == outcomes[429]
+    batches = after["flux_batch_size_count"] - before["flux_batch_size_count"]
+    batched = after["flux_batch_size_sum"] - before["flux_batch_size_sum"]
+    assert batched / batches > 1.5  # concurrent requests shared batches
+    assert rss_after - rss_before < 512 * 2**20  # bounded: no growth with the number of requests
+    assert after["flux_queue_depth"] == 0 and after["flux_in_flight"] == 0
+    assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+
+
+def test_faults_mixed_into_traffic_fail_alone(server):
+    base, log_path = server
+    with ThreadPoolExecutor(8) as pool:
+        normal = [pool.submit(post, base, {**QUICK, "seed": 100 + i}) for i in range(4)]
+        fault = pool.submit(post, base, {**QUICK, "prompt": f"please {FAULT_PROMPT}"})
+        # A client that gives up on a long sync request: its work must stop, not run to the end.
+        hung_up = pool.submit(lambda: post(base, SLOW, timeout=3))
+        queued = httpx.post(f"{base}/queue/{APP}", json=SLOW, timeout=10).json()
+        time.sleep(1)
+        cancel = httpx.put(queued["cancel_url"], timeout=10)
+        results = [f.result() for f in normal]
+        failed = fault.result()
+        with pytest.raises(httpx.ReadTimeout):
+            hung_up.result()
+
+    assert [r.status_code for r in results] == [200] * 4
+    assert failed.status_code == 500 and failed.json()["error_type"] == "inference_error"
+    assert cancel.status_code == 202
+    assert httpx.get(queued["status_url"], timeout=10).json()["error_type"] == "request_cancelled"
+
+    # The hung-up request left its batch early, like a cancelled one.
+    def stopped_early() -> list[int]:
+        steps = []
+        for line in log_path.read_text().splitlines():
+            if "client disconnected" in line or "cancelled: left the batch after step" not in line:
+                continue
+            steps.append(int(json.loads(line[line.index("{"):])["event"].split("after step ")[1].split("/")[0]))
+        return steps
+
+    deadline = time.monotonic() + 30
+    while len(stopped_early()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(stopped_early()) >= 2 and all(step < 50 for step in stopped_early())
+    assert metrics(base).get('flux_requests_total{outcome="client_disconnected"}', 0) >= 1
+    assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+    assert post(base, QUICK).status_code == 200
+
+
+def test_a_request_past_its_deadline_stops_in_the_loop_and_answers_504(tmp_path):
+    with bentoml_server(tmp_path, FLUX_REQUEST_TIMEOUT_S="3") as (base, log_path):
+        started = time.monotonic()
+        response = post(base, SLOW, timeout=60)
+        assert response.status_code == 504 and response.json()["error_type"] == "request_timeout"
+        assert time.monotonic() - started < 10  # the answer came at the deadline, not after 50 steps
+        line = next(l for l in log_path.read_text().splitlines() if "out of time: left the batch after step" in l)
+        assert int(line.split("after step ")[1].split("/")[0]) < 50
+
+
+class Webhooks(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self):
+        Webhooks.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_sigterm_drains_accepted_work_and_reports_what_it_cannot_finish(tmp_path):
+    hooks = ThreadingHTTPServer(("127.0.0.1", 0), Webhooks)
+    threading.Thread(target=hooks.serve_forever, daemon=True).start()
+    webhook = f"http://127.0.0.1:{hooks.server_address[1]}/hook"
+    env = {"FLUX_DRAIN_TIMEOUT_S": "8", "FLUX_ALLOW_PRIVATE_HOSTS": "127.0.0.1", "FLUX_QUEUE_CONCURRENCY": "1",
+           "FLUX_BATCH_MAX_SIZE": "1"}
+    try:
+        with bentoml_server(tmp_path, **env) as served:
+            base = served[0]
+            medium = {**EXAMPLE, "num_inference_steps": 20, "strength": 1.0, "enable_safety_checker": False}
+            queued = [httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json={**medium, "seed": i},
+                                 timeout=10).json()["request_id"] for i in range(3)]
+            queued.append(httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json=SLOW,
+                                     timeout=10).json()["request_id"])  # too long for the grace period
+            with ThreadPoolExecutor(2) as pool:
+                sync = pool.submit(post, base, {**medium, "seed": 9})
+                time.sleep(1)
+                signalled = time.monotonic()
+                served.process.send_signal(signal.SIGTERM)  # as Kubernetes does: the main process only
+                time.sleep(0.5)
+                assert httpx.get(f"{base}/readyz", timeout=5).status_code == 503  # traffic moves elsewhere
+                refused = post(base, QUICK, timeout=10)
+                assert refused.status_code == 503 and refused.json()["error_type"] == "server_draining"
+                assert "retry-after" in refused.headers
+                answer = sync.result(timeout=60)
+            served.process.wait(timeout=60)
+            took = time.monotonic() - signalled
+    finally:
+        hooks.shutdown()
+
+    print(f"\ndrain: exited {took:.1f} s after SIGTERM; sync answered {answer.status_code}")
+    assert answer.status_code in (200, 503)
+    if answer.status_code == 503:
+        assert answer.json()["error_type"] == "server_draining"
+    assert took < 8 + 30  # the grace period, then the worker's idle check and the exit
+    by_id = {hook["request_id"]: hook for hook in Webhooks.received}
+    assert set(by_id) == set(queued)  # every accepted request was reported to its webhook
+    statuses = [by_id[i]["status"] for i in queued]
+    assert statuses[0] == "OK"  # the first finished inside the grace period
+    assert statuses[-1] == "ERROR"  # 50 large steps do not fit in 8 s: failed, not dropped
+    assert "server shut down" in json.dumps(by_id[queued[-1]]["payload"])
