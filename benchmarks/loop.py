@@ -2,17 +2,24 @@
 denoising steps per second, peak memory, the transformer's FLOPs and the achieved fraction of the
 device's peak, and cost per megapixel against fal's $0.035/MP.
 
-    python -m benchmarks run [--sizes square_hd,square] [--batch-sizes 1,4] [--steps 28] ...
+    python -m benchmarks run [--backends torch,compile] [--sizes square_hd,square] [--batch-sizes 1,4]
+        [--steps 28] [--strengths 0.85] [--lora-modes none,fused,deltas,mixed] [--accelerations none,regular] ...
 
-Warm-up first, then N timed runs per matrix cell; medians and p95 over those runs. FLOPs are
-counted from the model's own config at the run's token counts (74 TFLOP per step at 1024x1024
-with 512 text tokens for FLUX.1-dev), so the fraction of peak needs no profiler.
+The matrix is backend x size x steps x strength x batch x LoRA mode x acceleration. Warm-up first,
+then N timed runs per cell; medians and p95 over those runs. FLOPs are counted from the model's own
+config at the run's token counts (74 TFLOP per step at 1024x1024 with 512 text tokens for
+FLUX.1-dev), so the fraction of peak needs no profiler. Each ``regular`` cell is compared with the
+``none`` cell just before it, same requests and seeds: its speed-up, the fraction of transformer
+steps it skipped, and how far its pixels are from ``none``'s (mean and max absolute error in
+0..255, PSNR). Every optimisation has a flag here, so a run can ablate it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import math
 import platform
 import statistics
 import time
@@ -27,18 +34,22 @@ FAL_PRICE_PER_MP = 0.035  # fal-ai/flux-lora/inpainting, dollars per output mega
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
-def transformer_flops(config, image_tokens: int, text_tokens: int) -> float:
+def transformer_flops(config, image_tokens: int, text_tokens: int, double_blocks: int | None = None,
+                      single_blocks: int | None = None) -> float:
     """FLOPs of one transformer forward for one sample (2 per multiply-add), from the config.
     Per token a double block runs q/k/v/out (4 d^2) and an MLP (2 * ratio * d^2) on each stream;
     a single block runs linear1 (3 + ratio) d^2 and linear2 (1 + ratio) d^2; joint attention adds
-    2 N^2 d in either. Embedders and the final layer are below 0.1% and left out."""
+    2 N^2 d in either. Embedders and the final layer are below 0.1% and left out. ``double_blocks``
+    and ``single_blocks``: count only that many (the first block alone is what a skipped step runs)."""
     d = config.num_attention_heads * config.attention_head_dim
     ratio = getattr(config, "mlp_ratio", 4.0)
     tokens = image_tokens + text_tokens
     attention = 2 * tokens * tokens * d
     double = (4 + 2 * ratio) * d * d * tokens + attention
     single = (3 + ratio + 1 + ratio) * d * d * tokens + attention
-    return 2.0 * (config.num_layers * double + config.num_single_layers * single)
+    double_blocks = config.num_layers if double_blocks is None else double_blocks
+    single_blocks = config.num_single_layers if single_blocks is None else single_blocks
+    return 2.0 * (double_blocks * double + single_blocks * single)
 
 
 def device_peak_tflops(override: float | None) -> float | None:
@@ -50,7 +61,12 @@ def device_peak_tflops(override: float | None) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def run_cell(inpainter, model, width, height, steps, strength, batch, repeats, warmup):
+LORA_MODES = ("none", "fused", "deltas", "mixed")
+
+
+def cell_requests(width, height, steps, strength, batch, acceleration, loras):
+    """The same requests (prompts, seeds, image, mask) for every cell of one size and batch, so a
+    ``regular`` cell can be compared with its ``none`` cell pixel for pixel."""
     from PIL import Image
 
     from runners.inpaint import InpaintInputs
@@ -58,9 +74,14 @@ def run_cell(inpainter, model, width, height, steps, strength, batch, repeats, w
     image = Image.new("RGB", (width, height), (120, 140, 160))
     mask = Image.new("L", (width, height), 0)
     mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
-    requests = [InpaintInputs(prompt=f"benchmark {i}", image=image, mask=mask, width=width, height=height, seed=i,
-                              num_inference_steps=steps, strength=strength, enable_safety_checker=True)
-                for i in range(batch)]
+    return [InpaintInputs(prompt=f"benchmark {i}", image=image, mask=mask, width=width, height=height, seed=i,
+                          num_inference_steps=steps, strength=strength, enable_safety_checker=True,
+                          acceleration=acceleration, loras=loras[i])
+            for i in range(batch)]
+
+
+def run_cell(inpainter, requests, repeats, warmup):
+    """(seconds per run, denoising seconds per run, peak memory, the last run's results)."""
     for _ in range(warmup):
         inpainter.run(requests)
     if torch.cuda.is_available():
@@ -75,23 +96,86 @@ def run_cell(inpainter, model, width, height, steps, strength, batch, repeats, w
         seconds.append(time.perf_counter() - started)
         denoise.append(results[0].timings["inference"])
     peak_memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return seconds, denoise, peak_memory
+    return seconds, denoise, peak_memory, results
+
+
+def deviation(reference: list, images: list) -> dict:
+    """How far ``images`` are from ``reference`` (same seeds), in 0..255 pixel values."""
+    import numpy as np
+
+    a = np.stack([np.asarray(i, dtype=np.float64) for i in reference])
+    b = np.stack([np.asarray(i, dtype=np.float64) for i in images])
+    mse = float(((a - b) ** 2).mean())
+    return {"mean_abs_error": float(np.abs(a - b).mean()), "max_abs_error": float(np.abs(a - b).max()),
+            "psnr_db": 10 * math.log10(255.0**2 / mse) if mse > 0 else None}  # None: identical
+
+
+def lora_sets(model, modes: list[str], rank: int, batch_sizes: list[int]) -> dict[str, list[list]]:
+    """Per LoRA mode, each request's (adapter, scale) list: synthetic random LoRAs with the model's
+    real layer shapes (benchmarks.lora.make_lora). ``fused`` and ``deltas`` give every request the
+    same LoRA (fused into the weights, or as per-sample deltas: FLUX_LORA_FUSE_UNIFORM_BATCHES);
+    ``mixed`` gives each request its own."""
+    import tempfile
+
+    from runners.lora_formats import linear_shapes
+
+    from .lora import make_lora
+
+    most = max(batch_sizes)
+    sets = {"none": [[] for _ in range(most)]}
+    if modes == ["none"]:
+        return sets
+    directory = Path(tempfile.mkdtemp(prefix="bench-loras-"))
+    shapes = linear_shapes(model.pipeline.transformer)
+    adapters = []
+    for seed in range(most):
+        path, sha = make_lora(directory, shapes, rank, seed)
+        adapters.append(model.adapters.get(path, sha, path.name))
+    sets["fused"] = sets["deltas"] = [[(adapters[0], 1.0)] for _ in range(most)]
+    sets["mixed"] = [[(adapters[i], 1.0)] for i in range(most)]
+    return sets
+
+
+def with_backend(model, name: str, model_settings, lora_settings):
+    """A copy of ``model`` running on backend ``name``, or the reason it cannot (no artifacts, ...)."""
+    from runners.config import BackendSettings, Settings
+    from runners.model import attach_backend
+
+    variant = dataclasses.replace(model)
+    try:
+        attach_backend(variant, Settings(model=model_settings, lora=lora_settings, backend=BackendSettings(backend=name)))
+    except Exception as exc:  # noqa: BLE001 - the reason goes into the report as the cell's result
+        return None, f"{type(exc).__name__}: {exc}"
+    return variant, None
 
 
 def main(argv: list[str] | None = None) -> dict:
     import argparse
 
-    from runners.config import LoraSettings, ModelSettings
+    from runners.config import AccelerationSettings, LoraSettings, ModelSettings
     from runners.inpaint import Inpainter, plan_schedule
     from runners.model import load_model
     from runners.schema import IMAGE_SIZE_PRESETS
 
+    configured = AccelerationSettings()  # FLUX_ACCEL_*: the flags below start from the server's switches
     parser = argparse.ArgumentParser(prog="python -m benchmarks run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="FLUX_MODEL (default: the configured one, tiny)")
+    parser.add_argument("--backends", default="torch", help="comma-separated: torch, compile, onnxruntime, tensorrt "
+                        "(the exported ones need `python -m export` first; else their cells are reported as skipped)")
     parser.add_argument("--sizes", default="square_hd", help="fal presets or WxH, comma-separated")
     parser.add_argument("--batch-sizes", default="1,4")
     parser.add_argument("--steps", default="28")
     parser.add_argument("--strengths", default="0.85")
+    parser.add_argument("--lora-modes", default="none", help=f"comma-separated: {', '.join(LORA_MODES)}")
+    parser.add_argument("--lora-rank", type=int, default=16, help="rank of the synthetic LoRAs")
+    parser.add_argument("--accelerations", default="none,regular", help="comma-separated: none, regular")
+    parser.add_argument("--accel-thresholds", default=f"{configured.threshold:g}",
+                        help="first-block cache thresholds, one regular cell each (FLUX_ACCEL_THRESHOLD)")
+    parser.add_argument("--accel-warmup-steps", type=int, default=configured.warmup_steps)
+    parser.add_argument("--accel-max-skips", type=int, default=configured.max_consecutive_skips,
+                        help="FLUX_ACCEL_MAX_CONSECUTIVE_SKIPS")
+    parser.add_argument("--first-block-cache", choices=("on", "off"), default="on" if configured.first_block_cache else "off")
+    parser.add_argument("--tf32", choices=("on", "off"), default="on" if configured.tf32 else "off")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dollars-per-hour", type=float, default=2.99, help="price of the machine (default: an H100 on demand)")
@@ -100,61 +184,129 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
+    backends = args.backends.split(",")
+    lora_modes = args.lora_modes.split(",")
+    accelerations = args.accelerations.split(",")
+    if unknown := set(lora_modes) - set(LORA_MODES):
+        parser.error(f"unknown LoRA modes {sorted(unknown)}")
+    if unknown := set(accelerations) - {"none", "regular"}:
+        parser.error(f"unknown accelerations {sorted(unknown)}")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     settings = ModelSettings(**({"model": args.model} if args.model else {}), max_sequence_length=args.max_sequence_length)
-    model = load_model(settings, LoraSettings(max_per_request=0))
-    inpainter = Inpainter(model)
+    with_loras = lora_modes != ["none"]
+    lora_settings = LoraSettings(max_per_request=4 if with_loras else 0, max_rank=max(args.lora_rank, 16))
+    model = load_model(settings, lora_settings)
+    loras = lora_sets(model, lora_modes, args.lora_rank, batch_sizes)
+    switches = dict(first_block_cache=args.first_block_cache == "on", tf32=args.tf32 == "on",
+                    warmup_steps=args.accel_warmup_steps, max_consecutive_skips=args.accel_max_skips)
+    variants = [("none", None)] if "none" in accelerations else []
+    if "regular" in accelerations:
+        variants += [("regular", float(t)) for t in args.accel_thresholds.split(",")]
     config = model.pipeline.transformer.config
     peak = device_peak_tflops(args.peak_tflops)
     sizes = [IMAGE_SIZE_PRESETS.get(s) or tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     results = {
-        "model": settings.model, "backend": model.backend, "device": str(model.device), "dtype": str(model.dtype),
+        "model": settings.model, "backend": ",".join(backends), "device": str(model.device), "dtype": str(model.dtype),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "cpu": platform.machine(),
         "torch": torch.__version__, "dollars_per_hour": args.dollars_per_hour, "peak_tflops": peak,
-        "repeats": args.repeats, "cells": [],
+        "repeats": args.repeats, "lora_rank": args.lora_rank if with_loras else None,
+        "acceleration_switches": switches, "cells": [], "skipped": [],
     }
-    matrix = itertools.product(sizes, [int(s) for s in args.steps.split(",")], [float(s) for s in args.strengths.split(",")],
-                               [int(b) for b in args.batch_sizes.split(",")])
-    for (width, height), steps, strength, batch in matrix:
-        seconds, denoise, peak_memory = run_cell(inpainter, model, width, height, steps, strength, batch,
-                                                 args.repeats, args.warmup)
-        ran = len(plan_schedule(model.pipeline.scheduler.config, steps, strength, (width // 16) * (height // 16))[0])
-        median, p95 = statistics.median(seconds), percentile(seconds, 0.95)
-        megapixels = width * height / 1e6 * batch
-        flops = transformer_flops(config, (width // 16) * (height // 16), args.max_sequence_length) * batch * ran
-        denoise_median = statistics.median(denoise)
-        cost_per_mp = args.dollars_per_hour / 3600 * median / megapixels
-        cell = {
-            "width": width, "height": height, "steps": steps, "strength": strength, "steps_run": ran, "batch": batch,
-            "median_s": median, "p95_s": p95, "seconds_per_image": median / batch,
-            "megapixels_per_s": megapixels / median, "denoise_steps_per_s": ran / denoise_median,
-            "transformer_tflop": flops / 1e12, "achieved_tflops": flops / denoise_median / 1e12,
-            "fraction_of_peak": (flops / denoise_median / 1e12 / peak) if peak else None,
-            "peak_memory_bytes": peak_memory, "cost_per_mp": cost_per_mp, "margin_vs_fal": FAL_PRICE_PER_MP / cost_per_mp,
-        }
-        results["cells"].append(cell)
-        print(f"{width}x{height} steps {ran}/{steps} batch {batch}: {cell['seconds_per_image']:.3f} s/image, "
-              f"{cell['megapixels_per_s']:.3f} MP/s, ${cost_per_mp:.5f}/MP", flush=True)
+    for backend in backends:
+        variant, reason = with_backend(model, backend, settings, lora_settings)
+        if variant is None:
+            results["skipped"].append({"backend": backend, "reason": reason})
+            print(f"backend {backend}: skipped: {reason}", flush=True)
+            continue
+        inpainters = {(name, threshold): Inpainter(variant, AccelerationSettings(**switches, threshold=threshold or 0.0))
+                      for name, threshold in variants}
+        matrix = itertools.product(sizes, [int(s) for s in args.steps.split(",")],
+                                   [float(s) for s in args.strengths.split(",")], batch_sizes, lora_modes)
+        for (width, height), steps, strength, batch, lora_mode in matrix:
+            variant.fuse_uniform_loras = lora_mode == "fused"
+            reference = None
+            for acceleration, threshold in variants:
+                requests = cell_requests(width, height, steps, strength, batch, acceleration, loras[lora_mode])
+                seconds, denoise, peak_memory, outputs = run_cell(inpainters[(acceleration, threshold)], requests,
+                                                                  args.repeats, args.warmup)
+                ran = len(plan_schedule(model.pipeline.scheduler.config, steps, strength, (width // 16) * (height // 16))[0])
+                skipped = sum(r.steps_skipped for r in outputs) / (batch * ran)
+                cell = measure(config, args, peak, width, height, steps, strength, batch, ran, seconds, denoise,
+                               peak_memory, skipped)
+                cell.update(backend=backend, lora_mode=lora_mode, acceleration=acceleration, threshold=threshold,
+                            first_block_cache=acceleration == "regular" and inpainters[(acceleration, threshold)].first_block_cache)
+                images = [image for r in outputs for image in r.images]
+                if acceleration == "none":
+                    reference = (cell, images)
+                elif reference is not None:
+                    cell["speedup_vs_none"] = reference[0]["median_s"] / cell["median_s"]
+                    cell["denoise_speedup_vs_none"] = reference[0]["denoise_median_s"] / cell["denoise_median_s"]
+                    cell.update(deviation(reference[1], images))
+                results["cells"].append(cell)
+                print(f"{backend} {width}x{height} steps {ran}/{steps} batch {batch} lora {lora_mode} {acceleration}"
+                      f"{f' @{threshold:g}' if threshold is not None else ''}: {cell['seconds_per_image']:.3f} s/image, "
+                      f"{cell['megapixels_per_s']:.3f} MP/s, ${cell['cost_per_mp']:.5f}/MP"
+                      + (f", {cell['speedup_vs_none']:.2f}x vs none, {skipped:.0%} steps skipped, "
+                         f"mean abs error {cell['mean_abs_error']:.2f}" if "speedup_vs_none" in cell else ""), flush=True)
     write(results, args.out)
     return results
+
+
+def measure(config, args, peak, width, height, steps, strength, batch, ran, seconds, denoise, peak_memory, skipped):
+    """One cell's figures. FLOPs are the ones executed: a skipped step runs only the first block."""
+    median, p95 = statistics.median(seconds), percentile(seconds, 0.95)
+    megapixels = width * height / 1e6 * batch
+    tokens = (width // 16) * (height // 16)
+    full = transformer_flops(config, tokens, args.max_sequence_length)
+    first = transformer_flops(config, tokens, args.max_sequence_length, double_blocks=1, single_blocks=0)
+    flops = (full * (1 - skipped) + first * skipped) * batch * ran
+    denoise_median = statistics.median(denoise)
+    cost_per_mp = args.dollars_per_hour / 3600 * median / megapixels
+    return {
+        "width": width, "height": height, "steps": steps, "strength": strength, "steps_run": ran, "batch": batch,
+        "median_s": median, "p95_s": p95, "seconds_per_image": median / batch,
+        "megapixels_per_s": megapixels / median, "denoise_median_s": denoise_median,
+        "denoise_steps_per_s": ran / denoise_median, "steps_skipped_fraction": skipped,
+        "transformer_tflop": flops / 1e12, "achieved_tflops": flops / denoise_median / 1e12,
+        "fraction_of_peak": (flops / denoise_median / 1e12 / peak) if peak else None,
+        "peak_memory_bytes": peak_memory, "cost_per_mp": cost_per_mp, "margin_vs_fal": FAL_PRICE_PER_MP / cost_per_mp,
+    }
 
 
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     where = (results["gpu"] or results["cpu"]).replace(" ", "-")
-    name = f"loop-{Path(results['model']).name}-{results['backend']}-{where}"
+    name = f"loop-{Path(results['model']).name}-{results['backend'].replace(',', '+')}-{where}"
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    switches = results["acceleration_switches"]
     lines = [
         f"# Inpainting loop: {results['model']} ({results['backend']}, {results['dtype']}) on {results['gpu'] or results['cpu']}",
         "", f"Medians of {results['repeats']} runs after warm-up; cost at ${results['dollars_per_hour']}/hour against fal's "
-        f"${FAL_PRICE_PER_MP}/MP.", "",
-        "| size | steps run | batch | s/image (median) | p95 s (batch) | MP/s | steps/s | TFLOP/s | of peak | peak memory | $/MP | x cheaper than fal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"${FAL_PRICE_PER_MP}/MP. `regular`: first-block cache {'on' if switches['first_block_cache'] else 'off'} "
+        f"(threshold in the column, warm-up {switches['warmup_steps']}, at most {switches['max_consecutive_skips']} "
+        f"skipped in a row), TF32 {'on' if switches['tf32'] else 'off'}; speed-up and pixel error against the `none` "
+        "cell above it (same requests and seeds)." + (f" LoRA rank {results['lora_rank']}." if results["lora_rank"] else ""),
+        "",
+        "| backend | size | steps run | batch | LoRA | acceleration | s/image (median) | p95 s (batch) | MP/s | steps/s "
+        "| TFLOP/s | of peak | peak memory | $/MP | x cheaper than fal | speed-up | steps skipped | mean abs error | max abs error | PSNR |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["cells"]:
         of_peak = f"{c['fraction_of_peak']:.0%}" if c["fraction_of_peak"] is not None else "n/a"
         memory = f"{c['peak_memory_bytes'] / 2**30:.1f} GiB" if c["peak_memory_bytes"] else "n/a"
-        lines.append(f"| {c['width']}x{c['height']} | {c['steps_run']}/{c['steps']} | {c['batch']} | {c['seconds_per_image']:.3f} | "
-                     f"{c['p95_s']:.3f} | {c['megapixels_per_s']:.3f} | {c['denoise_steps_per_s']:.2f} | "
-                     f"{c['achieved_tflops']:.3f} | {of_peak} | {memory} | {c['cost_per_mp']:.5f} | {c['margin_vs_fal']:.1f} |")
+        accel = c["acceleration"] + (f" @{c['threshold']:g}" if c["threshold"] is not None else "")
+        if c["acceleration"] == "regular" and not c["first_block_cache"]:
+            accel += " (no cache)"
+        compared = "| | | | |"
+        if "speedup_vs_none" in c:
+            psnr = f"{c['psnr_db']:.1f} dB" if c["psnr_db"] is not None else "identical"
+            compared = (f"| {c['speedup_vs_none']:.2f}x | {c['steps_skipped_fraction']:.0%} | {c['mean_abs_error']:.2f} | "
+                        f"{c['max_abs_error']:.0f} | {psnr} |")
+        lines.append(f"| {c['backend']} | {c['width']}x{c['height']} | {c['steps_run']}/{c['steps']} | {c['batch']} | "
+                     f"{c['lora_mode']} | {accel} | {c['seconds_per_image']:.3f} | {c['p95_s']:.3f} | "
+                     f"{c['megapixels_per_s']:.3f} | {c['denoise_steps_per_s']:.2f} | {c['achieved_tflops']:.3f} | "
+                     f"{of_peak} | {memory} | {c['cost_per_mp']:.5f} | {c['margin_vs_fal']:.1f} {compared}")
+    for s in results["skipped"]:
+        lines += ["", f"Backend `{s['backend']}` skipped: {s['reason']}"]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

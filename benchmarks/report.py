@@ -2,7 +2,7 @@
 
 - ``load-latency.png``: latency p50/p95/p99 against concurrency (from ``load.json``);
 - ``loop-throughput.png``: megapixels per second and dollars per megapixel against batch size, one
-  line per size (from every ``loop-*.json``).
+  line per size, backend, LoRA mode and acceleration (from every ``loop-*.json``).
 """
 
 from __future__ import annotations
@@ -35,13 +35,17 @@ def plot_loop(runs: list[dict], path: Path) -> None:
 
     figure, (throughput, cost) = plt.subplots(1, 2, figsize=(10, 4))
     for run in runs:
-        by_size = defaultdict(list)
-        for cell in run["cells"]:
-            by_size[(cell["width"], cell["height"], cell["steps_run"])].append(cell)
+        by_line = defaultdict(list)
+        for cell in run["cells"]:  # one line per cell of the matrix but the batch size
+            variant = (cell.get("backend", run["backend"]), cell.get("lora_mode", "none"), cell.get("acceleration", "none"),
+                       cell.get("threshold") or 0.0)
+            by_line[(*variant, cell["width"], cell["height"], cell["steps_run"])].append(cell)
         where = run["gpu"] or run["cpu"]
-        for (width, height, steps), cells in sorted(by_size.items()):
+        for (backend, lora_mode, acceleration, threshold, width, height, steps), cells in sorted(by_line.items()):
             cells.sort(key=lambda c: c["batch"])
-            label = f"{Path(run['model']).name} {run['backend']} {where}: {width}x{height}, {steps} steps"
+            label = f"{Path(run['model']).name} {backend} {where}: {width}x{height}, {steps} steps"
+            label += f", LoRA {lora_mode}" if lora_mode != "none" else ""
+            label += f", regular @{threshold:g}" if acceleration == "regular" else ""
             batches = [c["batch"] for c in cells]
             throughput.plot(batches, [c["megapixels_per_s"] for c in cells], marker="o", label=label)
             cost.plot(batches, [c["cost_per_mp"] for c in cells], marker="o", label=label)

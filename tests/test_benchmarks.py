@@ -48,20 +48,41 @@ def test_loop_benchmark_smoke(tmp_path, cache_dir, monkeypatch):
     from benchmarks import loop
 
     monkeypatch.setenv("FLUX_CACHE_DIR", str(cache_dir))
-    results = loop.main(["--sizes", "64x48,square", "--batch-sizes", "1,2", "--steps", "3", "--strengths", "1.0",
-                         "--repeats", "2", "--max-sequence-length", "32", "--dollars-per-hour", "1.0", "--out", str(tmp_path)])
+    results = loop.main(["--backends", "torch,onnxruntime", "--sizes", "64x48", "--batch-sizes", "1,2", "--steps", "3",
+                         "--strengths", "1.0", "--lora-modes", "none,mixed", "--lora-rank", "4",
+                         "--accelerations", "none,regular", "--accel-thresholds", "10", "--repeats", "2",
+                         "--max-sequence-length", "32", "--dollars-per-hour", "1.0", "--out", str(tmp_path)])
     (json_file,) = tmp_path.glob("loop-*.json")
-    assert json.loads(json_file.read_text())["cells"] == results["cells"] and len(results["cells"]) == 4
-    assert (tmp_path / json_file.name.replace(".json", ".md")).read_text().startswith("# Inpainting loop")
+    assert json_file.name.startswith("loop-tiny-torch+onnxruntime-")
+    assert json.loads(json_file.read_text())["cells"] == results["cells"] and len(results["cells"]) == 8
+    markdown = (tmp_path / json_file.name.replace(".json", ".md")).read_text()
+    assert markdown.startswith("# Inpainting loop") and "Backend `onnxruntime` skipped" in markdown
+    # no exported graphs for the tiny model here (and per-request LoRAs are on): reported, never faked
+    assert [s["backend"] for s in results["skipped"]] == ["onnxruntime"] and results["skipped"][0]["reason"]
     for cell in results["cells"]:
         megapixels = cell["width"] * cell["height"] * cell["batch"] / 1e6
+        assert cell["backend"] == "torch" and cell["lora_mode"] in ("none", "mixed")
         assert 0 < cell["median_s"] <= cell["p95_s"] and cell["steps_run"] == 3
         assert cell["megapixels_per_s"] == megapixels / cell["median_s"]
         assert cell["seconds_per_image"] == cell["median_s"] / cell["batch"]
         assert abs(cell["cost_per_mp"] - 1.0 / 3600 * cell["median_s"] / megapixels) < 1e-15
         assert abs(cell["margin_vs_fal"] * cell["cost_per_mp"] - loop.FAL_PRICE_PER_MP) < 1e-12
         assert cell["transformer_tflop"] > 0 and cell["fraction_of_peak"] is None  # no peak figure for a CPU
-    assert results["cells"][1]["transformer_tflop"] == 2 * results["cells"][0]["transformer_tflop"]  # batch 2
+    none = [c for c in results["cells"] if c["acceleration"] == "none"]
+    regular = [c for c in results["cells"] if c["acceleration"] == "regular"]
+    assert len(none) == len(regular) == 4
+    for base, fast in zip(none, regular):  # each regular cell follows its none cell, same requests
+        assert [base[k] for k in ("width", "height", "batch", "lora_mode")] == [fast[k] for k in ("width", "height", "batch", "lora_mode")]
+        assert base["steps_skipped_fraction"] == 0 and "speedup_vs_none" not in base
+        # 3 steps: 0 warms up, 2 is the last, 1 is skipped by every sample
+        assert fast["first_block_cache"] and fast["steps_skipped_fraction"] == 1 / 3
+        assert fast["speedup_vs_none"] == base["median_s"] / fast["median_s"]
+        assert 0 <= fast["mean_abs_error"] <= fast["max_abs_error"] <= 255
+        assert fast["psnr_db"] is None or fast["psnr_db"] > 0
+        # executed FLOPs: a skipped step runs only the first block
+        assert fast["transformer_tflop"] < base["transformer_tflop"]
+    by_batch = {(c["width"], c["batch"], c["lora_mode"]): c for c in none}
+    assert by_batch[(64, 2, "none")]["transformer_tflop"] == 2 * by_batch[(64, 1, "none")]["transformer_tflop"]
 
     from benchmarks import report
 
