@@ -233,8 +233,10 @@ def main(argv: list[str] | None = None) -> dict:
                 skipped = sum(r.steps_skipped for r in outputs) / (batch * ran)
                 cell = measure(config, args, peak, width, height, steps, strength, batch, ran, seconds, denoise,
                                peak_memory, skipped)
+                inpainter = inpainters[(acceleration, threshold)]
                 cell.update(backend=backend, lora_mode=lora_mode, acceleration=acceleration, threshold=threshold,
-                            first_block_cache=acceleration == "regular" and inpainters[(acceleration, threshold)].first_block_cache)
+                            first_block_cache=acceleration == "regular" and inpainter.first_block_cache,
+                            tf32=acceleration == "regular" and inpainter.tf32)
                 images = [image for r in outputs for image in r.images]
                 if acceleration == "none":
                     reference = (cell, images)
@@ -284,7 +286,8 @@ def write(results: dict, out: Path) -> None:
         "", f"Medians of {results['repeats']} runs after warm-up; cost at ${results['dollars_per_hour']}/hour against fal's "
         f"${FAL_PRICE_PER_MP}/MP. `regular`: first-block cache {'on' if switches['first_block_cache'] else 'off'} "
         f"(threshold in the column, warm-up {switches['warmup_steps']}, at most {switches['max_consecutive_skips']} "
-        f"skipped in a row), TF32 {'on' if switches['tf32'] else 'off'}; speed-up and pixel error against the `none` "
+        f"skipped in a row), TF32 switch {'on' if switches['tf32'] else 'off'} (it acts on CUDA fp32 models only: "
+        "`+TF32` marks the cells where it did); speed-up and pixel error against the `none` "
         "cell above it (same requests and seeds)." + (f" LoRA rank {results['lora_rank']}." if results["lora_rank"] else ""),
         "",
         "| backend | size | steps run | batch | LoRA | acceleration | s/image (median) | p95 s (batch) | MP/s | steps/s "
@@ -297,10 +300,13 @@ def write(results: dict, out: Path) -> None:
         accel = c["acceleration"] + (f" @{c['threshold']:g}" if c["threshold"] is not None else "")
         if c["acceleration"] == "regular" and not c["first_block_cache"]:
             accel += " (no cache)"
+        if c.get("tf32"):
+            accel += " +TF32"
         compared = "| | | | |"
         if "speedup_vs_none" in c:
             psnr = f"{c['psnr_db']:.1f} dB" if c["psnr_db"] is not None else "identical"
-            compared = (f"| {c['speedup_vs_none']:.2f}x | {c['steps_skipped_fraction']:.0%} | {c['mean_abs_error']:.2f} | "
+            compared = (f"| {c['speedup_vs_none']:.2f}x (denoising {c['denoise_speedup_vs_none']:.2f}x) | "
+                        f"{c['steps_skipped_fraction']:.0%} | {c['mean_abs_error']:.2f} | "
                         f"{c['max_abs_error']:.0f} | {psnr} |")
         lines.append(f"| {c['backend']} | {c['width']}x{c['height']} | {c['steps_run']}/{c['steps']} | {c['batch']} | "
                      f"{c['lora_mode']} | {accel} | {c['seconds_per_image']:.3f} | {c['p95_s']:.3f} | "

@@ -21,7 +21,8 @@ row, so the sub-batch gets its own rows (``use_rows``) and the full batch gets t
 
 Lower-precision matmuls: TF32 for fp32 matmuls on CUDA is a process-wide flag, so it is set only
 around a step whose samples are all ``"regular"``; a step with any ``"none"`` sample runs in full
-precision. (bf16 and fp16 weights already run on tensor cores; the flag then changes nothing.)
+precision. It is left alone for bf16 and fp16 weights (already on tensor cores; the flag would
+change nothing) and on the CPU.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def reduced_precision_matmuls(enabled: bool) -> Iterator[None]:
         matmul.fp32_precision = previous
 
 
-def describe(settings: AccelerationSettings, splittable: bool, backend: str) -> str:
+def describe(settings: AccelerationSettings, splittable: bool, backend: str, tf32: bool) -> str:
     """The start-up line saying what ``acceleration: "regular"`` does on this server."""
     parts = []
     if settings.first_block_cache and splittable:
@@ -142,7 +143,9 @@ def describe(settings: AccelerationSettings, splittable: bool, backend: str) -> 
     elif settings.first_block_cache:
         parts.append(f"no first-block cache, as backend {backend} runs the transformer as one graph "
                      "(requests asking for \"regular\" run the full model, as \"none\")")
-    if settings.tf32:
-        parts.append("TF32 matmuls (CUDA fp32 only)")
+    if tf32:
+        parts.append("TF32 matmuls")
+    elif settings.tf32:
+        parts.append("no TF32 (it changes only fp32 matmuls on CUDA)")
     what = ", ".join(parts) if parts else "nothing: every switch is off, it runs as \"none\""
     return f'acceleration "regular": {what}'

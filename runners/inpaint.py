@@ -135,7 +135,11 @@ class Inpainter:
         self.pipe = model.pipeline
         self.acceleration = settings or AccelerationSettings()
         self.first_block_cache = self.acceleration.first_block_cache and getattr(model.transformer, "splittable", False)
-        log.info(acceleration.describe(self.acceleration, getattr(model.transformer, "splittable", False), model.backend))
+        # TF32 changes only fp32 matmuls on CUDA; elsewhere flipping the flag would only make a
+        # compiled transformer recompile (dynamo guards on it).
+        self.tf32 = self.acceleration.tf32 and model.device.type == "cuda" and model.dtype == torch.float32
+        log.info(acceleration.describe(self.acceleration, getattr(model.transformer, "splittable", False), model.backend,
+                                       self.tf32))
 
     @torch.inference_mode()
     def run(
@@ -297,7 +301,7 @@ class Inpainter:
                 txt_ids=txt_ids,
             )
             # Lower-precision matmuls only when every sample of this forward asked for them.
-            with acceleration.reduced_precision_matmuls(self.acceleration.tf32 and all(s.accelerated for s in active)):
+            with acceleration.reduced_precision_matmuls(self.tf32 and all(s.accelerated for s in active)):
                 if any(s.first_block_cache is not None for s in active):
                     velocity = acceleration.cached_forward(model.transformer, inputs, active, self.acceleration,
                                                            self.use_lora_rows)
