@@ -1,0 +1,233 @@
+"""The Triton tier against real processes: Triton (PyTriton's bundled tritonserver, CPU, tiny model,
+from .venv-triton) and the BentoML front with FLUX_EXECUTOR=triton in front of it.
+
+Proof asked of this tier: the same images for the same seed as the in-process executor; concurrent
+requests form Triton batches larger than 1 (Triton's own metrics); a full Triton queue is a 429 at the
+front; a request that fails inside a Triton batch fails alone; Triton stopping under load fails
+requests cleanly (fal-shaped 503s) and the front's /readyz goes false.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, bentoml_server, free_port, scene
+
+TRITON_PYTHON = REPO / ".venv-triton" / "bin" / "python"
+APP = "fal-ai/flux-lora/inpainting"
+
+
+@contextmanager
+def triton_server(tmp: Path, **env_overrides: str):
+    """``python -m runners.triton_server`` on free ports, ready (/v2/health/ready 200) when yielded.
+    Yields (http URL, metrics URL, process); stopped with SIGTERM to the Python process (which must
+    stop tritonserver itself), SIGKILL to the group after 60 s."""
+    if not TRITON_PYTHON.exists():
+        pytest.fail("no .venv-triton: run `make venv-triton` (make test builds it)")
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp / "cache"),
+        "FLUX_TRITON_HTTP_PORT": str(http), "FLUX_TRITON_GRPC_PORT": str(grpc), "FLUX_TRITON_METRICS_PORT": str(metrics),
+        **env_overrides,
+    }
+    log_path = tmp / f"triton-{http}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([str(TRITON_PYTHON), "-m", "runners.triton_server"], cwd=REPO, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"triton server exited early:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"triton not ready in time:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield base, f"http://127.0.0.1:{metrics}/metrics", process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # tritonserver, had it outlived its parent
+        except ProcessLookupError:
+            pass
+
+
+def data_uri(image) -> str:
+    from runners.images import encode_lossless
+
+    return "data:image/png;base64," + base64.b64encode(encode_lossless(image)).decode()
+
+
+def body(seed: int, steps: int = 2, size: int = 64, **extra) -> dict:
+    image, mask = scene(size, size, seed=seed)
+    return {"prompt": f"a test {seed}", "image_url": data_uri(image), "mask_url": data_uri(mask), "seed": seed,
+            "num_inference_steps": steps, "output_format": "png", "sync_mode": True, **extra}
+
+
+def counter(metrics_url: str, name: str) -> float:
+    text = httpx.get(metrics_url, timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and 'model="flux_inpaint"' in line)
+
+
+def post_all(base: str, bodies: list[dict]) -> list[httpx.Response]:
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda b: httpx.post(f"{base}/{APP}", json=b, timeout=180), bodies))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """One Triton (batches up to 4, a queue of 4, a short exit grace) and a front against it. The
+    last test stops this Triton; module scope keeps the suite to one start of each."""
+    tmp = tmp_path_factory.mktemp("triton")
+    lora_dir = tmp / "loras"
+    lora_dir.mkdir()
+    (lora_dir / "broken.safetensors").write_bytes(b"not a safetensors file" * 10)
+    triton_env = {"FLUX_TRITON_MAX_BATCH_SIZE": "4", "FLUX_TRITON_PREFERRED_BATCH_SIZES": "2,4",
+                  "FLUX_TRITON_MAX_QUEUE_DELAY_MS": "200", "FLUX_TRITON_MAX_QUEUE_SIZE": "4",
+                  "FLUX_TRITON_EXIT_TIMEOUT_S": "2"}
+    with triton_server(tmp, **triton_env) as (triton_url, metrics_url, process):
+        with bentoml_server(tmp, FLUX_EXECUTOR="triton", FLUX_TRITON_URL=triton_url, FLUX_QUEUE_CONCURRENCY="32",
+                            FLUX_LORA_DIR=str(lora_dir), FLUX_LOG_FORMAT="text") as (front, front_log):
+            yield {"tmp": tmp, "triton": triton_url, "metrics": metrics_url, "process": process, "front": front,
+                   "front_log": front_log, "lora_dir": lora_dir}
+
+
+def test_tensor_contract_round_trip():
+    """Front and Triton encode and decode the same tensors, through the v2 binary form."""
+    import asyncio
+
+    from runners.config import ImageLimits
+    from runners.jobs import EncodedImage, JobResult, JobLora, prepare_job
+    from runners.progress import LogLine
+    from runners.schema import InpaintRequest
+    from runners.triton_executor import decode_tensor, encode_tensor
+    from runners.triton_tensors import INPUTS, job_tensors, result_tensors, tensors_job, tensors_result
+
+    raw = body(5, guidance_scale=3.3, strength=0.7, num_images=2, enable_safety_checker=False, acceleration="regular")
+    job = asyncio.run(prepare_job(InpaintRequest(**raw), ImageLimits(), "rid-1"))
+    job = job.model_copy(update={"loras": [JobLora(path="/x/a.safetensors", sha256="0" * 64, scale=0.5, name="a")]})
+    tensors = job_tensors(job)
+    wire = {spec.name: decode_tensor(encode_tensor(tensors[spec.name], spec.datatype), spec.datatype, [1, 1])
+            for spec in INPUTS}
+    back = tensors_job(wire)
+    assert back.model_dump(exclude={"preprocess_s", "request"}) == job.model_dump(exclude={"preprocess_s", "request"})
+    for field in ("prompt", "seed", "num_inference_steps", "guidance_scale", "strength", "num_images",
+                  "enable_safety_checker", "output_format", "acceleration"):
+        assert getattr(back.request, field) == getattr(job.request, field), field
+
+    result = JobResult(request_id="rid-1", images=[EncodedImage(data=b"\x89PNG1", content_type="image/png", width=64,
+                                                                height=64), EncodedImage(data=b"\x89PNG2", content_type="image/png", width=64, height=64)],
+                       has_nsfw_concepts=[False, True], timings={"preprocess": 0.1, "inference": 1.5, "decode": 0.2},
+                       logs=[LogLine(message="step 1/2")])
+    assert tensors_result(job, result_tensors(result, job.seed)) == result
+    failed = JobResult.failed("rid-1", __import__("runners.errors", fromlist=["x"]).LoraLoadError(("loras", 0, "path"), "bad"))
+    again = tensors_result(job, result_tensors(failed, job.seed))
+    assert again.error == failed.error and again.error.status == 422
+
+
+def test_same_images_as_the_in_process_executor(stack, tmp_path):
+    """One request alone on each executor: byte-identical PNGs, the same seed and NSFW flags."""
+    request = body(11, steps=3)
+    on_triton = httpx.post(f"{stack['front']}/{APP}", json=request, timeout=180)
+    assert on_triton.status_code == 200, on_triton.text
+    # The in-process front reads the very same tiny model files (the shared cache directory).
+    with bentoml_server(tmp_path, XDG_CACHE_HOME=str(stack["tmp"] / "cache"), FLUX_LOG_FORMAT="text") as (in_process, _):
+        local = httpx.post(f"{in_process}/{APP}", json=request, timeout=180)
+    assert local.status_code == 200, local.text
+    a, b = on_triton.json(), local.json()
+    assert a["seed"] == b["seed"] == 11
+    assert a["has_nsfw_concepts"] == b["has_nsfw_concepts"]
+    assert [i["url"] for i in a["images"]] == [i["url"] for i in b["images"]]  # data URIs of the PNG bytes
+    assert a["images"][0]["width"] == b["images"][0]["width"] == 64
+    assert set(a["timings"]) == set(b["timings"])
+
+
+def test_concurrent_requests_form_triton_batches(stack):
+    count0 = counter(stack["metrics"], "nv_inference_count")
+    exec0 = counter(stack["metrics"], "nv_inference_exec_count")
+    responses = post_all(stack["front"], [body(seed, steps=3) for seed in range(4)])
+    assert [r.status_code for r in responses] == [200] * 4, [r.text[:300] for r in responses]
+    assert [r.json()["seed"] for r in responses] == [0, 1, 2, 3]
+    inferences = counter(stack["metrics"], "nv_inference_count") - count0
+    executions = counter(stack["metrics"], "nv_inference_exec_count") - exec0
+    assert inferences == 4
+    assert executions < inferences, f"{inferences} requests in {executions} Triton executions: no batch above 1"
+    # Each request's own image: the batch did not mix them up (two seeds, two different images).
+    assert responses[0].json()["images"][0]["url"] != responses[1].json()["images"][0]["url"]
+
+
+def test_a_failing_request_fails_alone_inside_a_triton_batch(stack):
+    bodies = [body(seed, steps=3) for seed in range(3)]
+    bodies.insert(1, body(9, steps=3, loras=[{"path": "broken.safetensors", "scale": 1.0}]))
+    responses = post_all(stack["front"], bodies)
+    codes = [r.status_code for r in responses]
+    assert codes == [200, 422, 200, 200], [r.text[:300] for r in responses]
+    error = responses[1].json()
+    assert error["error_type"] == "lora_load_error"
+    assert error["detail"][0]["loc"] == ["body", "loras", 0, "path"]
+
+
+def test_a_full_triton_queue_is_a_429_at_the_front(stack):
+    # Heavier requests than the batching test: a batch runs for seconds while the rest arrive.
+    responses = post_all(stack["front"], [body(seed, steps=8, size=384) for seed in range(16)])
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429}, [r.text[:300] for r in responses]
+    assert codes.count(429) >= 1 and codes.count(200) >= 4, codes
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert rejected.json()["error_type"] == "queue_full"
+
+
+def test_triton_stopping_under_load_fails_cleanly_and_readyz_goes_false(stack):
+    """Runs last: it stops the module's Triton. SIGTERM reaches the Python process only; it must
+    bring tritonserver down itself."""
+    front, process = stack["front"], stack["process"]
+    assert httpx.get(f"{front}/readyz", timeout=5).status_code == 200
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(httpx.post, f"{front}/{APP}", json=body(seed, steps=16, size=384), timeout=180)
+                   for seed in range(6)]
+        time.sleep(1.5)  # the first batch is running, the rest queued at Triton
+        process.send_signal(signal.SIGTERM)
+        responses = [future.result() for future in futures]
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, [r.text[:300] for r in responses]
+    assert 503 in codes, codes
+    for response in responses:
+        if response.status_code == 503:
+            assert response.json()["error_type"] == "worker_unavailable"
+    assert process.wait(timeout=60) is not None
+    deadline = time.monotonic() + 15
+    while True:  # no tritonserver (nor backend stub) left behind in the process group
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "processes of the Triton group outlived it"
+        time.sleep(0.5)
+    after = httpx.post(f"{front}/{APP}", json=body(1), timeout=60)
+    assert after.status_code == 503 and after.json()["error_type"] == "worker_unavailable"
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{front}/readyz", timeout=5).status_code == 200:
+        assert time.monotonic() < deadline, "/readyz still 200 with Triton gone"
+        time.sleep(0.5)
