@@ -18,7 +18,24 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 serve: venv
 	$(BIN)/bentoml serve service:FluxInpainting --host $(HOST) --port $(PORT)
 
-test: venv
+# The Triton tier (runners/triton_server.py) has its own environment: PyTriton needs numpy < 2.
+TRITON_VENV ?= .venv-triton
+.PHONY: venv-triton serve-triton
+
+venv-triton: $(TRITON_VENV)/.installed
+
+$(TRITON_VENV)/.installed: requirements-triton.lock
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --quiet --upgrade pip
+	$(TRITON_VENV)/bin/pip install --quiet -r requirements-triton.lock
+	touch $@
+
+# Triton with the model on :8000 (KServe v2 HTTP), :8001 (gRPC), :8002 (metrics); the front then runs
+# against it with: FLUX_EXECUTOR=triton FLUX_TRITON_URL=http://127.0.0.1:8000 make serve
+serve-triton: venv-triton
+	FLUX_TRITON_ADDRESS=$(HOST) $(TRITON_VENV)/bin/python -m runners.triton_server
+
+test: venv venv-triton
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Write the tiny random-weight model to a folder: make tiny DIR=/tmp/tiny-flux
@@ -35,4 +52,4 @@ bento-tensorrt: venv
 	HF_HUB_OFFLINE=1 $(BIN)/bentoml build -f deploy/bentofile.tensorrt.yaml .
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache
