@@ -231,3 +231,103 @@ def test_triton_stopping_under_load_fails_cleanly_and_readyz_goes_false(stack):
     while httpx.get(f"{front}/readyz", timeout=5).status_code == 200:
         assert time.monotonic() < deadline, "/readyz still 200 with Triton gone"
         time.sleep(0.5)
+
+
+# --- deploy/k8s/triton: the Component that puts the model on Triton ---------------------------
+
+K8S = REPO / "deploy" / "k8s"
+TRITON_K8S = K8S / "triton"
+
+
+def json_patch(doc: dict, ops: list[dict]) -> dict:
+    """The add/remove/replace subset of RFC 6902 the Component's patches use (so this test needs no
+    kustomize binary); a path that does not exist fails like kustomize does."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = [int(p) if p.isdigit() else p for p in op["path"].strip("/").split("/")]
+        node = doc
+        for part in parents:
+            node = node[part]
+        if op["op"] == "remove" or op["op"] == "replace":
+            assert last in node if isinstance(node, dict) else last < len(node), f"{op['path']} not in the base"
+        if op["op"] == "remove":
+            del node[last]
+        else:
+            node[last] = op["value"]
+    return doc
+
+
+def overlay_objects() -> dict[tuple[str, str], dict]:
+    """What the base plus the Component produce, by (kind, name)."""
+    import yaml
+
+    objects = {}
+    for name in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]:
+        for doc in yaml.safe_load_all((K8S / name).read_text()):
+            objects[(doc["kind"], doc["metadata"]["name"])] = doc
+    component = yaml.safe_load((TRITON_K8S / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    for name in component["resources"]:
+        for doc in yaml.safe_load_all((TRITON_K8S / name).read_text()):
+            objects[(doc["kind"], doc["metadata"]["name"])] = doc
+    for patch in component["patches"]:
+        key = (patch["target"]["kind"], patch["target"]["name"])
+        objects[key] = json_patch(objects[key], yaml.safe_load(patch["patch"]))
+    return objects
+
+
+def test_k8s_component_is_valid_and_points_the_front_at_triton(tmp_path):
+    import shutil
+
+    import kubernetes_validate
+
+    from runners.config import ExecutorSettings
+    from runners.triton_server import TritonServerSettings
+
+    objects = overlay_objects()
+    for doc in objects.values():
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    config = objects[("ConfigMap", "flux-inpaint-config")]["data"]
+    executor = ExecutorSettings(**{k.removeprefix("FLUX_").lower(): v for k, v in config.items()
+                                   if k in ("FLUX_EXECUTOR", "FLUX_TRITON_URL")})
+    assert executor.executor == "triton"
+    service = objects[("Service", "flux-inpaint-triton")]
+    host, port = executor.triton_url.removeprefix("http://").split(":")
+    assert host == service["metadata"]["name"]
+    http = next(p for p in service["spec"]["ports"] if p["name"] == "http")
+    assert int(port) == http["port"]
+
+    triton = objects[("Deployment", "flux-inpaint-triton")]["spec"]["template"]
+    front = objects[("Deployment", "flux-inpaint")]["spec"]["template"]
+    # Each Service selects its own pods only: the front's Service must never reach Triton's pods.
+    assert service["spec"]["selector"].items() <= triton["metadata"]["labels"].items()
+    assert not service["spec"]["selector"].items() <= front["metadata"]["labels"].items()
+    front_service = objects[("Service", "flux-inpaint")]
+    assert not front_service["spec"]["selector"].items() <= triton["metadata"]["labels"].items()
+    (container,) = triton["spec"]["containers"]
+    names = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= names.keys()
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    server = TritonServerSettings(**{k.removeprefix("FLUX_TRITON_").lower(): v for k, v in env.items()
+                                     if k.startswith("FLUX_TRITON_")})
+    assert (server.http_port, server.grpc_port, server.metrics_port) == (names["http"], names["grpc"], names["metrics"])
+    assert server.address == "0.0.0.0"
+    assert triton["spec"]["terminationGracePeriodSeconds"] > server.exit_timeout_s
+    # The model on the GPU, the front without one; both mount the cache at the same path (LoRA files).
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in str(front["spec"]["containers"][0]["resources"])
+    mount = lambda pod: {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}["cache"]  # noqa: E731
+    assert mount(triton) == mount(front) == env["FLUX_CACHE_DIR"]
+    if shutil.which("kubectl"):  # where kubectl is installed, kustomize itself renders the same
+        import os
+        import subprocess
+
+        import yaml
+
+        relative = os.path.relpath(REPO / "deploy", tmp_path)
+        (tmp_path / "kustomization.yaml").write_text(f"resources: [{relative}/k8s]\ncomponents: [{relative}/k8s/triton]\n")
+        rendered = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, check=True)
+        kinds = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(rendered.stdout)}
+        assert kinds == set(objects)
