@@ -18,9 +18,10 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from .config import Settings
 from .errors import ClientDisconnected, InpaintError, InvalidField, RequestInvalid, RequestTooLarge
@@ -61,7 +62,7 @@ class FalApi:
 
     def app(self) -> Starlette:
         requests = f"/{REQUESTS_PATH}/{{request_id}}"
-        return Starlette(routes=[
+        self.routes = [
             Route(f"/{APP_ID}", self.guarded(self.run_sync, admits=True), methods=["POST"]),
             Route(f"/queue/{APP_ID}", self.guarded(self.submit, admits=True), methods=["POST"]),
             Route(f"{requests}/status", self.guarded(self.status), methods=["GET"]),
@@ -70,7 +71,24 @@ class FalApi:
             Route(f"{requests}/cancel", self.guarded(self.cancel), methods=["PUT"]),
             Route("/files/{name}", self.stored_file, methods=["GET"]),
             Route("/openapi.json", self.openapi, methods=["GET"]),
-        ])
+        ]
+        # BentoML's mount only takes paths one of our routes matches; other paths under fal's prefixes
+        # (a request id holding '/', say) would get its plain-text 404. These answer in fal's shape.
+        unknown = [Route(f"/{prefix}/{{rest:path}}", self.no_route) for prefix in ("fal-ai", "queue", "files")]
+        return Starlette(routes=self.routes + unknown, exception_handlers={HTTPException: self.routing_error})
+
+    async def no_route(self, request: Request) -> Response:
+        allowed = {m for route in self.routes if route.matches(request.scope)[0] == Match.PARTIAL for m in route.methods}
+        if allowed:
+            raise HTTPException(405, headers={"Allow": ", ".join(sorted(allowed))})
+        raise HTTPException(404)
+
+    async def routing_error(self, request: Request, exc: HTTPException) -> Response:
+        """No such route or method: fal's error shape, like every answer."""
+        kinds = {404: "not_found", 405: "method_not_allowed"}
+        response = error_response(exc.status_code, {"detail": exc.detail, "error_type": kinds.get(exc.status_code, "http_error")})
+        response.headers.update(exc.headers or {})  # 405's Allow
+        return response
 
     def guarded(self, handler, admits: bool = False):
         """Auth, fal-shaped errors and no leaked internals for every fal route. On the routes that

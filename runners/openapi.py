@@ -72,16 +72,17 @@ class CancelResult(BaseModel):
 
 # Why each error code can happen, per route (every one has ErrorBody's shape).
 ERRORS = {
-    400: "the request was cancelled (`request_cancelled`), or its result is asked for before it ends (`request_in_progress`)",
+    400: "the request was cancelled (`request_cancelled`, `client_disconnected`), or its result is asked for before it ends (`request_in_progress`)",
     401: "no key, or a wrong one (`unauthorized`)",
     404: "no such request: unknown, or its result has expired (`request_not_found`)",
     413: "the body is over this server's limit (`request_too_large`)",
     422: "a field is invalid (`validation_error`, naming it in `detail[].loc`), or an image, mask or LoRA cannot be used (`image_load_error`, `lora_load_error`)",
     429: "the queue is full (`queue_full`); retry after `Retry-After` seconds",
     500: "the model failed on this request (`inference_error`) or another fault of the server",
-    503: "the model is loading or the worker is unavailable (`model_not_ready`, `worker_unavailable`); retry after `Retry-After` seconds",
+    503: "the model is loading, the worker is unavailable or the server is shutting down (`model_not_ready`, `worker_unavailable`, `server_draining`); retry after `Retry-After` seconds",
+    504: "the request ran past this server's time limit and was stopped (`request_timeout`)",
 }
-RUN_ERRORS = (400, 401, 413, 422, 429, 500, 503)
+RUN_ERRORS = (400, 401, 413, 422, 429, 500, 503, 504)
 
 
 def _json(schema_name: str) -> dict[str, Any]:
