@@ -54,10 +54,15 @@ REQUESTS = bentoml.metrics.Counter(
     documentation="Inpainting requests by outcome (success or error_type)",
     labelnames=["outcome"],
 )
+# Gauges under BentoML's multiprocess Prometheus: "livesum" adds up the live processes (only the front
+# sets them) into one unlabelled series per pod, which is what an autoscaler averages.
 QUEUE_DEPTH = bentoml.metrics.Gauge(
-    name="flux_queue_depth", documentation="Requests accepted and waiting for the model (not yet in flight)"
+    name="flux_queue_depth", documentation="Requests accepted and waiting for the model (not yet in flight)",
+    multiprocess_mode="livesum",
 )
-IN_FLIGHT = bentoml.metrics.Gauge(name="flux_in_flight", documentation="Requests handed to the model and not finished")
+IN_FLIGHT = bentoml.metrics.Gauge(
+    name="flux_in_flight", documentation="Requests handed to the model and not finished", multiprocess_mode="livesum"
+)
 REJECTIONS = bentoml.metrics.Counter(
     name="flux_rejections",
     documentation="Requests refused or stopped before an answer, by reason (queue_full, draining, timeout, ...)",

@@ -128,8 +128,9 @@ class BatchingSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FLUX_BATCH_", extra="ignore")
 
-    max_size: int = Field(4, ge=1, le=64)
-    """Most requests the dispatcher hands the worker at once."""
+    max_size: int = Field(4, ge=2, le=64)
+    """Most requests the dispatcher hands the worker at once. BentoML's batchable APIs take 2 or
+    more; to run one request at a time, set ``FLUX_QUEUE_CONCURRENCY=1`` instead."""
 
     max_latency_ms: int = Field(600_000, ge=1_000, le=3_600_000)
     """BentoML's latency goal: a request whose wait plus estimated run time passes this is

@@ -125,32 +125,38 @@ def test_faults_mixed_into_traffic_fail_alone(server):
     assert cancel.status_code == 202
     assert httpx.get(queued["status_url"], timeout=10).json()["error_type"] == "request_cancelled"
 
-    # The hung-up request left its batch early, like a cancelled one.
-    def stopped_early() -> list[int]:
-        steps = []
-        for line in log_path.read_text().splitlines():
-            if "client disconnected" in line or "cancelled: left the batch after step" not in line:
-                continue
-            steps.append(int(json.loads(line[line.index("{"):])["event"].split("after step ")[1].split("/")[0]))
-        return steps
+    # The hung-up request's work stopped: it never ran, or it left its batch before its 50 steps.
+    def events() -> list[str]:
+        return [json.loads(line)["event"] for line in log_path.read_text().splitlines() if line.startswith("{")]
 
-    deadline = time.monotonic() + 30
-    while len(stopped_early()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert len(stopped_early()) >= 2 and all(step < 50 for step in stopped_early())
+    hung = [e.split()[1].rstrip(":") for e in events() if "the client disconnected" in e]
+    assert len(hung) == 1
+    time.sleep(12)  # longer than its 50 steps would take
+    assert not [e for e in events() if e.startswith(f"request {hung[0]} done")]
+    for event in events():
+        if event.startswith(f"request {hung[0]} cancelled: left the batch after step"):
+            assert int(event.split("after step ")[1].split("/")[0]) < 50
     assert metrics(base).get('flux_requests_total{outcome="client_disconnected"}', 0) >= 1
     assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
     assert post(base, QUICK).status_code == 200
 
 
 def test_a_request_past_its_deadline_stops_in_the_loop_and_answers_504(tmp_path):
-    with bentoml_server(tmp_path, FLUX_REQUEST_TIMEOUT_S="3") as (base, log_path):
+    with bentoml_server(tmp_path, FLUX_REQUEST_TIMEOUT_S="6") as (base, log_path):
         started = time.monotonic()
         response = post(base, SLOW, timeout=60)
+        answered = time.monotonic() - started
         assert response.status_code == 504 and response.json()["error_type"] == "request_timeout"
-        assert time.monotonic() - started < 10  # the answer came at the deadline, not after 50 steps
-        line = next(l for l in log_path.read_text().splitlines() if "out of time: left the batch after step" in l)
-        assert int(line.split("after step ")[1].split("/")[0]) < 50
+        assert answered < 15  # at the deadline (and the step in progress), not after 50 steps
+        request_id = response.headers["x-fal-request-id"]
+        time.sleep(8)  # long enough for the rest of its steps, had they gone on
+        events = [json.loads(line)["event"] for line in log_path.read_text().splitlines() if line.startswith("{")]
+        mine = [e for e in events if e.startswith(f"request {request_id} ")]
+        assert mine and not [e for e in mine if " done" in e], mine
+        stopped = [e for e in mine if "out of time: left the batch after step" in e]
+        if stopped:  # the usual case: stopped inside the loop (else it ran out of time before its batch)
+            assert int(stopped[0].split("after step ")[1].split("/")[0]) < 50
+        print(f"\ndeadline: 504 after {answered:.1f} s; worker: {mine[-1]}")
 
 
 class Webhooks(BaseHTTPRequestHandler):
@@ -170,18 +176,16 @@ def test_sigterm_drains_accepted_work_and_reports_what_it_cannot_finish(tmp_path
     hooks = ThreadingHTTPServer(("127.0.0.1", 0), Webhooks)
     threading.Thread(target=hooks.serve_forever, daemon=True).start()
     webhook = f"http://127.0.0.1:{hooks.server_address[1]}/hook"
-    env = {"FLUX_DRAIN_TIMEOUT_S": "8", "FLUX_ALLOW_PRIVATE_HOSTS": "127.0.0.1", "FLUX_QUEUE_CONCURRENCY": "1",
-           "FLUX_BATCH_MAX_SIZE": "1"}
+    env = {"FLUX_DRAIN_TIMEOUT_S": "8", "FLUX_ALLOW_PRIVATE_HOSTS": "127.0.0.1", "FLUX_QUEUE_CONCURRENCY": "1"}
     try:
         with bentoml_server(tmp_path, **env) as served:
             base = served[0]
-            medium = {**EXAMPLE, "num_inference_steps": 20, "strength": 1.0, "enable_safety_checker": False}
-            queued = [httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json={**medium, "seed": i},
+            queued = [httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json={**QUICK, "seed": i},
                                  timeout=10).json()["request_id"] for i in range(3)]
             queued.append(httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json=SLOW,
                                      timeout=10).json()["request_id"])  # too long for the grace period
             with ThreadPoolExecutor(2) as pool:
-                sync = pool.submit(post, base, {**medium, "seed": 9})
+                sync = pool.submit(post, base, {**QUICK, "seed": 9})  # behind the long one
                 time.sleep(1)
                 signalled = time.monotonic()
                 served.process.send_signal(signal.SIGTERM)  # as Kubernetes does: the main process only
@@ -204,6 +208,6 @@ def test_sigterm_drains_accepted_work_and_reports_what_it_cannot_finish(tmp_path
     by_id = {hook["request_id"]: hook for hook in Webhooks.received}
     assert set(by_id) == set(queued)  # every accepted request was reported to its webhook
     statuses = [by_id[i]["status"] for i in queued]
-    assert statuses[0] == "OK"  # the first finished inside the grace period
+    assert statuses[:3] == ["OK"] * 3  # the quick ones finished inside the grace period
     assert statuses[-1] == "ERROR"  # 50 large steps do not fit in 8 s: failed, not dropped
     assert "server shut down" in json.dumps(by_id[queued[-1]]["payload"])

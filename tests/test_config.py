@@ -1,0 +1,35 @@
+"""Settings read from the environment: a value BentoML or the service cannot run with stops the
+server at start-up with the variable's name, instead of failing strangely later."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from runners.config import BatchingSettings, ServerSettings
+
+
+def test_a_batch_size_of_one_is_refused_with_the_alternative_named(monkeypatch):
+    # BentoML's batchable API raises deep inside its start-up for 1 (found by tests/test_production.py).
+    monkeypatch.setenv("FLUX_BATCH_MAX_SIZE", "1")
+    with pytest.raises(ValidationError) as error:
+        BatchingSettings()
+    assert "max_size" in str(error.value)
+    monkeypatch.setenv("FLUX_BATCH_MAX_SIZE", "2")
+    assert BatchingSettings().max_size == 2
+
+
+@pytest.mark.parametrize("name, value", [
+    ("FLUX_REQUEST_TIMEOUT_S", "0"), ("FLUX_DRAIN_TIMEOUT_S", "-1"), ("FLUX_LOG_FORMAT", "xml"),
+])
+def test_limits_and_log_format_are_bounded(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        ServerSettings()
+
+
+def test_production_defaults(monkeypatch):
+    for name in ("FLUX_REQUEST_TIMEOUT_S", "FLUX_DRAIN_TIMEOUT_S", "FLUX_LOG_FORMAT"):
+        monkeypatch.delenv(name, raising=False)
+    settings = ServerSettings()
+    assert (settings.request_timeout_s, settings.drain_timeout_s, settings.log_format) == (600.0, 120.0, "json")
