@@ -6,7 +6,8 @@ device's peak, and cost per megapixel against fal's $0.035/MP.
         [--steps 28] [--strengths 0.85] [--lora-modes none,fused,deltas,mixed] [--accelerations none,regular] ...
 
 The matrix is backend x size x steps x strength x batch x LoRA mode x acceleration. Warm-up first,
-then N timed runs per cell; medians and p95 over those runs. FLOPs are counted from the model's own
+then N timed runs per cell, interleaved across the acceleration variants of one matrix point so
+that load changes hit them alike; medians and p95 over those runs. FLOPs are counted from the model's own
 config at the run's token counts (74 TFLOP per step at 1024x1024 with 512 text tokens for
 FLUX.1-dev), so the fraction of peak needs no profiler. Each ``regular`` cell is compared with the
 ``none`` cell just before it, same requests and seeds: its speed-up, the fraction of transformer
@@ -80,23 +81,30 @@ def cell_requests(width, height, steps, strength, batch, acceleration, loras):
             for i in range(batch)]
 
 
-def run_cell(inpainter, requests, repeats, warmup):
-    """(seconds per run, denoising seconds per run, peak memory, the last run's results)."""
-    for _ in range(warmup):
-        inpainter.run(requests)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    seconds, denoise = [], []
+def run_cells(cells: list, repeats: int, warmup: int) -> list:
+    """``cells``: (inpainter, requests) pairs of one matrix point that differ only in acceleration.
+    Their timed runs are interleaved (run 1 of each, then run 2 of each, ...), so a change in the
+    machine's load during the measurement hits every variant alike and their ratio stays fair.
+    Per cell: (seconds per run, denoising seconds per run, peak memory, the last run's results)."""
+    for inpainter, requests in cells:
+        for _ in range(warmup):
+            inpainter.run(requests)
+    measured = [([], [], None, None) for _ in cells]
     for _ in range(repeats):
-        started = time.perf_counter()
-        results = inpainter.run(requests)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - started)
-        denoise.append(results[0].timings["inference"])
-    peak_memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return seconds, denoise, peak_memory, results
+        for index, (inpainter, requests) in enumerate(cells):
+            seconds, denoise, peak_memory, _ = measured[index]
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            results = inpainter.run(requests)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                peak_memory = max(peak_memory or 0, torch.cuda.max_memory_allocated())
+            seconds.append(time.perf_counter() - started)
+            denoise.append(results[0].timings["inference"])
+            measured[index] = (seconds, denoise, peak_memory, results)
+    return measured
 
 
 def deviation(reference: list, images: list) -> dict:
@@ -213,22 +221,23 @@ def main(argv: list[str] | None = None) -> dict:
         "acceleration_switches": switches, "cells": [], "skipped": [],
     }
     for backend in backends:
-        variant, reason = with_backend(model, backend, settings, lora_settings)
-        if variant is None:
+        backend_model, reason = with_backend(model, backend, settings, lora_settings)
+        if backend_model is None:
             results["skipped"].append({"backend": backend, "reason": reason})
             print(f"backend {backend}: skipped: {reason}", flush=True)
             continue
-        inpainters = {(name, threshold): Inpainter(variant, AccelerationSettings(**switches, threshold=threshold or 0.0))
+        inpainters = {(name, threshold): Inpainter(backend_model, AccelerationSettings(**switches, threshold=threshold or 0.0))
                       for name, threshold in variants}
         matrix = itertools.product(sizes, [int(s) for s in args.steps.split(",")],
                                    [float(s) for s in args.strengths.split(",")], batch_sizes, lora_modes)
         for (width, height), steps, strength, batch, lora_mode in matrix:
-            variant.fuse_uniform_loras = lora_mode == "fused"
+            backend_model.fuse_uniform_loras = lora_mode == "fused"
             reference = None
-            for acceleration, threshold in variants:
-                requests = cell_requests(width, height, steps, strength, batch, acceleration, loras[lora_mode])
-                seconds, denoise, peak_memory, outputs = run_cell(inpainters[(acceleration, threshold)], requests,
-                                                                  args.repeats, args.warmup)
+            measured = run_cells([(inpainters[(name, threshold)], cell_requests(width, height, steps, strength, batch, name,
+                                                                                 loras[lora_mode]))
+                                  for name, threshold in variants],
+                                 args.repeats, args.warmup)
+            for (acceleration, threshold), (seconds, denoise, peak_memory, outputs) in zip(variants, measured):
                 ran = len(plan_schedule(model.pipeline.scheduler.config, steps, strength, (width // 16) * (height // 16))[0])
                 skipped = sum(r.steps_skipped for r in outputs) / (batch * ran)
                 cell = measure(config, args, peak, width, height, steps, strength, batch, ran, seconds, denoise,

@@ -2,7 +2,9 @@
 
 The loop only ever calls ``TransformerBackend.__call__`` and ``VaeBackend.encode/decode``, so the
 same loop can run on eager torch today and on torch.compile, ONNX Runtime or TensorRT engines
-(or behind Triton) without knowing which. Tensors cross these interfaces in the backend's device
+(or behind Triton) without knowing which. One optional capability, ``SplitTransformerBackend``
+(eager torch has it), lets ``acceleration: "regular"`` run the blocks after the first for only
+some samples of a batch (runners/acceleration.py); without it "regular" runs the whole forward. Tensors cross these interfaces in the backend's device
 and dtype; every method is called under ``torch.inference_mode``.
 """
 
