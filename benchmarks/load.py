@@ -6,6 +6,11 @@ sizes the server ran (read from its /metrics), at each concurrency level.
 Every client loops (sync route, or queue submit + status polling + result) until the duration or
 the request count is reached, so the run is bounded whatever the server does. Only loopback
 addresses are driven unless ``--allow-remote`` says otherwise.
+
+Executors side by side: ``--targets inprocess=http://127.0.0.1:3000,triton=http://127.0.0.1:3001``
+drives each front in turn with the same request mix at each level and writes load-executors.{json,md};
+``--triton-metrics http://127.0.0.1:8002/metrics`` adds the Triton target's batch sizes (Triton's
+inference count over its execution count).
 """
 
 from __future__ import annotations
@@ -134,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dollars-per-hour", type=float, default=2.99)
     parser.add_argument("--allow-remote", action="store_true", help="drive a host that is not loopback")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--targets", default="", help="NAME=URL,...: fronts to compare on the same mix (executors)")
+    parser.add_argument("--triton-metrics", default=None, help="Triton's /metrics, for the batch sizes of target 'triton'")
     args = parser.parse_args(argv)
     if urlsplit(args.url).hostname not in LOOPBACK and not args.allow_remote:
         parser.error(f"{args.url} is not a loopback address; pass --allow-remote to drive it")
@@ -141,6 +148,11 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = args.sizes.split(",")
     bodies = [request_body(size, args.steps, seed, loras[seed % len(loras)]) for seed, size in enumerate(sizes * len(loras))]
     headers = {"Authorization": f"Key {args.key}"} if args.key else {}
+    if args.targets:
+        targets = dict(target.split("=", 1) for target in args.targets.split(","))
+        if any(urlsplit(url).hostname not in LOOPBACK for url in targets.values()) and not args.allow_remote:
+            parser.error(f"{args.targets}: not all loopback addresses; pass --allow-remote to drive them")
+        return compare(args, targets, bodies, headers)
     results = {"url": args.url, "sizes": sizes, "steps": args.steps, "routes": args.routes, "loras": args.loras,
                "dollars_per_hour": args.dollars_per_hour, "levels": []}
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
@@ -172,3 +184,46 @@ def write(results: dict, out: Path) -> None:
                      f"{fmt(f['mean_batch_size'], '.2f')} | {fmt(f['cost_per_mp'], '.5f')} |")
     (out / "load.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def triton_batches(metrics_url: str) -> tuple[float, float]:
+    """(inference count, execution count) of Triton's models: requests, and batches that ran them."""
+    text = httpx.get(metrics_url, timeout=10).text
+    total = lambda name: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))  # noqa: E731
+    return total("nv_inference_count"), total("nv_inference_exec_count")
+
+
+def compare(args, targets: dict[str, str], bodies: list[dict], headers: dict) -> dict:
+    """Each target (an executor behind its own front) on the same bodies at each level, one after the
+    other so they never share the machine; results side by side."""
+    results = {"targets": targets, "sizes": args.sizes.split(","), "steps": args.steps, "routes": args.routes,
+               "loras": args.loras, "duration_s": args.duration, "levels": []}
+    for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        for name, url in targets.items():
+            on_triton = name == "triton" and args.triton_metrics
+            before = triton_batches(args.triton_metrics) if on_triton else None
+            figures = asyncio.run(level(url, headers, concurrency, bodies, args.routes.split(","), args.duration,
+                                        args.requests, args.timeout))
+            if on_triton:
+                after = triton_batches(args.triton_metrics)
+                executions = after[1] - before[1]
+                figures["batches_run"] = executions
+                figures["mean_batch_size"] = (after[0] - before[0]) / executions if executions else None
+            results["levels"].append({"target": name, **figures})
+            print(f"{name} concurrency {concurrency}: {figures['images_per_s']:.2f} images/s, p50 {figures['p50_s']} s, "
+                  f"p95 {figures['p95_s']} s, errors {figures['error_rate']:.0%}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "load-executors.json").write_text(json.dumps(results, indent=2))
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    lines = ["# Executors side by side: " + ", ".join(f"{name} ({url})" for name, url in targets.items()), "",
+             f"Sizes {args.sizes}, {args.steps} steps, routes {args.routes}, {args.duration:.0f} s per cell, "
+             "one target at a time.", "",
+             "| concurrency | executor | requests | ok | images/s | p50 s | p95 s | p99 s | 429 | errors | mean batch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for f in results["levels"]:
+        lines.append(f"| {f['concurrency']} | {f['target']} | {f['requests']} | {f['succeeded']} | {f['images_per_s']:.2f} | "
+                     f"{fmt(f['p50_s'], '.2f')} | {fmt(f['p95_s'], '.2f')} | {fmt(f['p99_s'], '.2f')} | "
+                     f"{f['rate_429']:.0%} | {f['error_rate']:.0%} | {fmt(f['mean_batch_size'], '.2f')} |")
+    (args.out / "load-executors.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return results
