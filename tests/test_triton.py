@@ -127,7 +127,8 @@ def test_tensor_contract_round_trip():
 
     raw = body(5, guidance_scale=3.3, strength=0.7, num_images=2, enable_safety_checker=False, acceleration="regular")
     job = asyncio.run(prepare_job(InpaintRequest(**raw), ImageLimits(), "rid-1"))
-    job = job.model_copy(update={"loras": [JobLora(path="/x/a.safetensors", sha256="0" * 64, scale=0.5, name="a")]})
+    job = job.model_copy(update={"loras": [JobLora(path="/x/a.safetensors", sha256="0" * 64, scale=0.5, name="a")],
+                                 "deadline": time.time() + 100})
     tensors = job_tensors(job)
     wire = {spec.name: decode_tensor(encode_tensor(tensors[spec.name], spec.datatype), spec.datatype, [1, 1])
             for spec in INPUTS}
@@ -145,6 +146,26 @@ def test_tensor_contract_round_trip():
     failed = JobResult.failed("rid-1", __import__("runners.errors", fromlist=["x"]).LoraLoadError(("loras", 0, "path"), "bad"))
     again = tensors_result(job, result_tensors(failed, job.seed))
     assert again.error == failed.error and again.error.status == 422
+
+
+@pytest.mark.parametrize(("status", "message", "error_type"), [
+    (503, "[request id: x] Exceeds maximum queue size", "queue_full"),
+    (503, "Request timeout expired", "queue_full"),
+    (400, "Server is not ready", "worker_unavailable"),
+    (500, "Failed to process the request(s) for model 'flux_inpaint_0_0', message: stub process is not healthy",
+     "worker_unavailable"),
+])
+def test_triton_refusals_become_fal_errors(status, message, error_type):
+    """Triton's own answers (not a job's ERROR tensor): its queue policy's two rejections are 429s that
+    fal clients retry; anything else is the model tier being unavailable (503), never a 500 that
+    blames the request."""
+    from runners.config import ExecutorSettings
+    from runners.triton_executor import TritonClient
+
+    client = TritonClient(ExecutorSettings(executor="triton"))
+    error = client._error("r", httpx.Response(status, json={"error": message}))
+    assert error.error_type == error_type
+    assert error.status == (429 if error_type == "queue_full" else 503)
 
 
 def test_same_images_as_the_in_process_executor(stack, tmp_path):
