@@ -7,9 +7,9 @@ shutting down is ``WorkerUnavailable`` (503), and a job's own failure (the ERROR
 as the same ``ReportedError`` (status and error_type) the in-process worker would have produced.
 
 Limits of this tier: Triton reports no per-step progress (status answers IN_PROGRESS from the
-moment Triton has the request, queued there or running, without "step i/N" logs), and a request Triton has taken cannot be stopped mid-loop: cancel
-answers the caller at once, the request still runs to its end on Triton. A request still queued in
-the front never reaches Triton.
+moment Triton has the request, queued there or running, without "step i/N" logs), and a request
+Triton has taken cannot be stopped mid-loop: cancel answers the caller at once, the request still
+runs to its end on Triton. A request still queued in the front never reaches Triton.
 """
 
 from __future__ import annotations

@@ -109,7 +109,8 @@ class TritonModel:
             results = run_jobs(self.inpainter, [job for _, job in jobs]) if jobs else []
         for (position, job), result in zip(jobs, results):
             answers[position] = result_tensors(result, job.seed)
-        log.info("batch of %d request(s) (%d runnable) in %.2f s", len(requests), len(jobs), time.perf_counter() - started)
+        log.info("batch of %d request(s) (%d runnable) in %.2f s", len(requests), len(jobs),
+                 time.perf_counter() - started)
         return [answers[position] for position in range(len(requests))]
 
 

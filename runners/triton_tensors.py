@@ -81,7 +81,8 @@ OUTPUTS = (
     TensorSpec("LOGS", "BYTES", (1,)),
     TensorSpec("ERROR", "BYTES", (1,)),
 )
-NUMPY_TYPES = {"BYTES": np.object_, "BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "FP64": np.float64}
+NUMPY_TYPES = {"BYTES": np.object_, "BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32,
+               "FP64": np.float64}
 
 
 def _bytes(value: bytes | str) -> np.ndarray:

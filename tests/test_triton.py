@@ -37,7 +37,8 @@ def triton_server(tmp: Path, **env_overrides: str):
     http, grpc, metrics = free_port(), free_port(), free_port()
     env = {
         **os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp / "cache"),
-        "FLUX_TRITON_HTTP_PORT": str(http), "FLUX_TRITON_GRPC_PORT": str(grpc), "FLUX_TRITON_METRICS_PORT": str(metrics),
+        "FLUX_TRITON_HTTP_PORT": str(http), "FLUX_TRITON_GRPC_PORT": str(grpc),
+        "FLUX_TRITON_METRICS_PORT": str(metrics),
         **env_overrides,
     }
     log_path = tmp / f"triton-{http}.log"
@@ -119,6 +120,7 @@ def test_tensor_contract_round_trip():
     import asyncio
 
     from runners.config import ImageLimits
+    from runners.errors import LoraLoadError
     from runners.jobs import EncodedImage, JobResult, JobLora, prepare_job
     from runners.progress import LogLine
     from runners.schema import InpaintRequest
@@ -138,12 +140,12 @@ def test_tensor_contract_round_trip():
                   "enable_safety_checker", "output_format", "acceleration"):
         assert getattr(back.request, field) == getattr(job.request, field), field
 
-    result = JobResult(request_id="rid-1", images=[EncodedImage(data=b"\x89PNG1", content_type="image/png", width=64,
-                                                                height=64), EncodedImage(data=b"\x89PNG2", content_type="image/png", width=64, height=64)],
+    images = [EncodedImage(data=data, content_type="image/png", width=64, height=64) for data in (b"\x89P1", b"\x89P2")]
+    result = JobResult(request_id="rid-1", images=images,
                        has_nsfw_concepts=[False, True], timings={"preprocess": 0.1, "inference": 1.5, "decode": 0.2},
                        logs=[LogLine(message="step 1/2")])
     assert tensors_result(job, result_tensors(result, job.seed)) == result
-    failed = JobResult.failed("rid-1", __import__("runners.errors", fromlist=["x"]).LoraLoadError(("loras", 0, "path"), "bad"))
+    failed = JobResult.failed("rid-1", LoraLoadError(("loras", 0, "path"), "bad"))
     again = tensors_result(job, result_tensors(failed, job.seed))
     assert again.error == failed.error and again.error.status == 422
 
@@ -174,7 +176,8 @@ def test_same_images_as_the_in_process_executor(stack, tmp_path):
     on_triton = httpx.post(f"{stack['front']}/{APP}", json=request, timeout=180)
     assert on_triton.status_code == 200, on_triton.text
     # The in-process front reads the very same tiny model files (the shared cache directory).
-    with bentoml_server(tmp_path, XDG_CACHE_HOME=str(stack["tmp"] / "cache"), FLUX_LOG_FORMAT="text") as (in_process, _):
+    cache = str(stack["tmp"] / "cache")
+    with bentoml_server(tmp_path, XDG_CACHE_HOME=cache, FLUX_LOG_FORMAT="text") as (in_process, _):
         local = httpx.post(f"{in_process}/{APP}", json=request, timeout=180)
     assert local.status_code == 200, local.text
     a, b = on_triton.json(), local.json()
@@ -339,8 +342,10 @@ def test_k8s_component_is_valid_and_points_the_front_at_triton(tmp_path):
     # The model on the GPU, the front without one; both mount the cache at the same path (LoRA files).
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in str(front["spec"]["containers"][0]["resources"])
-    mount = lambda pod: {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}["cache"]  # noqa: E731
-    assert mount(triton) == mount(front) == env["FLUX_CACHE_DIR"]
+    def cache_mount(pod: dict) -> str:
+        return {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}["cache"]
+
+    assert cache_mount(triton) == cache_mount(front) == env["FLUX_CACHE_DIR"]
     if shutil.which("kubectl"):  # where kubectl is installed, kustomize itself renders the same
         import os
         import subprocess
@@ -348,7 +353,8 @@ def test_k8s_component_is_valid_and_points_the_front_at_triton(tmp_path):
         import yaml
 
         relative = os.path.relpath(REPO / "deploy", tmp_path)
-        (tmp_path / "kustomization.yaml").write_text(f"resources: [{relative}/k8s]\ncomponents: [{relative}/k8s/triton]\n")
+        overlay = f"resources: [{relative}/k8s]\ncomponents: [{relative}/k8s/triton]\n"
+        (tmp_path / "kustomization.yaml").write_text(overlay)
         rendered = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, check=True)
         kinds = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(rendered.stdout)}
         assert kinds == set(objects)
