@@ -118,7 +118,7 @@ def triton_tensor(spec, Tensor):
     return Tensor(name=spec.name, dtype=NUMPY_TYPES[spec.datatype], shape=spec.shape)
 
 
-def model_config(server: TritonServerSettings):
+def triton_model_config(server: TritonServerSettings):
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, TimeoutAction
 
     return ModelConfig(
@@ -193,7 +193,7 @@ def main() -> None:
                 infer_func=model.infer,
                 inputs=[triton_tensor(spec, Tensor) for spec in INPUTS],
                 outputs=[triton_tensor(spec, Tensor) for spec in OUTPUTS],
-                config=model_config(server),
+                config=triton_model_config(server),
                 strict=False,
             )
             log.info("serving %s on http://%s:%d (metrics :%d)", server.model, server.address,

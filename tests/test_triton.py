@@ -188,6 +188,19 @@ def test_same_images_as_the_in_process_executor(stack, tmp_path):
     assert set(a["timings"]) == set(b["timings"])
 
 
+def test_triton_runs_the_configured_batcher_and_queue_policy(stack):
+    """What Triton itself reports for the model: the settings became its dynamic batcher and queue policy."""
+    config = httpx.get(f"{stack['triton']}/v2/models/flux_inpaint/config", timeout=5).json()
+    assert config["max_batch_size"] == 4
+    batcher = config["dynamic_batching"]
+    assert batcher["preferred_batch_size"] == [2, 4]
+    assert int(batcher["max_queue_delay_microseconds"]) == 200_000
+    policy = batcher["default_queue_policy"]
+    assert int(policy["max_queue_size"]) == 4
+    assert policy["timeout_action"] == "REJECT"
+    assert int(policy["default_timeout_microseconds"]) == 600_000_000
+
+
 def test_concurrent_requests_form_triton_batches(stack):
     count0 = counter(stack["metrics"], "nv_inference_count")
     exec0 = counter(stack["metrics"], "nv_inference_exec_count")
