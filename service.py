@@ -24,6 +24,7 @@ from runners.errors import ModelNotReady, WorkerUnavailable
 from runners.fal_http import FalApi
 from runners.fetch import HostPolicy, SafeFetcher
 from runners.jobs import InpaintJob, JobResult, fal_output, prepare_job
+from runners.ledger import JobLedger
 from runners.lifecycle import drain_on_sigterm
 from runners.logs import configure_logging
 from runners.lora_sources import LoraSources
@@ -121,6 +122,7 @@ class InpaintWorker:
         self.lora_feed = CounterFeed()
         self.running = 0
         self.last_call = time.monotonic()
+        self.ledger = JobLedger()  # a job the front sends twice (a retried call) runs once
         threading.Thread(target=self._load, name="model-load", daemon=True).start()
         drain_on_sigterm(self._drain, "model worker")
 
@@ -189,7 +191,7 @@ class InpaintWorker:
         self.running += 1
         self.last_call = time.monotonic()
         try:
-            results = run_jobs(self.inpainter, jobs, self.board)
+            results = self.ledger.run(jobs, lambda fresh: run_jobs(self.inpainter, fresh, self.board))
         finally:
             self.running -= 1
             self.last_call = time.monotonic()
@@ -371,3 +373,5 @@ class FluxInpainting:
     @bentoml.on_shutdown
     async def _stop_queue(self) -> None:
         await self.queue.stop()
+        if self.triton is not None:
+            await self.triton.close()

@@ -49,7 +49,7 @@ class Outcome:
 
 
 class Executor(Protocol):
-    """How records reach the model: the BentoML worker in service.py, or Triton later."""
+    """How records reach the model: the BentoML worker, or a Triton server (service.py)."""
 
     async def run(self, record: Record) -> Outcome: ...  # raises InpaintError for the caller's faults
     async def cancel(self, request_id: str) -> None: ...

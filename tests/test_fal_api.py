@@ -297,9 +297,9 @@ def test_queue_positions_cancel_of_a_queued_request_and_429(server):
     wait_for(lambda: httpx.get(running[0]["status_url"], headers=auth()).json()["status"] == "IN_PROGRESS")
     positions = [httpx.get(w["status_url"], headers=auth()).json()["queue_position"] for w in waiting]
     assert positions == [0, 1]
-    full = [submit(SLOW) for _ in range(3)]  # 4 held; the limit is 6
-    assert [r.status_code for r in full] == [202, 202, 429]
-    assert full[2].json()["error_type"] == "queue_full" and full[2].headers["retry-after"]
+    full = [submit(SLOW) for _ in range(5)]  # 2 in flight (not counted) and 2 waiting; the limit is 6 waiting
+    assert [r.status_code for r in full] == [202, 202, 202, 202, 429]
+    assert full[4].json()["error_type"] == "queue_full" and full[4].headers["retry-after"]
     cancel = httpx.put(waiting[1]["cancel_url"], headers=auth())
     assert cancel.status_code == 202 and cancel.json() == {"status": "CANCELLATION_REQUESTED"}
     cancelled = httpx.get(waiting[1]["status_url"], params={"logs": "1"}, headers=auth()).json()
@@ -307,7 +307,7 @@ def test_queue_positions_cancel_of_a_queued_request_and_429(server):
     assert not any(line["message"].startswith("started") for line in cancelled["logs"])  # it never ran
     assert httpx.get(waiting[1]["response_url"], headers=auth()).status_code == 400
     assert httpx.put(waiting[1]["cancel_url"], headers=auth()).json() == {"status": "ALREADY_COMPLETED"}
-    for body in running + [waiting[0]] + [r.json() for r in full[:2]]:
+    for body in running + [waiting[0]] + [r.json() for r in full[:4]]:
         httpx.put(body["cancel_url"], headers=auth())
     unknown = f"{server}/queue/fal-ai/flux-lora/requests/nope"
     assert httpx.get(unknown + "/status", headers=auth()).status_code == 404
