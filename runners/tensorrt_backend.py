@@ -34,7 +34,7 @@ import torch
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
-    "pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu12; "
+    "pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13; "
     "take the tensorrt-cu* package matching torch's CUDA major version"
 )
 

@@ -40,7 +40,7 @@ from runners.tensorrt_backend import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-INSTALL = "pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu12"
+INSTALL = "pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13"
 AVAILABLE, REASON = tensorrt_available()
 needs_tensorrt = pytest.mark.skipif(not AVAILABLE, reason=REASON)
 
