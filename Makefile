@@ -1,4 +1,5 @@
-# `make serve` and `make test` build the environment they need first (.venv from requirements.lock).
+# `make serve` and `make test` build the environment they need first: .venv from requirements-dev.lock
+# (the service's own pins, requirements.lock, which the Bento installs, plus test and benchmark tools).
 PYTHON ?= python3
 VENV ?= .venv
 PORT ?= 3000
@@ -9,10 +10,10 @@ BIN := $(VENV)/bin
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock requirements-dev.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet -r requirements-dev.lock
 	touch $@
 
 serve: venv
