@@ -77,6 +77,7 @@ def test_loop_benchmark_smoke(tmp_path, cache_dir, monkeypatch):
         # 3 steps: 0 warms up, 2 is the last, 1 is skipped by every sample
         assert fast["first_block_cache"] and fast["steps_skipped_fraction"] == 1 / 3
         assert fast["speedup_vs_none"] == base["median_s"] / fast["median_s"]
+        assert fast["best_speedup_vs_none"] == base["min_s"] / fast["min_s"] and 0 < fast["min_s"] <= fast["median_s"]
         assert 0 <= fast["mean_abs_error"] <= fast["max_abs_error"] <= 255
         assert fast["psnr_db"] is None or fast["psnr_db"] > 0
         # executed FLOPs: a skipped step runs only the first block
