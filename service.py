@@ -142,7 +142,7 @@ class InpaintWorker:
         try:
             model = load_model(SETTINGS.model, SETTINGS.lora)
             attach_backend(model, SETTINGS)
-            self.inpainter = Inpainter(model)
+            self.inpainter = Inpainter(model, SETTINGS.acceleration)
             if SETTINGS.model.warmup:
                 self._warm_up()
             self.ready.set()

@@ -148,7 +148,7 @@ def load_inpainter():
     settings = load_settings()
     model = load_model(settings.model, settings.lora)
     attach_backend(model, settings)
-    inpainter = Inpainter(model)
+    inpainter = Inpainter(model, settings.acceleration)
     if settings.model.warmup:
         started = time.perf_counter()
         job = InpaintJob(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import fal_client
 import fal_client.client
@@ -18,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, bentoml_server
+from tests.conftest import REPO, LocalHandler, bentoml_server, local_http_server
 
 KEY = "test-key-one"
 APP = "fal-ai/flux-lora/inpainting"
@@ -27,7 +26,7 @@ FAST = {**EXAMPLE, "num_inference_steps": 3}
 SLOW = {**EXAMPLE, "image_size": "square_hd", "num_inference_steps": 50, "strength": 1.0}  # ~10 s on the tiny model
 
 
-class Assets(BaseHTTPRequestHandler):
+class Assets(LocalHandler):
     """Images to fetch and a webhook receiver."""
 
     hooks: list[dict] = []
@@ -37,7 +36,7 @@ class Assets(BaseHTTPRequestHandler):
     def do_GET(self):
         Assets.gets.append(self.path)
         if self.path in self.files:
-            self._send(200, self.files[self.path].read_bytes(), "image/png")
+            self.send(200, self.files[self.path].read_bytes(), "image/png")
         elif self.path == "/to-metadata":
             self.send_response(302)
             self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
@@ -47,37 +46,23 @@ class Assets(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(10**9))
             self.end_headers()
         elif self.path == "/text":
-            self._send(200, b"<html>not an image</html>", "image/png")
+            self.send(200, b"<html>not an image</html>", "image/png")
         else:
-            self._send(404, b"no", "text/plain")
+            self.send(404, b"no", "text/plain")
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         Assets.hooks.append({"path": self.path, "body": json.loads(body)})
-        self._send(200, b"ok", "text/plain")
-
-    def _send(self, code, body, content_type):
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.send(200, b"ok", "text/plain")
 
 
-class QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request, client_address):
-        pass  # the server under test hangs up on /huge on purpose
+
 
 
 @pytest.fixture(scope="module")
 def assets():
-    httpd = QuietServer(("127.0.0.1", 0), Assets)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with local_http_server(Assets) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

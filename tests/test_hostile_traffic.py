@@ -22,14 +22,13 @@ import struct
 import threading
 import zlib
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import bentoml_server, scene
+from tests.conftest import LocalHandler, bentoml_server, local_http_server, scene
 
 KEY = "hostile-key"
 ROUTE = "/fal-ai/flux-lora/inpainting"
@@ -67,12 +66,12 @@ IMAGE, MASK = (png(i) for i in scene(64, 64, seed=5))
 SVG = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="64" height="64"/></svg>'
 
 
-class Assets(BaseHTTPRequestHandler):
+class Assets(LocalHandler):
     """Images to fetch, and redirects to where the server must not go."""
 
     def do_GET(self):
         if self.path == "/image.png":
-            self._send(200, IMAGE, "image/png")
+            self.send(200, IMAGE, "image/png")
         elif self.path in ("/to-metadata", "/to-private"):
             target = {"/to-metadata": "http://169.254.169.254/latest/meta-data/", "/to-private": "http://10.0.0.7/x.png"}
             self.send_response(302)
@@ -84,32 +83,18 @@ class Assets(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(10**9))
             self.end_headers()
         elif self.path == "/svg-as-png":
-            self._send(200, SVG, "image/png")
+            self.send(200, SVG, "image/png")
         else:
-            self._send(404, b"no", "text/plain")
-
-    def _send(self, code, body, content_type):
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+            self.send(404, b"no", "text/plain")
 
 
-class QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request, client_address):
-        pass  # the server under test hangs up on /huge on purpose
+
 
 
 @pytest.fixture(scope="module")
 def assets():
-    httpd = QuietServer(("127.0.0.1", 0), Assets)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with local_http_server(Assets) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,14 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import psutil
 import pytest
 
-from tests.conftest import REPO, bentoml_server
+from tests.conftest import REPO, LocalHandler, bentoml_server, local_http_server
 
 APP = "fal-ai/flux-lora/inpainting"
 EXAMPLE = json.loads((REPO / "examples" / "request.json").read_text())
@@ -159,46 +157,40 @@ def test_a_request_past_its_deadline_stops_in_the_loop_and_answers_504(tmp_path)
         print(f"\ndeadline: 504 after {answered:.1f} s; worker: {mine[-1]}")
 
 
-class Webhooks(BaseHTTPRequestHandler):
+class Webhooks(LocalHandler):
     received: list[dict] = []
 
     def do_POST(self):
         Webhooks.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
+        self.send(200, b"", "text/plain")
 
 
 def test_sigterm_drains_accepted_work_and_reports_what_it_cannot_finish(tmp_path):
-    hooks = ThreadingHTTPServer(("127.0.0.1", 0), Webhooks)
-    threading.Thread(target=hooks.serve_forever, daemon=True).start()
-    webhook = f"http://127.0.0.1:{hooks.server_address[1]}/hook"
+    with local_http_server(Webhooks) as hooks:
+        drain_under_load(tmp_path, f"{hooks}/hook")
+
+
+def drain_under_load(tmp_path, webhook: str) -> None:
     env = {"FLUX_DRAIN_TIMEOUT_S": "8", "FLUX_ALLOW_PRIVATE_HOSTS": "127.0.0.1", "FLUX_QUEUE_CONCURRENCY": "1"}
-    try:
-        with bentoml_server(tmp_path, **env) as served:
-            base = served[0]
-            queued = [httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json={**QUICK, "seed": i},
-                                 timeout=10).json()["request_id"] for i in range(3)]
-            queued.append(httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json=SLOW,
-                                     timeout=10).json()["request_id"])  # too long for the grace period
-            with ThreadPoolExecutor(2) as pool:
-                sync = pool.submit(post, base, {**QUICK, "seed": 9})  # behind the long one
-                time.sleep(1)
-                signalled = time.monotonic()
-                served.process.send_signal(signal.SIGTERM)  # as Kubernetes does: the main process only
-                time.sleep(0.5)
-                assert httpx.get(f"{base}/readyz", timeout=5).status_code == 503  # traffic moves elsewhere
-                refused = post(base, QUICK, timeout=10)
-                assert refused.status_code == 503 and refused.json()["error_type"] == "server_draining"
-                assert "retry-after" in refused.headers
-                answer = sync.result(timeout=60)
-            served.process.wait(timeout=60)
-            took = time.monotonic() - signalled
-    finally:
-        hooks.shutdown()
+    with bentoml_server(tmp_path, **env) as served:
+        base = served[0]
+        queued = [httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json={**QUICK, "seed": i},
+                             timeout=10).json()["request_id"] for i in range(3)]
+        queued.append(httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json=SLOW,
+                                 timeout=10).json()["request_id"])  # too long for the grace period
+        with ThreadPoolExecutor(2) as pool:
+            sync = pool.submit(post, base, {**QUICK, "seed": 9})  # behind the long one
+            time.sleep(1)
+            signalled = time.monotonic()
+            served.process.send_signal(signal.SIGTERM)  # as Kubernetes does: the main process only
+            time.sleep(0.5)
+            assert httpx.get(f"{base}/readyz", timeout=5).status_code == 503  # traffic moves elsewhere
+            refused = post(base, QUICK, timeout=10)
+            assert refused.status_code == 503 and refused.json()["error_type"] == "server_draining"
+            assert "retry-after" in refused.headers
+            answer = sync.result(timeout=60)
+        served.process.wait(timeout=60)
+        took = time.monotonic() - signalled
 
     print(f"\ndrain: exited {took:.1f} s after SIGTERM; sync answered {answer.status_code}")
     assert answer.status_code in (200, 503)
