@@ -11,6 +11,8 @@ The model work lives in ``runners/``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -30,8 +32,7 @@ from runners.logs import configure_logging
 from runners.lora_sources import LoraSources
 from runners.model import TINY_WARNING
 from runners.progress import JobBoard, JobProgress
-from runners.queue import Outcome, Record, RequestQueue
-from runners.schema import InpaintRequest
+from runners.queue import Outcome, Record, RequestQueue, Status
 from runners.store import make_store
 from runners.webhooks import deliver, webhook_body
 
@@ -120,57 +121,30 @@ class InpaintWorker:
         self.ready = threading.Event()
         self.board = JobBoard()
         self.lora_feed = CounterFeed()
-        self.running = 0
-        self.last_call = time.monotonic()
+        self.front_done = asyncio.Event()  # set by the front at the end of its drain
         self.ledger = JobLedger()  # a job the front sends twice (a retried call) runs once
         threading.Thread(target=self._load, name="model-load", daemon=True).start()
-        drain_on_sigterm(self._drain, "model worker")
+        if not drain_on_sigterm(self._drain, "model worker"):
+            log.warning("SIGTERM cannot be handled in this process: stopping will not wait for the front")
 
     async def _drain(self) -> None:
-        """Keep serving after SIGTERM while the front still sends work (it drains its queue through
-        us), until no batch has run or arrived for a few seconds, or the drain time is spent."""
+        """Keep serving after SIGTERM: the front drains its queue through us, and says when it is
+        done (``front_drained``). If it never does (it crashed), stop after its drain time."""
         import asyncio
 
-        until = time.monotonic() + SETTINGS.server.drain_timeout_s + 30
-        while time.monotonic() < until and (self.running or time.monotonic() - self.last_call < 3):
-            await asyncio.sleep(0.2)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.front_done.wait(), SETTINGS.server.drain_timeout_s + 10)
 
     def _load(self) -> None:
-        from runners.inpaint import Inpainter
-        from runners.model import attach_backend, load_model
+        from runners.batch import load_inpainter
 
         try:
-            model = load_model(SETTINGS.model, SETTINGS.lora)
-            attach_backend(model, SETTINGS)
-            self.inpainter = Inpainter(model, SETTINGS.acceleration)
-            if SETTINGS.model.warmup:
-                self._warm_up()
+            self.inpainter = load_inpainter(SETTINGS)
             self.ready.set()
             log.info("model ready: %s", MODEL_LABEL)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("model failed to load; the worker stays unready")
-
-    def _warm_up(self) -> None:
-        from PIL import Image
-
-        from runners.batch import run_jobs
-        from runners.images import encode_lossless
-
-        started = time.perf_counter()
-        job = InpaintJob(
-            request_id="warm-up",
-            request=InpaintRequest(prompt="warm-up", image_url="-", mask_url="-", num_inference_steps=2),
-            width=256,
-            height=256,
-            seed=0,
-            image_png=encode_lossless(Image.new("RGB", (256, 256), (127, 127, 127))),
-            mask_png=encode_lossless(Image.new("L", (256, 256), 255)),
-        )
-        result = run_jobs(self.inpainter, [job])[0]
-        if result.error is not None:
-            raise RuntimeError(f"warm-up inference failed: {result.error.detail}")
-        log.info("warm-up inference done in %.2f s", time.perf_counter() - started)
 
     def __is_ready__(self) -> bool:
         return self.ready.is_set()
@@ -188,13 +162,7 @@ class InpaintWorker:
             return [JobResult.failed(job.request_id, ModelNotReady(reason)) for job in jobs]
         BATCH_SIZE.observe(len(jobs))
         started = time.perf_counter()
-        self.running += 1
-        self.last_call = time.monotonic()
-        try:
-            results = self.ledger.run(jobs, lambda fresh: run_jobs(self.inpainter, fresh, self.board))
-        finally:
-            self.running -= 1
-            self.last_call = time.monotonic()
+        results = self.ledger.run(jobs, lambda fresh: run_jobs(self.inpainter, fresh, self.board))
         if (adapters := self.inpainter.model.adapters) is not None:
             stats = adapters.stats
             self.lora_feed.publish(
@@ -217,6 +185,12 @@ class InpaintWorker:
     @bentoml.api
     async def cancel(self, request_id: str) -> bool:
         self.board.cancel(request_id)
+        return True
+
+    @bentoml.api
+    async def front_drained(self) -> bool:
+        """The front has finished or failed all its work (SIGTERM): this worker may exit now."""
+        self.front_done.set()
         return True
 
 
@@ -256,6 +230,8 @@ class WorkerExecutor:
                     "misses": LORA_CACHE.labels(cache="disk", result="miss"),
                     "downloads": LORA_DOWNLOADS, "download_bytes": LORA_DOWNLOAD_BYTES,
                 })
+        if record.status == Status.COMPLETED:  # ended (cancelled, hung up, out of time) while we prepared it
+            raise record.error
         result = await self.infer(job)
         if result.error is not None:
             raise result.error.as_exception()
@@ -338,12 +314,19 @@ class FluxInpainting:
             on_finish=self._finished, request_timeout_s=SETTINGS.server.request_timeout_s, on_change=self._gauge,
         )
         self._gauge(self.queue)  # the gauges exist (at 0) from the first scrape on
-        drain_on_sigterm(lambda: self.queue.drain(SETTINGS.server.drain_timeout_s), "front")
+        if not drain_on_sigterm(self._drain, "front"):
+            log.warning("SIGTERM cannot be handled in this process: stopping will not drain the queue")
 
     async def __is_ready__(self) -> bool:
         if self.queue.draining:  # readiness goes false on SIGTERM, so traffic moves elsewhere
             return False
         return self.triton is None or await self.triton.ready()  # Triton's /v2/health/ready, cached
+
+    async def _drain(self) -> None:
+        await self.queue.drain(SETTINGS.server.drain_timeout_s)
+        if self.triton is None:  # the worker serves the drain; now it may go too
+            with contextlib.suppress(Exception):
+                await self.worker.to_async.front_drained()
 
     @staticmethod
     def _gauge(queue: RequestQueue) -> None:
@@ -362,13 +345,16 @@ class FluxInpainting:
 
     async def _finished(self, record: Record) -> None:
         REQUESTS.labels(outcome="success" if record.error is None else record.error.error_type).inc()
-        if time.monotonic() - self.last_sweep > 60:  # expired outputs free their disk space
-            self.last_sweep = time.monotonic()
-            await anyio.to_thread.run_sync(self.store.sweep)
         if record.webhook_url:
             error = record.error.to_body() if record.error is not None else None
             output = record.outcome.output if record.outcome is not None else None
             await deliver(self.fetcher, record.webhook_url, webhook_body(record.id, output, error), SETTINGS.webhook)
+        if time.monotonic() - self.last_sweep > 60:  # expired outputs free their disk space
+            self.last_sweep = time.monotonic()
+            try:
+                await anyio.to_thread.run_sync(self.store.sweep)
+            except OSError:
+                log.exception("could not sweep expired outputs")
 
     @bentoml.on_shutdown
     async def _stop_queue(self) -> None:

@@ -161,3 +161,30 @@ def run_alone(inpainter: Inpainter, job: InpaintJob, board: JobBoard, loras: lis
 def failure(job: InpaintJob, board: JobBoard) -> JobResult:
     board.finish(job.request_id)
     return JobResult.failed(job.request_id, InferenceFailed("the model failed while running this request"))
+
+
+def load_inpainter(settings) -> Inpainter:
+    """The model as both model tiers (the BentoML worker, the Triton server) serve it: loaded,
+    on its backend, and warmed up by one small inference so the first request pays no warm-up."""
+    from PIL import Image
+
+    from .images import encode_lossless
+    from .model import attach_backend, load_model
+    from .schema import InpaintRequest
+
+    model = load_model(settings.model, settings.lora)
+    attach_backend(model, settings)
+    inpainter = Inpainter(model, settings.acceleration)
+    if settings.model.warmup:
+        started = time.perf_counter()
+        job = InpaintJob(
+            request_id="warm-up",
+            request=InpaintRequest(prompt="warm-up", image_url="-", mask_url="-", num_inference_steps=2),
+            width=256, height=256, seed=0,
+            image_png=encode_lossless(Image.new("RGB", (256, 256), (127, 127, 127))),
+            mask_png=encode_lossless(Image.new("L", (256, 256), 255)),
+        )
+        if (result := run_jobs(inpainter, [job])[0]).error is not None:
+            raise RuntimeError(f"warm-up inference failed: {result.error.detail}")
+        log.info("warm-up inference done in %.2f s", time.perf_counter() - started)
+    return inpainter

@@ -218,6 +218,9 @@ class QueueSettings(BaseSettings):
     max_length: int = Field(256, ge=1, le=100_000)
     """Requests waiting for the model (not yet in flight); past it new ones get 429 with Retry-After
     (the fal clients retry)."""
+    max_waiting_bytes: int = Field(2 * 1024**3, ge=1024**2, le=1024**4)
+    """Input bytes (images sent inline, prompts) the waiting requests may hold together; past it, 429.
+    Bounds the front's memory when many large requests wait."""
     concurrency: int | None = Field(None, ge=1, le=256)
     """Most requests in flight at the model at once. Unset: twice the batch size (one batch running,
     one forming)."""
@@ -327,4 +330,13 @@ class Settings(BaseSettings):
 
 
 def load_settings() -> Settings:
-    return Settings()
+    settings = Settings()
+    # A request may run until its deadline plus the queue's grace; the timeouts of the calls that
+    # carry it must not cut it short first (they would answer a bare 504 and leave the work running).
+    needed = settings.server.request_timeout_s + 30
+    for name, value in (("FLUX_BATCH_TIMEOUT_S", settings.batching.timeout_s),
+                        ("FLUX_TRITON_TIMEOUT_S", settings.executor.triton_timeout_s)):
+        if value < needed:
+            raise ValueError(f"{name}={value:g} must be at least FLUX_REQUEST_TIMEOUT_S + 30 = {needed:g}")
+    return settings
+

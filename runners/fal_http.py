@@ -19,12 +19,13 @@ from collections.abc import Callable
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 
 from .config import Settings
 from .errors import ClientDisconnected, InpaintError, InvalidField, RequestInvalid, RequestTooLarge
+from .fetch import UrlRefused
 from .openapi import openapi_document
 from .queue import Record, Status
 from .schema import InpaintRequest
@@ -130,10 +131,13 @@ class FalApi:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestTooLarge(f"request body is over this server's limit of {limit} bytes")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise RequestTooLarge(f"request body is over this server's limit of {limit} bytes")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise RequestTooLarge(f"request body is over this server's limit of {limit} bytes")
+        except ClientDisconnect:  # hung up while uploading: nothing to do, nobody to answer
+            raise ClientDisconnected() from None
         try:
             fal_request = InpaintRequest.model_validate_json(bytes(body))
         except ValidationError as exc:
@@ -208,8 +212,13 @@ class FalApi:
     async def submit(self, request: Request) -> Response:
         fal_request = await self.parse_request(request)
         webhook = request.query_params.get("fal_webhook")
-        if webhook is not None and not webhook.lower().startswith(("http://", "https://")):
-            raise InvalidField("fal_webhook", "must be an http(s) URL")
+        if webhook is not None:
+            if not webhook.lower().startswith(("http://", "https://")):
+                raise InvalidField("fal_webhook", "must be an http(s) URL")
+            try:  # refused now, not silently dropped after the work is done
+                await self.context().fetcher.check(webhook)
+            except UrlRefused as exc:
+                raise InvalidField("fal_webhook", str(exc)) from None
         queue = self.context().queue
         record = await queue.submit(fal_request, self.base_url(request), webhook_url=webhook)
         body = {"request_id": record.id, **self.request_urls(record), "status": record.status.value,

@@ -169,6 +169,12 @@ class SafeFetcher:
         extensions = {"sni_hostname": host} if url.scheme == "https" else {}
         return pinned, headers, extensions
 
+    async def check(self, url: str) -> None:
+        """Raise ``UrlRefused`` now for a URL the policy would refuse later (e.g. a webhook, which is
+        only called once the work is done). A host that does not resolve yet is not refused here."""
+        with contextlib.suppress(FetchFailed):
+            await self._pin(_parse(url))
+
     def _client(self) -> httpx.AsyncClient:
         # trust_env=False: an HTTP(S)_PROXY from the environment would otherwise carry the
         # request past our pinning. One client per hop: a pooled connection made for one

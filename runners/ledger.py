@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 class JobLedger:
     """Results of the jobs this worker ran, by request id, for ``KEEP_S`` (at most ``MAX_KEPT``)."""
 
-    KEEP_S = 300.0
-    MAX_KEPT = 256
+    # A retry comes within seconds; results hold encoded images, so keep few, briefly.
+    KEEP_S = 60.0
+    MAX_KEPT = 32
 
     def __init__(self, clock=time.monotonic):
         self._lock = threading.Lock()

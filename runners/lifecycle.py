@@ -5,7 +5,8 @@ handler then stops accepting connections at once. That loses work: queued reques
 poll later, and the model worker's calls from a front that is still finishing its queue. So each
 server process swaps uvicorn's handler for one that first runs a ``drain`` coroutine (the front:
 refuse new work, finish or fail what was accepted; the worker: keep serving until the front stops
-calling) and only then hands the signal to uvicorn. A second SIGTERM exits without waiting.
+calling) and only then hands the signal to uvicorn. A second SIGTERM cuts the drain short: the
+front fails what is left at once (503 to callers and webhooks) instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def drain_on_sigterm(drain: Callable[[], Awaitable[None]], name: str) -> bool:
     async def drain_then_exit(signum, frame) -> None:
         try:
             await drain()
+        except asyncio.CancelledError:
+            log.warning("%s: drain cut short", name)
         except Exception:
             log.exception("%s: drain failed; exiting anyway", name)
         log.info("%s: drained; shutting down", name)
@@ -47,8 +50,12 @@ def drain_on_sigterm(drain: Callable[[], Awaitable[None]], name: str) -> bool:
 
     def on_sigterm(signum, frame) -> None:
         if signalled:
-            log.warning("%s: second SIGTERM; exiting without waiting", name)
-            exit_now(signum, frame)
+            running = [task for task in tasks if not task.done()]
+            log.warning("%s: second SIGTERM; cutting the drain short", name)
+            if running:  # the drain fails what is left at once, then the exit goes on as usual
+                loop.call_soon_threadsafe(running[0].cancel)
+            else:
+                exit_now(signum, frame)
             return
         signalled.append(signum)
         log.info("%s: SIGTERM; draining before exit", name)

@@ -43,7 +43,8 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        # One event, one line: a path or name a client chose cannot forge a second log line.
+        line = super().format(record).replace("\r", "\\r").replace("\n", "\\n")
         request_id = getattr(record, "request_id", None) or REQUEST_ID.get()
         return f"{line} [request_id={request_id}]" if request_id else line
 

@@ -73,6 +73,11 @@ class Record:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
+    def size(self) -> int:
+        """Bytes its inputs hold while it waits (data URIs can be tens of MB)."""
+        return len(self.request.image_url) + len(self.request.mask_url) + len(self.request.prompt)
+
+    @property
     def logs(self) -> list[dict[str, Any]]:
         return [line.model_dump() for line in self.front_logs + self.worker_logs]
 
@@ -118,28 +123,42 @@ class RequestQueue:
         self._tasks.append(asyncio.create_task(self._poll(), name="progress-poller"))
 
     async def stop(self) -> None:
+        """Shut down: whatever is still unfinished (no drain ran, or it was cut short) ends with 503
+        ``server_draining``, so no caller waits forever."""
+        self.draining = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+        await self._fail_unfinished()
 
     async def drain(self, timeout_s: float) -> None:
         """Stop taking work; wait up to ``timeout_s`` for accepted requests to finish, then fail
-        the rest (503 ``server_draining`` to their callers and webhooks); then wait a little for
-        webhook deliveries still under way."""
+        the rest (503 ``server_draining`` to their callers and webhooks); then wait for webhook
+        deliveries still under way, for what is left of the time (at least 5 s). Cancelling it (a
+        second SIGTERM) fails the rest at once."""
         self.draining = True
         until = time.monotonic() + timeout_s
-        while self.depth and time.monotonic() < until:
-            await asyncio.sleep(0.1)
-        unfinished = [r for r in self._records.values() if r.status != Status.COMPLETED]
-        if unfinished:
-            log.warning("drain: %d request(s) unfinished after %.0f s; failing them", len(unfinished), timeout_s)
+        try:
+            while self._unfinished() and time.monotonic() < until:
+                await asyncio.sleep(0.1)
+            await self._fail_unfinished()
+            if self._finishing:
+                await asyncio.wait(self._finishing, timeout=max(5.0, until - time.monotonic()))
+        except asyncio.CancelledError:
+            log.warning("drain cut short")
+            await self._fail_unfinished()
+
+    def _unfinished(self) -> list[Record]:
+        return [r for r in self._records.values() if r.status != Status.COMPLETED]
+
+    async def _fail_unfinished(self) -> None:
+        if unfinished := self._unfinished():
+            log.warning("%d request(s) unfinished at shutdown; failing them (503 server_draining)", len(unfinished))
         for record in unfinished:
             await self.end(record, ServerDraining("the server shut down before this request finished; retry"))
-        if self._finishing:
-            await asyncio.wait(self._finishing, timeout=max(5.0, until - time.monotonic()))
 
     # what the routes call
     @property
@@ -166,6 +185,8 @@ class RequestQueue:
             raise QueueFull(f"the queue is full ({self.settings.max_length} requests waiting); retry shortly")
         deadline = time.time() + self.request_timeout_s if self.request_timeout_s else None
         record = Record(request=request, base_url=base_url, webhook_url=webhook_url, deadline=deadline)
+        if record.size + sum(r.size for r in self._pending) > self.settings.max_waiting_bytes:
+            raise QueueFull("the queue holds as many input bytes as it keeps; retry shortly")
         record.front_logs.append(LogLine(message="queued", source="queue"))
         self._records[record.id] = record
         self._pending.append(record)
@@ -226,7 +247,7 @@ class RequestQueue:
             except InpaintError as exc:
                 self._finish(record, error=exc)
             except asyncio.CancelledError:
-                self._finish(record, error=InpaintError("the server is shutting down"))
+                self._finish(record, error=ServerDraining("the server shut down before this request finished; retry"))
                 raise
             except Exception:
                 log.exception("request %s failed unexpectedly", record.id)
@@ -247,6 +268,8 @@ class RequestQueue:
             return
         record.status = Status.COMPLETED
         record.outcome, record.error = outcome, error
+        # Kept for status and result only: drop the input images (data URIs can be tens of MB).
+        record.request = record.request.model_copy(update={"image_url": "-", "mask_url": "-"})
         if outcome is not None:
             record.worker_logs = outcome.logs
         record.front_logs.append(
@@ -259,19 +282,25 @@ class RequestQueue:
         if self.on_finish is not None:
             task = asyncio.create_task(self.on_finish(record))
             self._finishing.add(task)
-            task.add_done_callback(self._finishing.discard)
+            task.add_done_callback(self._finished_callback)
+
+    def _finished_callback(self, task: asyncio.Task) -> None:
+        self._finishing.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # a lost webhook must leave a trace
+            log.error("after-finish work (webhook) failed", exc_info=task.exception())
 
     async def _poll(self) -> None:
+        last_warning = 0.0
         while True:
             await asyncio.sleep(self.POLL_INTERVAL_S)
-            await self._enforce_deadlines()
-            running = [r for r in self._records.values() if r.dispatched and r.status != Status.COMPLETED]
-            if not running:
-                continue
             try:
-                progress = await self.executor.progress([r.id for r in running])
-            except Exception:
-                log.warning("could not read progress from the worker", exc_info=True)
+                await self._enforce_deadlines()
+                running = [r for r in self._records.values() if r.dispatched and r.status != Status.COMPLETED]
+                progress = await self.executor.progress([r.id for r in running]) if running else {}
+            except Exception as exc:  # the poller must outlive a worker outage: no deadlines otherwise
+                if time.monotonic() - last_warning > 30:  # one line per outage, not four a second
+                    log.warning("could not read progress from the worker: %s", exc)
+                    last_warning = time.monotonic()
                 continue
             for record in running:
                 report = progress.get(record.id)

@@ -137,31 +137,9 @@ def triton_model_config(server: TritonServerSettings):
 
 def load_inpainter():
     """The model through the same code as the in-process worker: load, backend, warm-up."""
-    from PIL import Image
+    from .batch import load_inpainter as load
 
-    from .batch import run_jobs
-    from .images import encode_lossless
-    from .inpaint import Inpainter
-    from .model import attach_backend, load_model
-    from .schema import InpaintRequest
-
-    settings = load_settings()
-    model = load_model(settings.model, settings.lora)
-    attach_backend(model, settings)
-    inpainter = Inpainter(model, settings.acceleration)
-    if settings.model.warmup:
-        started = time.perf_counter()
-        job = InpaintJob(
-            request_id="warm-up",
-            request=InpaintRequest(prompt="warm-up", image_url="-", mask_url="-", num_inference_steps=2),
-            width=256, height=256, seed=0,
-            image_png=encode_lossless(Image.new("RGB", (256, 256), (127, 127, 127))),
-            mask_png=encode_lossless(Image.new("L", (256, 256), 255)),
-        )
-        if (result := run_jobs(inpainter, [job])[0]).error is not None:
-            raise RuntimeError(f"warm-up inference failed: {result.error.detail}")
-        log.info("warm-up inference done in %.2f s", time.perf_counter() - started)
-    return inpainter
+    return load(load_settings())
 
 
 def main() -> None:

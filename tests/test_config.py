@@ -33,3 +33,14 @@ def test_production_defaults(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     settings = ServerSettings()
     assert (settings.request_timeout_s, settings.drain_timeout_s, settings.log_format) == (600.0, 120.0, "json")
+
+
+def test_call_timeouts_must_outlast_the_request_deadline(monkeypatch):
+    from runners.config import load_settings
+
+    monkeypatch.setenv("FLUX_REQUEST_TIMEOUT_S", "1800")  # longer than the default batch timeout of 900
+    with pytest.raises(ValueError, match="FLUX_BATCH_TIMEOUT_S"):
+        load_settings()
+    monkeypatch.setenv("FLUX_BATCH_TIMEOUT_S", "1830")
+    monkeypatch.setenv("FLUX_TRITON_TIMEOUT_S", "1830")
+    assert load_settings().server.request_timeout_s == 1800

@@ -348,6 +348,12 @@ def test_a_webhook_url_that_is_not_http_is_refused(server):
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "fal_webhook"]
 
 
+@pytest.mark.parametrize("webhook", ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.7/hook", "http://[::1]:9/x"])
+def test_a_webhook_to_a_private_address_is_refused_at_submit_not_dropped_after_the_work(server, webhook):
+    response = httpx.post(f"{server}/queue/{APP}", params={"fal_webhook": webhook}, json=FAST, headers=auth())
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "fal_webhook"]
+
+
 def test_queued_requests_are_batched(server):
     def metric(name):
         text = httpx.get(server + "/metrics").text

@@ -53,3 +53,8 @@ def test_configuring_twice_does_not_double_lines():
     configure_logging("json")
     for name in ("flux_inpaint", "runners"):
         assert [h.get_name() for h in logging.getLogger(name).handlers].count("flux-inpaint") == 1
+
+
+def test_a_text_line_cannot_be_split_by_what_a_client_sent():
+    line = emit(TextFormatter(), "GET %s answered 404", "/queue/x\nFAKE ERROR admin logged in")
+    assert line.count("\n") == 1 and "\\nFAKE ERROR" in line

@@ -216,3 +216,34 @@ def test_only_the_newest_finished_requests_are_kept():
         await queue.stop()
 
     run(scenario())
+
+
+def test_stopping_without_a_drain_still_answers_every_caller():
+    async def scenario():
+        worker = FakeWorker()
+        queue = RequestQueue(QueueSettings(), concurrency=1, executor=worker)
+        running, waiting = await queue.submit(REQUEST, "http://h/"), await queue.submit(REQUEST, "http://h/")
+        await settle()
+        await queue.stop()  # e.g. a second SIGTERM, or a process whose signals could not be handled
+        assert running.error.error_type == "server_draining" and waiting.error.error_type == "server_draining"
+        assert running.done.is_set() and waiting.done.is_set()
+
+    run(scenario())
+
+
+def test_waiting_input_bytes_are_bounded_and_finished_requests_drop_their_images():
+    async def scenario():
+        worker = FakeWorker()
+        big = REQUEST.model_copy(update={"image_url": "data:image/png;base64," + "A" * 600_000})
+        queue = RequestQueue(QueueSettings(max_waiting_bytes=1024**2), concurrency=1, executor=worker)
+        first = await queue.submit(big, "http://h/")
+        await settle()  # in flight: its bytes no longer count as waiting
+        await queue.submit(big, "http://h/")
+        with pytest.raises(QueueFull):
+            await queue.submit(big, "http://h/")  # two waiting would pass 1 MiB
+        worker.finish(first)
+        await first.done.wait()
+        assert first.request.image_url == "-" and first.request.prompt == REQUEST.prompt
+        await queue.stop()
+
+    run(scenario())
