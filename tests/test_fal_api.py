@@ -8,7 +8,6 @@ and receive webhooks; test_service.py's server (no allow list) proves the refusa
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import fal_client

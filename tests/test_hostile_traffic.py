@@ -19,7 +19,6 @@ import base64
 import io
 import json
 import struct
-import threading
 import zlib
 from dataclasses import dataclass, field
 
