@@ -242,7 +242,8 @@ def test_triton_stopping_under_load_fails_cleanly_and_readyz_goes_false(stack):
     front, process = stack["front"], stack["process"]
     assert httpx.get(f"{front}/readyz", timeout=5).status_code == 200
     with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(httpx.post, f"{front}/{APP}", json=body(seed, steps=16, size=384), timeout=180)
+        # Enough work that Triton's 2 s exit grace cannot finish it all, even on an idle machine.
+        futures = [pool.submit(httpx.post, f"{front}/{APP}", json=body(seed, steps=50, size=512), timeout=180)
                    for seed in range(6)]
         time.sleep(1.5)  # the first batch is running, the rest queued at Triton
         process.send_signal(signal.SIGTERM)

@@ -28,20 +28,24 @@ def gated_load(monkeypatch, tiny_model):
         return tiny_model
 
     monkeypatch.setattr("runners.model.load_model", load_model)
-    real_warm_up = Worker._warm_up
+    import runners.batch
 
-    def warm_up(self):
-        warmups.append(True)
-        assert not self.__is_ready__()  # still unready while warming up
-        real_warm_up(self)
+    real_run_jobs = runners.batch.run_jobs
+    watched = []  # the worker under test, to check its readiness during the warm-up
 
-    monkeypatch.setattr(Worker, "_warm_up", warm_up)
-    return release, warmups
+    def run_jobs(inpainter, jobs, board=None):
+        if [j.request_id for j in jobs] == ["warm-up"]:
+            warmups.append(not any(w.__is_ready__() for w in watched))  # still unready while warming up
+        return real_run_jobs(inpainter, jobs, board)
+
+    monkeypatch.setattr(runners.batch, "run_jobs", run_jobs)
+    return release, warmups, watched
 
 
 def test_not_ready_until_loaded_and_warmed(gated_load):
-    release, warmups = gated_load
+    release, warmups, watched = gated_load
     worker = Worker()
+    watched.append(worker)
     assert not worker.__is_ready__() and worker.__is_alive__()
     (result,) = call_inpaint(worker, [job("early")])
     assert result.error is not None and result.error.status == 503
