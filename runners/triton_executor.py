@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 
 from .config import ExecutorSettings
-from .errors import QueueFull, WorkerUnavailable
+from .errors import QueueFull, RequestTimedOut, WorkerUnavailable
 from .jobs import InpaintJob, JobResult
 from .progress import JobProgress, LogLine
 from .triton_tensors import INPUTS, NUMPY_TYPES, OUTPUTS, job_tensors, tensors_result
@@ -116,11 +116,15 @@ class TritonClient:
         for attempt in (1, 2):
             try:
                 return await self.http.post(url, content=body, headers=headers)
-            except httpx.ConnectError as exc:  # never reached Triton: safe to try once more
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # never reached Triton: safe to try once more
                 if attempt == 2:
                     self._ready = (float("-inf"), False)
                     log.warning("request %s: triton not reachable: %s", job.request_id, exc)
                     raise WorkerUnavailable("the Triton model server is not reachable; retry shortly") from None
+            except httpx.TimeoutException as exc:
+                # Triton has it and may still be running it: a retry by the caller would run it twice.
+                log.warning("request %s: triton did not answer in time: %s", job.request_id, exc)
+                raise RequestTimedOut("the Triton model server did not answer in time") from None
             except httpx.TransportError as exc:  # reached it, then lost it (Triton stopped mid-request)
                 self._ready = (float("-inf"), False)
                 log.warning("request %s: triton connection lost: %s", job.request_id, exc)

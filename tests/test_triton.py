@@ -150,6 +150,33 @@ def test_tensor_contract_round_trip():
     assert again.error == failed.error and again.error.status == 422
 
 
+@pytest.mark.parametrize(("failure", "error_type", "attempts"), [
+    (httpx.ConnectTimeout, "worker_unavailable", 2),  # never reached Triton: tried once more, then 503
+    (httpx.ReadTimeout, "request_timeout", 1),  # Triton has it and may still run it: 504, no second run
+])
+def test_triton_timeouts_become_fal_errors_without_running_a_job_twice(failure, error_type, attempts):
+    import asyncio
+
+    from runners.config import ExecutorSettings
+    from runners.jobs import InpaintJob
+    from runners.schema import InpaintRequest
+    from runners.triton_executor import TritonClient
+
+    sent = []
+
+    def handler(request):
+        sent.append(request)
+        raise failure("no answer", request=request)
+
+    client = TritonClient(ExecutorSettings(executor="triton"))
+    client.http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    job = InpaintJob(request_id="r", request=InpaintRequest(prompt="p", image_url="-", mask_url="-"),
+                     width=64, height=64, seed=1, image_png=b"i", mask_png=b"m")
+    with pytest.raises(Exception) as error:
+        asyncio.run(client._post(job, "http://triton/v2/models/m/infer", b"", {}))
+    assert error.value.error_type == error_type and len(sent) == attempts
+
+
 @pytest.mark.parametrize(("status", "message", "error_type"), [
     (503, "[request id: x] Exceeds maximum queue size", "queue_full"),
     (503, "Request timeout expired", "queue_full"),
