@@ -39,7 +39,11 @@ from runners.webhooks import deliver, webhook_body
 log = logging.getLogger("flux_inpaint")
 SETTINGS = load_settings()  # every process reads the same environment; bad values fail here
 configure_logging(SETTINGS.server.log_format)  # ours: one JSON line per event (BentoML's keep theirs)
-MODEL_LABEL = "tiny (random weights)" if SETTINGS.model.is_tiny else SETTINGS.model.model
+MODEL_LABEL = (
+    "tiny (random weights)" if SETTINGS.model.is_tiny
+    else f"{SETTINGS.model.model} (random weights)" if SETTINGS.model.random_architecture
+    else SETTINGS.model.model
+)
 
 BATCH_SIZE = bentoml.metrics.Histogram(
     name="flux_batch_size",

@@ -35,8 +35,9 @@ class ModelSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore")
 
     model: str = Field(TINY_MODEL, min_length=1, max_length=4096)
-    """A hub id (``black-forest-labs/FLUX.1-dev``), a diffusers-layout folder, or ``tiny``:
-    the embedded random-weight model of the true architecture (outputs are noise)."""
+    """A hub id (``black-forest-labs/FLUX.1-dev``), a diffusers-layout folder, ``tiny``: the
+    embedded random-weight model of the true architecture (outputs are noise), or ``random:flux-dev``:
+    the full-size architecture with random weights, built on the device (for measuring speed)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` takes CUDA when a GPU is visible, else the CPU."""
@@ -60,6 +61,12 @@ class ModelSettings(BaseSettings):
     @property
     def is_tiny(self) -> bool:
         return self.model == TINY_MODEL
+
+    @property
+    def random_architecture(self) -> str | None:
+        """``random:flux-dev``: the full-size architecture with random weights, built on the device
+        (runners/random_model.py): for measuring on machines that cannot download FLUX.1-dev."""
+        return self.model.removeprefix("random:") if self.model.startswith("random:") else None
 
     def resolved_device(self) -> str:
         import torch

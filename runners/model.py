@@ -26,6 +26,11 @@ TINY_WARNING = (
 )
 
 
+RANDOM_WARNING = (
+    "SERVING %s: THE FULL-SIZE ARCHITECTURE WITH RANDOM WEIGHTS, for measuring speed: outputs are noise."
+)
+
+
 @dataclass
 class FluxModel:
     """Everything the inpainting loop needs, behind the backend interfaces."""
@@ -63,17 +68,25 @@ def load_model(settings: ModelSettings, lora_settings: LoraSettings | None = Non
 
     device = torch.device(settings.resolved_device())
     dtype = settings.resolved_dtype(device.type)
-    source, checker_source = resolve_source(settings)
-    if settings.is_tiny:
-        log.warning(TINY_WARNING)
     started = time.perf_counter()
-    log.info("loading model %s on %s as %s", source, device, dtype)
-    pipeline = FluxInpaintPipeline.from_pretrained(source, torch_dtype=dtype)
-    pipeline.to(device)
+    if settings.random_architecture:
+        from .random_model import build_random_model
+
+        source = settings.model
+        log.warning(RANDOM_WARNING, source)
+        pipeline, checker, feature_extractor = build_random_model(settings.random_architecture, device, dtype)
+        safety_checker = SafetyChecker(checker, feature_extractor, device, dtype)
+    else:
+        source, checker_source = resolve_source(settings)
+        if settings.is_tiny:
+            log.warning(TINY_WARNING)
+        log.info("loading model %s on %s as %s", source, device, dtype)
+        pipeline = FluxInpaintPipeline.from_pretrained(source, torch_dtype=dtype)
+        pipeline.to(device)
+        safety_checker = SafetyChecker.load(checker_source, device, dtype) if checker_source else None
     pipeline.set_progress_bar_config(disable=True)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         getattr(pipeline, name).eval().requires_grad_(False)
-    safety_checker = SafetyChecker.load(checker_source, device, dtype) if checker_source else None
     log.info("model loaded in %.1f s", time.perf_counter() - started)
     lora_settings = lora_settings or LoraSettings(max_per_request=0)
     fused = fuse_configured_loras(pipeline.transformer, lora_settings, settings.cache_dir) if lora_settings.fused else []
