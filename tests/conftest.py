@@ -72,6 +72,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, name: str, timeout_s: float = 240) -> None:
+    """Poll a readiness URL until it answers 200; fail with the log's tail if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{name} exited early:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{name} not ready in time:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
 class Served(tuple):
     """(base URL, log file path) of a served test server, and its ``bentoml serve`` process."""
 
@@ -99,18 +115,7 @@ def bentoml_server(tmp: Path, **env_overrides: str):
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"bentoml serve exited early:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in time:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_until_ready(f"{base}/readyz", process, log_path, "bentoml serve")
         served = Served((base, log_path))
         served.process = process
         yield served

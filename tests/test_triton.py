@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, bentoml_server, free_port, scene
+from tests.conftest import REPO, bentoml_server, free_port, scene, wait_until_ready
 
 TRITON_PYTHON = REPO / ".venv-triton" / "bin" / "python"
 APP = "fal-ai/flux-lora/inpainting"
@@ -47,18 +47,7 @@ def triton_server(tmp: Path, **env_overrides: str):
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{http}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"triton server exited early:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"triton not ready in time:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_until_ready(f"{base}/v2/health/ready", process, log_path, "triton server")
         yield base, f"http://127.0.0.1:{metrics}/metrics", process
     finally:
         if process.poll() is None:
