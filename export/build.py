@@ -5,6 +5,8 @@ and TensorRT engines built from them. ``python -m export`` and the server's back
 
 from __future__ import annotations
 
+import hashlib
+
 import logging
 import time
 from pathlib import Path
@@ -23,6 +25,14 @@ def engine_root(settings: Settings) -> Path:
     return Path(settings.backend.engine_dir or Path(settings.model.cache_dir) / "engines")
 
 
+def model_digest(source: str, cache_dir: Path) -> str:
+    """What identifies the model's weights: its files' contents, or, for ``random:<architecture>``
+    (built in code from a fixed seed, runners/random_model.py), its name."""
+    if source.startswith("random:"):
+        return hashlib.sha256(f"built:{source}".encode()).hexdigest()
+    return model_identity(model_folder(source), cache_dir)
+
+
 def model_folder(source: str) -> Path:
     """The folder holding the model's files (a hub id resolves to its local snapshot)."""
     if Path(source).is_dir():
@@ -38,7 +48,7 @@ def onnx_fields(model, settings: Settings) -> dict[str, Any]:
     import torch
 
     return {
-        "model": model_identity(model_folder(model.source), Path(settings.model.cache_dir)),
+        "model": model_digest(model.source, Path(settings.model.cache_dir)),
         "fused_loras": [[sha, scale] for sha, scale in model.fused_loras],
         "text_tokens": model.max_sequence_length,
         "torch": torch.__version__,

@@ -238,3 +238,10 @@ def test_compile_backend_serves_the_same_images_as_eager(tiny_dir):
         torch._dynamo.reset()
     for a, b in zip(eager, compiled):
         assert np.abs(pixels(a.images[0]) - pixels(b.images[0])).max() <= 2
+
+
+def test_a_random_architecture_is_identified_by_its_name_without_a_download(tmp_path):
+    from export.build import model_digest
+
+    first, again = model_digest("random:flux-dev", tmp_path), model_digest("random:flux-dev", tmp_path)
+    assert first == again and first != model_digest("random:other", tmp_path)
