@@ -15,6 +15,9 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TINY_MODEL = "tiny"
+# How long past its deadline a running request may go unanswered before the queue fails it itself;
+# the timeouts of the calls that carry a request must outlast the deadline by at least this much.
+DEADLINE_GRACE_S = 30.0
 DEFAULT_SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
 
 
@@ -340,10 +343,12 @@ def load_settings() -> Settings:
     settings = Settings()
     # A request may run until its deadline plus the queue's grace; the timeouts of the calls that
     # carry it must not cut it short first (they would answer a bare 504 and leave the work running).
-    needed = settings.server.request_timeout_s + 30
+    needed = settings.server.request_timeout_s + DEADLINE_GRACE_S
     for name, value in (("FLUX_BATCH_TIMEOUT_S", settings.batching.timeout_s),
                         ("FLUX_TRITON_TIMEOUT_S", settings.executor.triton_timeout_s)):
         if value < needed:
-            raise ValueError(f"{name}={value:g} must be at least FLUX_REQUEST_TIMEOUT_S + 30 = {needed:g}")
+            raise ValueError(
+                f"{name}={value:g} must be at least FLUX_REQUEST_TIMEOUT_S + {DEADLINE_GRACE_S:g} = {needed:g}"
+            )
     return settings
 

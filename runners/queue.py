@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from .config import QueueSettings
+from .config import DEADLINE_GRACE_S, QueueSettings
 from .errors import InpaintError, QueueFull, RequestCancelled, RequestTimedOut, ServerDraining
 from .logs import REQUEST_ID
 from .progress import JobProgress, LogLine
@@ -84,9 +84,8 @@ class Record:
 
 class RequestQueue:
     POLL_INTERVAL_S = 0.25
-    # How long past its deadline a dispatched request may go unanswered before the queue fails it
-    # itself: the worker stops at its next step boundary, but a step or a decode can be long.
-    DEADLINE_GRACE_S = 30.0
+    # The worker stops a request at its next step boundary, but a step or a decode can be long.
+    DEADLINE_GRACE_S = DEADLINE_GRACE_S
 
     def __init__(
         self,
@@ -170,11 +169,6 @@ class RequestQueue:
     def in_flight(self) -> int:
         """Requests handed to the model and not finished."""
         return self._busy
-
-    @property
-    def depth(self) -> int:
-        """Requests waiting or being worked on."""
-        return len(self._pending) + self._busy
 
     async def submit(self, request: InpaintRequest, base_url: str, webhook_url: str | None = None) -> Record:
         if self.draining:

@@ -89,7 +89,7 @@ def test_cancel_queued_never_runs_and_cancel_running_reaches_the_worker():
         assert waiting.id not in worker.started  # it never ran
         assert await queue.cancel(running.id) == "ALREADY_COMPLETED"
         assert await queue.cancel("nope") == "NOT_FOUND"
-        assert queue.depth == 0
+        assert (queue.waiting, queue.in_flight) == (0, 0)
         await queue.stop()
 
     run(scenario())
