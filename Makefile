@@ -6,7 +6,7 @@ PORT ?= 3000
 HOST ?= 127.0.0.1
 BIN := $(VENV)/bin
 
-.PHONY: venv serve test tiny bento bento-tensorrt clean
+.PHONY: venv serve lint test tiny bento bento-tensorrt clean
 
 venv: $(VENV)/.installed
 
@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.lock requirements-dev.lock pyproject.toml
 serve: venv
 	$(BIN)/bentoml serve service:FluxInpainting --host $(HOST) --port $(PORT)
 
-# The Triton tier (runners/triton_server.py) has its own environment: PyTriton needs numpy < 2.
+# The Triton tier (runners/worker/triton_server.py) has its own environment: PyTriton needs numpy < 2.
 TRITON_VENV ?= .venv-triton
 .PHONY: venv-triton serve-triton
 
@@ -34,14 +34,18 @@ $(TRITON_VENV)/.installed: requirements-triton.lock
 # Triton with the model on :8000 (KServe v2 HTTP), :8001 (gRPC), :8002 (metrics); the front then runs
 # against it with: FLUX_EXECUTOR=triton FLUX_TRITON_URL=http://127.0.0.1:8000 make serve
 serve-triton: venv-triton
-	FLUX_TRITON_ADDRESS=$(HOST) $(TRITON_VENV)/bin/python -m runners.triton_server
+	FLUX_TRITON_ADDRESS=$(HOST) $(TRITON_VENV)/bin/python -m runners.worker.triton_server
 
-test: venv venv-triton
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: venv venv-triton lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Write the tiny random-weight model to a folder: make tiny DIR=/tmp/tiny-flux
 tiny: venv
-	$(BIN)/python -m runners.tiny $(or $(DIR),tiny-flux)
+	$(BIN)/python -m runners.pipeline.tiny $(or $(DIR),tiny-flux)
 
 # Pack the service into a Bento (bentofile.yaml); no network or container engine needed.
 # `bentoml containerize flux_inpaint:latest` then builds the image where a container engine runs.

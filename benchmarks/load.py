@@ -50,8 +50,15 @@ def histogram(metrics: str, name: str) -> tuple[float, float, dict[str, float]]:
 
 def request_body(size: str, steps: int, seed: int, loras: list[dict]) -> dict:
     uri = lambda name: "data:image/png;base64," + base64.b64encode((REPO / "examples" / name).read_bytes()).decode()  # noqa: E731
-    body = {"prompt": f"load test {seed}", "image_url": uri("image.png"), "mask_url": uri("mask.png"), "seed": seed,
-            "num_inference_steps": steps, "sync_mode": True, "loras": loras}
+    body = {
+        "prompt": f"load test {seed}",
+        "image_url": uri("image.png"),
+        "mask_url": uri("mask.png"),
+        "seed": seed,
+        "num_inference_steps": steps,
+        "sync_mode": True,
+        "loras": loras,
+    }
     if size != "input":
         width, _, height = size.partition("x")
         body["image_size"] = size if not height else {"width": int(width), "height": int(height)}
@@ -60,10 +67,16 @@ def request_body(size: str, steps: int, seed: int, loras: list[dict]) -> dict:
 
 def megapixels(body: dict) -> float:
     """Output megapixels of one request (fal bills width * height * num_images)."""
-    from runners.schema import IMAGE_SIZE_PRESETS
+    from runners.protocol.schema import IMAGE_SIZE_PRESETS
 
     size = body.get("image_size")
-    width, height = (256, 256) if size is None else IMAGE_SIZE_PRESETS[size] if isinstance(size, str) else (size["width"], size["height"])
+    width, height = (
+        (256, 256)
+        if size is None
+        else IMAGE_SIZE_PRESETS[size]
+        if isinstance(size, str)
+        else (size["width"], size["height"])
+    )
     return width * height * body.get("num_images", 1) / 1e6
 
 
@@ -84,8 +97,16 @@ async def one_request(client: httpx.AsyncClient, body: dict, route: str) -> tupl
     return result.status_code, time.perf_counter() - started
 
 
-async def level(url: str, headers: dict, concurrency: int, bodies: list[dict], routes: list[str], duration: float,
-                max_requests: int, timeout: float) -> dict:
+async def level(
+    url: str,
+    headers: dict,
+    concurrency: int,
+    bodies: list[dict],
+    routes: list[str],
+    duration: float,
+    max_requests: int,
+    timeout: float,
+) -> dict:
     outcomes: list[tuple[int, float, float]] = []  # (status, latency, megapixels)
     deadline = time.monotonic() + duration
     counter = iter(range(10**9))
@@ -114,13 +135,20 @@ async def level(url: str, headers: dict, concurrency: int, bodies: list[dict], r
         return percentile(latencies, q) if latencies else None
 
     return {
-        "concurrency": concurrency, "requests": len(outcomes), "succeeded": len(ok), "seconds": elapsed,
-        "images_per_s": len(ok) / elapsed, "megapixels_per_s": sum(mp for _, mp in ok) / elapsed,
-        "p50_s": pct(0.50), "p95_s": pct(0.95), "p99_s": pct(0.99),
+        "concurrency": concurrency,
+        "requests": len(outcomes),
+        "succeeded": len(ok),
+        "seconds": elapsed,
+        "images_per_s": len(ok) / elapsed,
+        "megapixels_per_s": sum(mp for _, mp in ok) / elapsed,
+        "p50_s": pct(0.50),
+        "p95_s": pct(0.95),
+        "p99_s": pct(0.99),
         "mean_s": statistics.fmean(latencies) if latencies else None,
         "rate_429": sum(1 for s, _, _ in outcomes if s == 429) / max(1, len(outcomes)),
         "error_rate": sum(1 for s, _, _ in outcomes if s not in (200, 429)) / max(1, len(outcomes)),
-        "batches_run": count1 - count0, "mean_batch_size": (sum1 - sum0) / (count1 - count0) if count1 > count0 else None,
+        "batches_run": count1 - count0,
+        "mean_batch_size": (sum1 - sum0) / (count1 - count0) if count1 > count0 else None,
     }
 
 
@@ -131,7 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per concurrency level")
     parser.add_argument("--requests", type=int, default=10**6, help="at most this many requests per level")
-    parser.add_argument("--sizes", default="square", help="fal presets, WxH, or 'input' (the example's 256x256), rotated through")
+    parser.add_argument(
+        "--sizes", default="square", help="fal presets, WxH, or 'input' (the example's 256x256), rotated through"
+    )
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--routes", default="sync,queue", help="sync, queue, or both (alternating)")
     parser.add_argument("--loras", default="", help="comma-separated LoRA paths, rotated through ('' = none)")
@@ -140,30 +170,53 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--allow-remote", action="store_true", help="drive a host that is not loopback")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--targets", default="", help="NAME=URL,...: fronts to compare on the same mix (executors)")
-    parser.add_argument("--triton-metrics", default=None, help="Triton's /metrics, for the batch sizes of target 'triton'")
+    parser.add_argument(
+        "--triton-metrics", default=None, help="Triton's /metrics, for the batch sizes of target 'triton'"
+    )
     args = parser.parse_args(argv)
     if urlsplit(args.url).hostname not in LOOPBACK and not args.allow_remote:
         parser.error(f"{args.url} is not a loopback address; pass --allow-remote to drive it")
     loras = [[{"path": p, "scale": 1.0}] for p in args.loras.split(",") if p] or [[]]
     sizes = args.sizes.split(",")
-    bodies = [request_body(size, args.steps, seed, loras[seed % len(loras)]) for seed, size in enumerate(sizes * len(loras))]
+    bodies = [
+        request_body(size, args.steps, seed, loras[seed % len(loras)]) for seed, size in enumerate(sizes * len(loras))
+    ]
     headers = {"Authorization": f"Key {args.key}"} if args.key else {}
     if args.targets:
         targets = dict(target.split("=", 1) for target in args.targets.split(","))
         if any(urlsplit(url).hostname not in LOOPBACK for url in targets.values()) and not args.allow_remote:
             parser.error(f"{args.targets}: not all loopback addresses; pass --allow-remote to drive them")
         return compare(args, targets, bodies, headers)
-    results = {"url": args.url, "sizes": sizes, "steps": args.steps, "routes": args.routes, "loras": args.loras,
-               "dollars_per_hour": args.dollars_per_hour, "levels": []}
+    results = {
+        "url": args.url,
+        "sizes": sizes,
+        "steps": args.steps,
+        "routes": args.routes,
+        "loras": args.loras,
+        "dollars_per_hour": args.dollars_per_hour,
+        "levels": [],
+    }
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
-        figures = asyncio.run(level(args.url, headers, concurrency, bodies, args.routes.split(","), args.duration,
-                                    args.requests, args.timeout))
+        figures = asyncio.run(
+            level(
+                args.url,
+                headers,
+                concurrency,
+                bodies,
+                args.routes.split(","),
+                args.duration,
+                args.requests,
+                args.timeout,
+            )
+        )
         mps = figures["megapixels_per_s"]
         figures["cost_per_mp"] = args.dollars_per_hour / 3600 / mps if mps else None
         results["levels"].append(figures)
-        print(f"concurrency {concurrency}: {figures['images_per_s']:.2f} images/s, p95 {figures['p95_s']} s, "
-              f"429s {figures['rate_429']:.0%}, errors {figures['error_rate']:.0%}, mean batch {figures['mean_batch_size']}",
-              flush=True)
+        print(
+            f"concurrency {concurrency}: {figures['images_per_s']:.2f} images/s, p95 {figures['p95_s']} s, "
+            f"429s {figures['rate_429']:.0%}, errors {figures['error_rate']:.0%}, mean batch {figures['mean_batch_size']}",
+            flush=True,
+        )
     write(results, args.out)
     return results
 
@@ -172,16 +225,22 @@ def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "load.json").write_text(json.dumps(results, indent=2))
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"# Load test of {results['url']}", "",
-             f"Sizes {', '.join(results['sizes'])}, {results['steps']} steps, routes {results['routes']}, "
-             f"LoRAs: {results['loras'] or 'none'}; cost at ${results['dollars_per_hour']}/hour.", "",
-             "| concurrency | requests | ok | images/s | MP/s | p50 s | p95 s | p99 s | 429 | errors | mean batch | $/MP |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Load test of {results['url']}",
+        "",
+        f"Sizes {', '.join(results['sizes'])}, {results['steps']} steps, routes {results['routes']}, "
+        f"LoRAs: {results['loras'] or 'none'}; cost at ${results['dollars_per_hour']}/hour.",
+        "",
+        "| concurrency | requests | ok | images/s | MP/s | p50 s | p95 s | p99 s | 429 | errors | mean batch | $/MP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for f in results["levels"]:
-        lines.append(f"| {f['concurrency']} | {f['requests']} | {f['succeeded']} | {f['images_per_s']:.2f} | "
-                     f"{f['megapixels_per_s']:.3f} | {fmt(f['p50_s'], '.2f')} | {fmt(f['p95_s'], '.2f')} | "
-                     f"{fmt(f['p99_s'], '.2f')} | {f['rate_429']:.0%} | {f['error_rate']:.0%} | "
-                     f"{fmt(f['mean_batch_size'], '.2f')} | {fmt(f['cost_per_mp'], '.5f')} |")
+        lines.append(
+            f"| {f['concurrency']} | {f['requests']} | {f['succeeded']} | {f['images_per_s']:.2f} | "
+            f"{f['megapixels_per_s']:.3f} | {fmt(f['p50_s'], '.2f')} | {fmt(f['p95_s'], '.2f')} | "
+            f"{fmt(f['p99_s'], '.2f')} | {f['rate_429']:.0%} | {f['error_rate']:.0%} | "
+            f"{fmt(f['mean_batch_size'], '.2f')} | {fmt(f['cost_per_mp'], '.5f')} |"
+        )
     (out / "load.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -196,34 +255,60 @@ def triton_batches(metrics_url: str) -> tuple[float, float]:
 def compare(args, targets: dict[str, str], bodies: list[dict], headers: dict) -> dict:
     """Each target (an executor behind its own front) on the same bodies at each level, one after the
     other so they never share the machine; results side by side."""
-    results = {"targets": targets, "sizes": args.sizes.split(","), "steps": args.steps, "routes": args.routes,
-               "loras": args.loras, "duration_s": args.duration, "levels": []}
+    results = {
+        "targets": targets,
+        "sizes": args.sizes.split(","),
+        "steps": args.steps,
+        "routes": args.routes,
+        "loras": args.loras,
+        "duration_s": args.duration,
+        "levels": [],
+    }
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
         for name, url in targets.items():
             on_triton = name == "triton" and args.triton_metrics
             before = triton_batches(args.triton_metrics) if on_triton else None
-            figures = asyncio.run(level(url, headers, concurrency, bodies, args.routes.split(","), args.duration,
-                                        args.requests, args.timeout))
+            figures = asyncio.run(
+                level(
+                    url,
+                    headers,
+                    concurrency,
+                    bodies,
+                    args.routes.split(","),
+                    args.duration,
+                    args.requests,
+                    args.timeout,
+                )
+            )
             if on_triton:
                 after = triton_batches(args.triton_metrics)
                 executions = after[1] - before[1]
                 figures["batches_run"] = executions
                 figures["mean_batch_size"] = (after[0] - before[0]) / executions if executions else None
             results["levels"].append({"target": name, **figures})
-            print(f"{name} concurrency {concurrency}: {figures['images_per_s']:.2f} images/s, p50 {figures['p50_s']} s, "
-                  f"p95 {figures['p95_s']} s, errors {figures['error_rate']:.0%}", flush=True)
+            print(
+                f"{name} concurrency {concurrency}: {figures['images_per_s']:.2f} images/s, p50 {figures['p50_s']} s, "
+                f"p95 {figures['p95_s']} s, errors {figures['error_rate']:.0%}",
+                flush=True,
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load-executors.json").write_text(json.dumps(results, indent=2))
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-    lines = ["# Executors side by side: " + ", ".join(f"{name} ({url})" for name, url in targets.items()), "",
-             f"Sizes {args.sizes}, {args.steps} steps, routes {args.routes}, {args.duration:.0f} s per cell, "
-             "one target at a time.", "",
-             "| concurrency | executor | requests | ok | images/s | p50 s | p95 s | p99 s | 429 | errors | mean batch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Executors side by side: " + ", ".join(f"{name} ({url})" for name, url in targets.items()),
+        "",
+        f"Sizes {args.sizes}, {args.steps} steps, routes {args.routes}, {args.duration:.0f} s per cell, "
+        "one target at a time.",
+        "",
+        "| concurrency | executor | requests | ok | images/s | p50 s | p95 s | p99 s | 429 | errors | mean batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for f in results["levels"]:
-        lines.append(f"| {f['concurrency']} | {f['target']} | {f['requests']} | {f['succeeded']} | {f['images_per_s']:.2f} | "
-                     f"{fmt(f['p50_s'], '.2f')} | {fmt(f['p95_s'], '.2f')} | {fmt(f['p99_s'], '.2f')} | "
-                     f"{f['rate_429']:.0%} | {f['error_rate']:.0%} | {fmt(f['mean_batch_size'], '.2f')} |")
+        lines.append(
+            f"| {f['concurrency']} | {f['target']} | {f['requests']} | {f['succeeded']} | {f['images_per_s']:.2f} | "
+            f"{fmt(f['p50_s'], '.2f')} | {fmt(f['p95_s'], '.2f')} | {fmt(f['p99_s'], '.2f')} | "
+            f"{f['rate_429']:.0%} | {f['error_rate']:.0%} | {fmt(f['mean_batch_size'], '.2f')} |"
+        )
     (args.out / "load-executors.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return results

@@ -35,8 +35,9 @@ FAL_PRICE_PER_MP = 0.035  # fal-ai/flux-lora/inpainting, dollars per output mega
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
-def transformer_flops(config, image_tokens: int, text_tokens: int, double_blocks: int | None = None,
-                      single_blocks: int | None = None) -> float:
+def transformer_flops(
+    config, image_tokens: int, text_tokens: int, double_blocks: int | None = None, single_blocks: int | None = None
+) -> float:
     """FLOPs of one transformer forward for one sample (2 per multiply-add), from the config.
     Per token a double block runs q/k/v/out (4 d^2) and an MLP (2 * ratio * d^2) on each stream;
     a single block runs linear1 (3 + ratio) d^2 and linear2 (1 + ratio) d^2; joint attention adds
@@ -70,15 +71,27 @@ def cell_requests(width, height, steps, strength, batch, acceleration, loras):
     ``regular`` cell can be compared with its ``none`` cell pixel for pixel."""
     from PIL import Image
 
-    from runners.inpaint import InpaintInputs
+    from runners.pipeline.inpaint import InpaintInputs
 
     image = Image.new("RGB", (width, height), (120, 140, 160))
     mask = Image.new("L", (width, height), 0)
     mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
-    return [InpaintInputs(prompt=f"benchmark {i}", image=image, mask=mask, width=width, height=height, seed=i,
-                          num_inference_steps=steps, strength=strength, enable_safety_checker=True,
-                          acceleration=acceleration, loras=loras[i])
-            for i in range(batch)]
+    return [
+        InpaintInputs(
+            prompt=f"benchmark {i}",
+            image=image,
+            mask=mask,
+            width=width,
+            height=height,
+            seed=i,
+            num_inference_steps=steps,
+            strength=strength,
+            enable_safety_checker=True,
+            acceleration=acceleration,
+            loras=loras[i],
+        )
+        for i in range(batch)
+    ]
 
 
 def run_cells(cells: list, repeats: int, warmup: int) -> list:
@@ -114,8 +127,11 @@ def deviation(reference: list, images: list) -> dict:
     a = np.stack([np.asarray(i, dtype=np.float64) for i in reference])
     b = np.stack([np.asarray(i, dtype=np.float64) for i in images])
     mse = float(((a - b) ** 2).mean())
-    return {"mean_abs_error": float(np.abs(a - b).mean()), "max_abs_error": float(np.abs(a - b).max()),
-            "psnr_db": 10 * math.log10(255.0**2 / mse) if mse > 0 else None}  # None: identical
+    return {
+        "mean_abs_error": float(np.abs(a - b).mean()),
+        "max_abs_error": float(np.abs(a - b).max()),
+        "psnr_db": 10 * math.log10(255.0**2 / mse) if mse > 0 else None,
+    }  # None: identical
 
 
 def lora_sets(model, modes: list[str], rank: int, batch_sizes: list[int]) -> dict[str, list[list]]:
@@ -125,7 +141,7 @@ def lora_sets(model, modes: list[str], rank: int, batch_sizes: list[int]) -> dic
     ``mixed`` gives each request its own."""
     import tempfile
 
-    from runners.lora_formats import linear_shapes
+    from runners.lora.formats import linear_shapes
 
     from .lora import make_lora
 
@@ -147,11 +163,13 @@ def lora_sets(model, modes: list[str], rank: int, batch_sizes: list[int]) -> dic
 def with_backend(model, name: str, model_settings, lora_settings):
     """A copy of ``model`` running on backend ``name``, or the reason it cannot (no artifacts, ...)."""
     from runners.config import BackendSettings, Settings
-    from runners.model import attach_backend
+    from runners.pipeline.model import attach_backend
 
     variant = dataclasses.replace(model)
     try:
-        attach_backend(variant, Settings(model=model_settings, lora=lora_settings, backend=BackendSettings(backend=name)))
+        attach_backend(
+            variant, Settings(model=model_settings, lora=lora_settings, backend=BackendSettings(backend=name))
+        )
     except Exception as exc:  # noqa: BLE001 - the reason goes into the report as the cell's result
         return None, f"{type(exc).__name__}: {exc}"
     return variant, None
@@ -161,15 +179,19 @@ def main(argv: list[str] | None = None) -> dict:
     import argparse
 
     from runners.config import AccelerationSettings, LoraSettings, ModelSettings
-    from runners.inpaint import Inpainter, plan_schedule
-    from runners.model import load_model
-    from runners.schema import IMAGE_SIZE_PRESETS
+    from runners.pipeline.inpaint import Inpainter, plan_schedule
+    from runners.pipeline.model import load_model
+    from runners.protocol.schema import IMAGE_SIZE_PRESETS
 
     configured = AccelerationSettings()  # FLUX_ACCEL_*: the flags below start from the server's switches
     parser = argparse.ArgumentParser(prog="python -m benchmarks run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="FLUX_MODEL (default: the configured one, tiny)")
-    parser.add_argument("--backends", default="torch", help="comma-separated: torch, compile, onnxruntime, tensorrt "
-                        "(the exported ones need `python -m export` first; else their cells are reported as skipped)")
+    parser.add_argument(
+        "--backends",
+        default="torch",
+        help="comma-separated: torch, compile, onnxruntime, tensorrt "
+        "(the exported ones need `python -m export` first; else their cells are reported as skipped)",
+    )
     parser.add_argument("--sizes", default="square_hd", help="fal presets or WxH, comma-separated")
     parser.add_argument("--batch-sizes", default="1,4")
     parser.add_argument("--steps", default="28")
@@ -177,16 +199,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lora-modes", default="none", help=f"comma-separated: {', '.join(LORA_MODES)}")
     parser.add_argument("--lora-rank", type=int, default=16, help="rank of the synthetic LoRAs")
     parser.add_argument("--accelerations", default="none,regular", help="comma-separated: none, regular")
-    parser.add_argument("--accel-thresholds", default=f"{configured.threshold:g}",
-                        help="first-block cache thresholds, one regular cell each (FLUX_ACCEL_THRESHOLD)")
+    parser.add_argument(
+        "--accel-thresholds",
+        default=f"{configured.threshold:g}",
+        help="first-block cache thresholds, one regular cell each (FLUX_ACCEL_THRESHOLD)",
+    )
     parser.add_argument("--accel-warmup-steps", type=int, default=configured.warmup_steps)
-    parser.add_argument("--accel-max-skips", type=int, default=configured.max_consecutive_skips,
-                        help="FLUX_ACCEL_MAX_CONSECUTIVE_SKIPS")
-    parser.add_argument("--first-block-cache", choices=("on", "off"), default="on" if configured.first_block_cache else "off")
+    parser.add_argument(
+        "--accel-max-skips", type=int, default=configured.max_consecutive_skips, help="FLUX_ACCEL_MAX_CONSECUTIVE_SKIPS"
+    )
+    parser.add_argument(
+        "--first-block-cache", choices=("on", "off"), default="on" if configured.first_block_cache else "off"
+    )
     parser.add_argument("--tf32", choices=("on", "off"), default="on" if configured.tf32 else "off")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--dollars-per-hour", type=float, default=2.99, help="price of the machine (default: an H100 on demand)")
+    parser.add_argument(
+        "--dollars-per-hour", type=float, default=2.99, help="price of the machine (default: an H100 on demand)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak, if not in the built-in table")
     parser.add_argument("--max-sequence-length", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -200,13 +230,19 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown := set(accelerations) - {"none", "regular"}:
         parser.error(f"unknown accelerations {sorted(unknown)}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    settings = ModelSettings(**({"model": args.model} if args.model else {}), max_sequence_length=args.max_sequence_length)
+    settings = ModelSettings(
+        **({"model": args.model} if args.model else {}), max_sequence_length=args.max_sequence_length
+    )
     with_loras = lora_modes != ["none"]
     lora_settings = LoraSettings(max_per_request=4 if with_loras else 0, max_rank=max(args.lora_rank, 16))
     model = load_model(settings, lora_settings)
     loras = lora_sets(model, lora_modes, args.lora_rank, batch_sizes)
-    switches = dict(first_block_cache=args.first_block_cache == "on", tf32=args.tf32 == "on",
-                    warmup_steps=args.accel_warmup_steps, max_consecutive_skips=args.accel_max_skips)
+    switches = dict(
+        first_block_cache=args.first_block_cache == "on",
+        tf32=args.tf32 == "on",
+        warmup_steps=args.accel_warmup_steps,
+        max_consecutive_skips=args.accel_max_skips,
+    )
     variants = [("none", None)] if "none" in accelerations else []
     if "regular" in accelerations:
         variants += [("regular", float(t)) for t in args.accel_thresholds.split(",")]
@@ -214,11 +250,20 @@ def main(argv: list[str] | None = None) -> dict:
     peak = device_peak_tflops(args.peak_tflops)
     sizes = [IMAGE_SIZE_PRESETS.get(s) or tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     results = {
-        "model": settings.model, "backend": ",".join(backends), "device": str(model.device), "dtype": str(model.dtype),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "cpu": platform.machine(),
-        "torch": torch.__version__, "dollars_per_hour": args.dollars_per_hour, "peak_tflops": peak,
-        "repeats": args.repeats, "lora_rank": args.lora_rank if with_loras else None,
-        "acceleration_switches": switches, "cells": [], "skipped": [],
+        "model": settings.model,
+        "backend": ",".join(backends),
+        "device": str(model.device),
+        "dtype": str(model.dtype),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu": platform.machine(),
+        "torch": torch.__version__,
+        "dollars_per_hour": args.dollars_per_hour,
+        "peak_tflops": peak,
+        "repeats": args.repeats,
+        "lora_rank": args.lora_rank if with_loras else None,
+        "acceleration_switches": switches,
+        "cells": [],
+        "skipped": [],
     }
     for backend in backends:
         backend_model, reason = with_backend(model, backend, settings, lora_settings)
@@ -226,26 +271,60 @@ def main(argv: list[str] | None = None) -> dict:
             results["skipped"].append({"backend": backend, "reason": reason})
             print(f"backend {backend}: skipped: {reason}", flush=True)
             continue
-        inpainters = {(name, threshold): Inpainter(backend_model, AccelerationSettings(**switches, threshold=threshold or 0.0))
-                      for name, threshold in variants}
-        matrix = itertools.product(sizes, [int(s) for s in args.steps.split(",")],
-                                   [float(s) for s in args.strengths.split(",")], batch_sizes, lora_modes)
+        inpainters = {
+            (name, threshold): Inpainter(backend_model, AccelerationSettings(**switches, threshold=threshold or 0.0))
+            for name, threshold in variants
+        }
+        matrix = itertools.product(
+            sizes,
+            [int(s) for s in args.steps.split(",")],
+            [float(s) for s in args.strengths.split(",")],
+            batch_sizes,
+            lora_modes,
+        )
         for (width, height), steps, strength, batch, lora_mode in matrix:
             backend_model.fuse_uniform_loras = lora_mode == "fused"
             reference = None
-            measured = run_cells([(inpainters[(name, threshold)], cell_requests(width, height, steps, strength, batch, name,
-                                                                                 loras[lora_mode]))
-                                  for name, threshold in variants],
-                                 args.repeats, args.warmup)
+            measured = run_cells(
+                [
+                    (
+                        inpainters[(name, threshold)],
+                        cell_requests(width, height, steps, strength, batch, name, loras[lora_mode]),
+                    )
+                    for name, threshold in variants
+                ],
+                args.repeats,
+                args.warmup,
+            )
             for (acceleration, threshold), (seconds, denoise, peak_memory, outputs) in zip(variants, measured):
-                ran = len(plan_schedule(model.pipeline.scheduler.config, steps, strength, (width // 16) * (height // 16))[0])
+                ran = len(
+                    plan_schedule(model.pipeline.scheduler.config, steps, strength, (width // 16) * (height // 16))[0]
+                )
                 skipped = sum(r.steps_skipped for r in outputs) / (batch * ran)
-                cell = measure(config, args, peak, width, height, steps, strength, batch, ran, seconds, denoise,
-                               peak_memory, skipped)
+                cell = measure(
+                    config,
+                    args,
+                    peak,
+                    width,
+                    height,
+                    steps,
+                    strength,
+                    batch,
+                    ran,
+                    seconds,
+                    denoise,
+                    peak_memory,
+                    skipped,
+                )
                 inpainter = inpainters[(acceleration, threshold)]
-                cell.update(backend=backend, lora_mode=lora_mode, acceleration=acceleration, threshold=threshold,
-                            first_block_cache=acceleration == "regular" and inpainter.first_block_cache,
-                            tf32=acceleration == "regular" and inpainter.tf32)
+                cell.update(
+                    backend=backend,
+                    lora_mode=lora_mode,
+                    acceleration=acceleration,
+                    threshold=threshold,
+                    first_block_cache=acceleration == "regular" and inpainter.first_block_cache,
+                    tf32=acceleration == "regular" and inpainter.tf32,
+                )
                 images = [image for r in outputs for image in r.images]
                 if acceleration == "none":
                     reference = (cell, images)
@@ -257,11 +336,18 @@ def main(argv: list[str] | None = None) -> dict:
                     cell["best_denoise_speedup_vs_none"] = reference[0]["denoise_min_s"] / cell["denoise_min_s"]
                     cell.update(deviation(reference[1], images))
                 results["cells"].append(cell)
-                print(f"{backend} {width}x{height} steps {ran}/{steps} batch {batch} lora {lora_mode} {acceleration}"
-                      f"{f' @{threshold:g}' if threshold is not None else ''}: {cell['seconds_per_image']:.3f} s/image, "
-                      f"{cell['megapixels_per_s']:.3f} MP/s, ${cell['cost_per_mp']:.5f}/MP"
-                      + (f", {cell['speedup_vs_none']:.2f}x vs none, {skipped:.0%} steps skipped, "
-                         f"mean abs error {cell['mean_abs_error']:.2f}" if "speedup_vs_none" in cell else ""), flush=True)
+                print(
+                    f"{backend} {width}x{height} steps {ran}/{steps} batch {batch} lora {lora_mode} {acceleration}"
+                    f"{f' @{threshold:g}' if threshold is not None else ''}: {cell['seconds_per_image']:.3f} s/image, "
+                    f"{cell['megapixels_per_s']:.3f} MP/s, ${cell['cost_per_mp']:.5f}/MP"
+                    + (
+                        f", {cell['speedup_vs_none']:.2f}x vs none, {skipped:.0%} steps skipped, "
+                        f"mean abs error {cell['mean_abs_error']:.2f}"
+                        if "speedup_vs_none" in cell
+                        else ""
+                    ),
+                    flush=True,
+                )
     write(results, args.out)
     return results
 
@@ -277,14 +363,27 @@ def measure(config, args, peak, width, height, steps, strength, batch, ran, seco
     denoise_median = statistics.median(denoise)
     cost_per_mp = args.dollars_per_hour / 3600 * median / megapixels
     return {
-        "width": width, "height": height, "steps": steps, "strength": strength, "steps_run": ran, "batch": batch,
-        "median_s": median, "p95_s": p95, "min_s": min(seconds), "seconds_per_image": median / batch,
-        "megapixels_per_s": megapixels / median, "denoise_median_s": denoise_median,
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "strength": strength,
+        "steps_run": ran,
+        "batch": batch,
+        "median_s": median,
+        "p95_s": p95,
+        "min_s": min(seconds),
+        "seconds_per_image": median / batch,
+        "megapixels_per_s": megapixels / median,
+        "denoise_median_s": denoise_median,
         "denoise_min_s": min(denoise),
-        "denoise_steps_per_s": ran / denoise_median, "steps_skipped_fraction": skipped,
-        "transformer_tflop": flops / 1e12, "achieved_tflops": flops / denoise_median / 1e12,
+        "denoise_steps_per_s": ran / denoise_median,
+        "steps_skipped_fraction": skipped,
+        "transformer_tflop": flops / 1e12,
+        "achieved_tflops": flops / denoise_median / 1e12,
         "fraction_of_peak": (flops / denoise_median / 1e12 / peak) if peak else None,
-        "peak_memory_bytes": peak_memory, "cost_per_mp": cost_per_mp, "margin_vs_fal": FAL_PRICE_PER_MP / cost_per_mp,
+        "peak_memory_bytes": peak_memory,
+        "cost_per_mp": cost_per_mp,
+        "margin_vs_fal": FAL_PRICE_PER_MP / cost_per_mp,
     }
 
 
@@ -296,12 +395,14 @@ def write(results: dict, out: Path) -> None:
     switches = results["acceleration_switches"]
     lines = [
         f"# Inpainting loop: {results['model']} ({results['backend']}, {results['dtype']}) on {results['gpu'] or results['cpu']}",
-        "", f"Medians of {results['repeats']} runs after warm-up; cost at ${results['dollars_per_hour']}/hour against fal's "
+        "",
+        f"Medians of {results['repeats']} runs after warm-up; cost at ${results['dollars_per_hour']}/hour against fal's "
         f"${FAL_PRICE_PER_MP}/MP. `regular`: first-block cache {'on' if switches['first_block_cache'] else 'off'} "
         f"(threshold in the column, warm-up {switches['warmup_steps']}, at most {switches['max_consecutive_skips']} "
         f"skipped in a row), TF32 switch {'on' if switches['tf32'] else 'off'} (it acts on CUDA fp32 models only: "
         "`+TF32` marks the cells where it did); speed-up and pixel error against the `none` "
-        "cell above it (same requests and seeds)." + (f" LoRA rank {results['lora_rank']}." if results["lora_rank"] else ""),
+        "cell above it (same requests and seeds)."
+        + (f" LoRA rank {results['lora_rank']}." if results["lora_rank"] else ""),
         "",
         "| backend | size | steps run | batch | LoRA | acceleration | s/image (median) | p95 s (batch) | MP/s | steps/s "
         "| TFLOP/s | of peak | peak memory | $/MP | x cheaper than fal | speed-up: median / best run / best denoising "
@@ -319,14 +420,18 @@ def write(results: dict, out: Path) -> None:
         compared = "| | | | |"
         if "speedup_vs_none" in c:
             psnr = f"{c['psnr_db']:.1f} dB" if c["psnr_db"] is not None else "identical"
-            compared = (f"| {c['speedup_vs_none']:.2f}x / {c['best_speedup_vs_none']:.2f}x / "
-                        f"{c['best_denoise_speedup_vs_none']:.2f}x | "
-                        f"{c['steps_skipped_fraction']:.0%} | {c['mean_abs_error']:.2f} | "
-                        f"{c['max_abs_error']:.0f} | {psnr} |")
-        lines.append(f"| {c['backend']} | {c['width']}x{c['height']} | {c['steps_run']}/{c['steps']} | {c['batch']} | "
-                     f"{c['lora_mode']} | {accel} | {c['seconds_per_image']:.3f} | {c['p95_s']:.3f} | "
-                     f"{c['megapixels_per_s']:.3f} | {c['denoise_steps_per_s']:.2f} | {c['achieved_tflops']:.3f} | "
-                     f"{of_peak} | {memory} | {c['cost_per_mp']:.5f} | {c['margin_vs_fal']:.1f} {compared}")
+            compared = (
+                f"| {c['speedup_vs_none']:.2f}x / {c['best_speedup_vs_none']:.2f}x / "
+                f"{c['best_denoise_speedup_vs_none']:.2f}x | "
+                f"{c['steps_skipped_fraction']:.0%} | {c['mean_abs_error']:.2f} | "
+                f"{c['max_abs_error']:.0f} | {psnr} |"
+            )
+        lines.append(
+            f"| {c['backend']} | {c['width']}x{c['height']} | {c['steps_run']}/{c['steps']} | {c['batch']} | "
+            f"{c['lora_mode']} | {accel} | {c['seconds_per_image']:.3f} | {c['p95_s']:.3f} | "
+            f"{c['megapixels_per_s']:.3f} | {c['denoise_steps_per_s']:.2f} | {c['achieved_tflops']:.3f} | "
+            f"{of_peak} | {memory} | {c['cost_per_mp']:.5f} | {c['margin_vs_fal']:.1f} {compared}"
+        )
     for s in results["skipped"]:
         lines += ["", f"Backend `{s['backend']}` skipped: {s['reason']}"]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -37,8 +37,12 @@ def plot_loop(runs: list[dict], path: Path) -> None:
     for run in runs:
         by_line = defaultdict(list)
         for cell in run["cells"]:  # one line per cell of the matrix but the batch size
-            variant = (cell.get("backend", run["backend"]), cell.get("lora_mode", "none"), cell.get("acceleration", "none"),
-                       cell.get("threshold") or 0.0)
+            variant = (
+                cell.get("backend", run["backend"]),
+                cell.get("lora_mode", "none"),
+                cell.get("acceleration", "none"),
+                cell.get("threshold") or 0.0,
+            )
             by_line[(*variant, cell["width"], cell["height"], cell["steps_run"])].append(cell)
         where = run["gpu"] or run["cpu"]
         for (backend, lora_mode, acceleration, threshold, width, height, steps), cells in sorted(by_line.items()):

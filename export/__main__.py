@@ -20,17 +20,24 @@ def main(argv: list[str] | None = None) -> int:
         description="Export the configured FLUX model's transformer and VAE to ONNX (validated against torch) "
         "and optionally to TensorRT engines. Settings come from the FLUX_* environment, as for the server.",
     )
-    parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs tensorrt and a CUDA GPU)")
-    parser.add_argument("--tolerance", type=float, default=1e-3, help="largest max-abs error ONNX Runtime may show against torch")
-    parser.add_argument("--verify", action="store_true", help="build nothing: check the artifacts for these settings exist and are intact")
+    parser.add_argument(
+        "--tensorrt", action="store_true", help="also build TensorRT engines (needs tensorrt and a CUDA GPU)"
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-3, help="largest max-abs error ONNX Runtime may show against torch"
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="build nothing: check the artifacts for these settings exist and are intact",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
+    from export.build import onnx_artifact, tensorrt_artifact
+    from runners.backends.artifacts import ArtifactError
     from runners.config import load_settings
-    from runners.model import load_model
-
-    from .artifacts import ArtifactError
-    from .build import onnx_artifact, tensorrt_artifact
+    from runners.pipeline.model import load_model
 
     started = time.perf_counter()
 
@@ -56,15 +63,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(onnx, engines) -> str:
-    lines = ["", "| network | file | MB | seconds | max abs error (worst shape) | status |", "|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "| network | file | MB | seconds | max abs error (worst shape) | status |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, entry in onnx.manifest["files"].items():
         worst = max(entry.get("validation", []), key=lambda row: row["max_abs"], default=None)
         error = f"{worst['max_abs']:.2e} ({worst['shape']})" if worst else "-"
         status = "ok" if all(row["ok"] for row in entry.get("validation", [])) else "FAILED"
-        lines.append(f"| {name} | {entry['file']} | {entry['bytes'] / 1e6:.1f} | {entry.get('export_seconds', '-')} | {error} | {status} |")
+        lines.append(
+            f"| {name} | {entry['file']} | {entry['bytes'] / 1e6:.1f} | {entry.get('export_seconds', '-')} | {error} | {status} |"
+        )
     if engines is not None:
         for name, entry in engines.manifest["files"].items():
-            lines.append(f"| {name} (TensorRT) | {entry['file']} | {entry['bytes'] / 1e6:.1f} | {entry.get('build_seconds', '-')} | - | built |")
+            lines.append(
+                f"| {name} (TensorRT) | {entry['file']} | {entry['bytes'] / 1e6:.1f} | {entry.get('build_seconds', '-')} | - | built |"
+            )
     return "\n".join(lines)
 
 

@@ -5,69 +5,25 @@ and TensorRT engines built from them. ``python -m export`` and the server's back
 
 from __future__ import annotations
 
-import hashlib
-
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+from runners.backends.artifacts import (
+    NETWORKS,
+    REBUILD,
+    Artifact,
+    ArtifactStore,
+    engine_root,
+    find_onnx,
+    find_tensorrt,
+    onnx_fields,
+    tensorrt_fields,
+)
 from runners.config import Settings
 
-from .artifacts import EXPORT_FORMAT_VERSION, Artifact, ArtifactStore, model_identity
-
 log = logging.getLogger(__name__)
-REBUILD = "run `python -m export` with the server's settings to build it"
-NETWORKS = ("transformer", "vae_encoder", "vae_decoder")
-
-
-def engine_root(settings: Settings) -> Path:
-    return Path(settings.backend.engine_dir or Path(settings.model.cache_dir) / "engines")
-
-
-def model_digest(source: str, cache_dir: Path) -> str:
-    """What identifies the model's weights: its files' contents, or, for ``random:<architecture>``
-    (built in code from a fixed seed, runners/random_model.py), its name."""
-    if source.startswith("random:"):
-        return hashlib.sha256(f"built:{source}".encode()).hexdigest()
-    return model_identity(model_folder(source), cache_dir)
-
-
-def model_folder(source: str) -> Path:
-    """The folder holding the model's files (a hub id resolves to its local snapshot)."""
-    if Path(source).is_dir():
-        return Path(source)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(source, local_files_only=True))
-
-
-def onnx_fields(model, settings: Settings) -> dict[str, Any]:
-    """Exactly what changes the ONNX graphs or their weights."""
-    import onnx
-    import torch
-
-    return {
-        "model": model_digest(model.source, Path(settings.model.cache_dir)),
-        "fused_loras": [[sha, scale] for sha, scale in model.fused_loras],
-        "text_tokens": model.max_sequence_length,
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "format": EXPORT_FORMAT_VERSION,
-    }
-
-
-def tensorrt_fields(onnx_artifact: Artifact, settings: Settings, tensorrt_version: str) -> dict[str, Any]:
-    """Exactly what changes the engines: the graphs, precision, profiles and TensorRT's version."""
-    backend = settings.backend
-    return {
-        "onnx": onnx_artifact.manifest["key"],
-        "precision": backend.export_precision,
-        "sizes": backend.export_sizes,
-        "batch_sizes": backend.export_batch_sizes,
-        "tensorrt": tensorrt_version,
-        "refittable": True,
-    }
 
 
 def validation_shapes(settings: Settings) -> list[tuple[int, int, int]]:
@@ -76,15 +32,17 @@ def validation_shapes(settings: Settings) -> list[tuple[int, int, int]]:
     return small
 
 
-def onnx_artifact(model, settings: Settings, build: bool, tolerance: float = 1e-3, progress=log.info) -> tuple[Artifact, bool]:
+def onnx_artifact(
+    model, settings: Settings, build: bool, tolerance: float = 1e-3, progress=log.info
+) -> tuple[Artifact, bool]:
     """The ONNX artifact for ``model`` under ``settings``: loaded and verified, or (``build``) made."""
-    from .networks import SPECS
-    from .onnx_export import export_onnx, validate
+    from export.networks import SPECS
+    from export.onnx_export import export_onnx, validate
 
     store = ArtifactStore(engine_root(settings), "onnx")
     fields = onnx_fields(model, settings)
     if not build:
-        return store.load(fields, REBUILD), True
+        return find_onnx(model, settings), True
 
     def make(folder: Path) -> dict[str, Any]:
         files = {}
@@ -97,25 +55,35 @@ def onnx_artifact(model, settings: Settings, build: bool, tolerance: float = 1e-
             progress(f"exported {name} in {exported:.1f} s; validating against torch ...")
             rows = validate(spec, model, path, validation_shapes(settings), model.max_sequence_length, tolerance)
             for row in rows:
-                progress(f"  {name} {row.shape}: max abs {row.max_abs:.2e}, max rel {row.max_rel:.2e} "
-                         f"(tolerance {row.tolerance:.0e}) {'ok' if row.ok else 'FAILED'}")
+                progress(
+                    f"  {name} {row.shape}: max abs {row.max_abs:.2e}, max rel {row.max_rel:.2e} "
+                    f"(tolerance {row.tolerance:.0e}) {'ok' if row.ok else 'FAILED'}"
+                )
             if not all(row.ok for row in rows):
                 raise ValueError(f"{name}: ONNX Runtime and torch disagree past the tolerance {tolerance}")
             extra = [p.name for p in folder.iterdir() if p.name.startswith(f"{name}.onnx") and p.name != path.name]
             files[name] = {
-                "file": path.name, "network": name, "inputs": list(spec.inputs_for(model)), "outputs": list(spec.output_names),
-                "made_by": "torch.onnx.export(dynamo=True)", "export_seconds": round(exported, 2),
-                "validation": [row.__dict__ for row in rows], "extra_files": extra,
+                "file": path.name,
+                "network": name,
+                "inputs": list(spec.inputs_for(model)),
+                "outputs": list(spec.output_names),
+                "made_by": "torch.onnx.export(dynamo=True)",
+                "export_seconds": round(exported, 2),
+                "validation": [row.__dict__ for row in rows],
+                "extra_files": extra,
             }
         return files
 
     return store.build(fields, make, REBUILD)
 
 
-def tensorrt_artifact(model, settings: Settings, onnx: Artifact, build: bool, progress=log.info) -> tuple[Artifact, bool]:
+def tensorrt_artifact(
+    model, settings: Settings, onnx: Artifact, build: bool, progress=log.info
+) -> tuple[Artifact, bool]:
     """TensorRT engines for the ONNX artifact, one per network, with the configured profiles."""
-    from .networks import SPECS
-    from .tensorrt_build import EngineRequest, build_engine, tensorrt_available
+    from export.networks import SPECS
+    from export.tensorrt_build import EngineRequest, build_engine
+    from runners.backends.tensorrt_engine import tensorrt_available
 
     available, detail = tensorrt_available()
     if not available:
@@ -123,7 +91,7 @@ def tensorrt_artifact(model, settings: Settings, onnx: Artifact, build: bool, pr
     store = ArtifactStore(engine_root(settings), "tensorrt")
     fields = tensorrt_fields(onnx, settings, detail)
     if not build:
-        return store.load(fields, REBUILD + " --tensorrt"), True
+        return find_tensorrt(model, settings, onnx), True
     sizes = settings.backend.pixel_sizes()
     batches = settings.backend.export_batch_sizes
 
@@ -133,13 +101,23 @@ def tensorrt_artifact(model, settings: Settings, onnx: Artifact, build: bool, pr
             profile = SPECS[name].profile(model, sizes, batches, model.max_sequence_length)
             started = time.perf_counter()
             engine = build_engine(
-                EngineRequest(onnx_path=onnx.file(name), engine_path=folder / f"{name}.plan", profiles=[profile],
-                              precision=settings.backend.export_precision, refittable=True, workspace_bytes=None),
+                EngineRequest(
+                    onnx_path=onnx.file(name),
+                    engine_path=folder / f"{name}.plan",
+                    profiles=[profile],
+                    precision=settings.backend.export_precision,
+                    refittable=True,
+                    workspace_bytes=None,
+                ),
                 log=progress,
             )
-            files[name] = {"file": engine.name, "network": name, "made_by": f"TensorRT {detail}",
-                           "profile": {k: [list(s) for s in v] for k, v in profile.items()},
-                           "build_seconds": round(time.perf_counter() - started, 1)}
+            files[name] = {
+                "file": engine.name,
+                "network": name,
+                "made_by": f"TensorRT {detail}",
+                "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+                "build_seconds": round(time.perf_counter() - started, 1),
+            }
         return files
 
     return store.build(fields, make, REBUILD + " --tensorrt")

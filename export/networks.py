@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from runners.backends import TorchTransformer
+from runners.backends.eager import TorchTransformer
 
 # Names of the dynamic axes used in ``NetworkSpec.dynamic_axes`` (and as the ONNX symbolic dims).
 BATCH = "batch"
@@ -38,13 +38,13 @@ Profile = dict[str, tuple[Shape, Shape, Shape]]
 
 
 def transformer_module(model: Any) -> torch.nn.Module:
-    """The diffusers FluxTransformer2DModel of a ``runners.model.FluxModel`` (or the module itself)."""
+    """The diffusers FluxTransformer2DModel of a ``runners.pipeline.model.FluxModel`` (or the module itself)."""
     pipeline = getattr(model, "pipeline", None)
     return pipeline.transformer if pipeline is not None else model
 
 
 def vae_module(model: Any) -> torch.nn.Module:
-    """The diffusers AutoencoderKL of a ``runners.model.FluxModel`` (or the module itself)."""
+    """The diffusers AutoencoderKL of a ``runners.pipeline.model.FluxModel`` (or the module itself)."""
     pipeline = getattr(model, "pipeline", None)
     return pipeline.vae if pipeline is not None else model
 
@@ -80,8 +80,13 @@ class TransformerNetwork(torch.nn.Module):
     ):
         # The same call the torch backend makes, so the graph is exactly what the loop runs.
         return TorchTransformer(self.transformer)(
-            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections, timestep=timestep, guidance=guidance, img_ids=img_ids, txt_ids=txt_ids,
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            guidance=guidance,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
         )
 
 
@@ -263,8 +268,15 @@ class VaeDecoderSpec(NetworkSpec):
 SPECS: dict[str, NetworkSpec] = {
     "transformer": TransformerSpec(
         name="transformer",
-        input_names=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
-                     "guidance"),
+        input_names=(
+            "hidden_states",
+            "encoder_hidden_states",
+            "pooled_projections",
+            "timestep",
+            "img_ids",
+            "txt_ids",
+            "guidance",
+        ),
         output_names=("velocity",),
         dynamic_axes={
             "hidden_states": {0: BATCH, 1: IMAGE_TOKENS},

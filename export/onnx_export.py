@@ -37,8 +37,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .networks import (
-    HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, WIDTH, NetworkSpec, module_device, vae_module, vae_scale_factor,
+from export.networks import (
+    HEIGHT,
+    LATENT_HEIGHT,
+    LATENT_WIDTH,
+    WIDTH,
+    NetworkSpec,
+    module_device,
+    vae_module,
+    vae_scale_factor,
 )
 
 log = logging.getLogger(__name__)
@@ -60,7 +67,11 @@ def _rope_float32_forward(self, ids: torch.Tensor):
     cos_out, sin_out = [], []
     for i in range(ids.shape[-1]):
         cos, sin = get_1d_rotary_pos_embed(
-            self.axes_dim[i], pos[:, i], theta=self.theta, repeat_interleave_real=True, use_real=True,
+            self.axes_dim[i],
+            pos[:, i],
+            theta=self.theta,
+            repeat_interleave_real=True,
+            use_real=True,
             freqs_dtype=torch.float32,
         )
         cos_out.append(cos)
@@ -189,8 +200,16 @@ def export_onnx(
     _check_no_active_lora(module)
     inputs = spec.sample_inputs(model, batch, size[0], size[1], text_tokens, device=module_device(module))
     external = weight_bytes(module) > EXTERNAL_DATA_THRESHOLD
-    log.info("exporting %s (%.1f MB float32, example B%d %dx%d, %s) to %s", spec.name, weight_bytes(module) / 1e6,
-             batch, size[1], size[0], "external data" if external else "single file", path)
+    log.info(
+        "exporting %s (%.1f MB float32, example B%d %dx%d, %s) to %s",
+        spec.name,
+        weight_bytes(module) / 1e6,
+        batch,
+        size[1],
+        size[0],
+        "external data" if external else "single file",
+        path,
+    )
     started = time.perf_counter()
     with eval_mode(module), float32_rope(module) as patched, quiet_exporter():
         if patched:
@@ -209,8 +228,9 @@ def export_onnx(
         name_output_dims(spec, program.model)
         path.with_name(f"{path.name}.data").unlink(missing_ok=True)  # no stale weights beside a new graph
         program.save(str(path), external_data=external)
-    log.info("exported %s in %.1f s (%.1f MB on disk)", spec.name, time.perf_counter() - started,
-             onnx_bytes(path) / 1e6)
+    log.info(
+        "exported %s in %.1f s (%.1f MB on disk)", spec.name, time.perf_counter() - started, onnx_bytes(path) / 1e6
+    )
     return path
 
 
@@ -256,7 +276,8 @@ def check_onnx(path: Path) -> OnnxSummary:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     double = onnx.TensorProto.DOUBLE
     float64 = sum(1 for t in proto.graph.initializer if t.data_type == double) + sum(
-        1 for n in proto.graph.node
+        1
+        for n in proto.graph.node
         if any(a.name == "to" and a.i == double for a in n.attribute)
         or any(a.name == "value" and a.t.data_type == double for a in n.attribute)
     )
@@ -268,8 +289,14 @@ def check_onnx(path: Path) -> OnnxSummary:
         bytes=onnx_bytes(path),
         float64=float64,
     )
-    log.info("checked %s in %.2f s: opset %d, inputs %s, outputs %s", path.name, time.perf_counter() - started,
-             opset, summary.inputs, summary.outputs)
+    log.info(
+        "checked %s in %.2f s: opset %d, inputs %s, outputs %s",
+        path.name,
+        time.perf_counter() - started,
+        opset,
+        summary.inputs,
+        summary.outputs,
+    )
     if float64:
         log.warning("%s has %d float64 nodes or initializers: TensorRT cannot build it", path.name, float64)
     return summary
@@ -309,8 +336,15 @@ def ort_session(path: Path):
 
 def compare(network: str, shape: str, actual: np.ndarray, expected: np.ndarray, tolerance: float) -> ValidationRow:
     if actual.shape != expected.shape:
-        return ValidationRow(network, shape, float("inf"), float("inf"), tolerance, False,
-                             f"output shape {actual.shape} != torch's {expected.shape}")
+        return ValidationRow(
+            network,
+            shape,
+            float("inf"),
+            float("inf"),
+            tolerance,
+            False,
+            f"output shape {actual.shape} != torch's {expected.shape}",
+        )
     actual, expected = actual.astype(np.float64), expected.astype(np.float64)
     max_abs = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
@@ -338,8 +372,9 @@ def validate(
     check_onnx(onnx_path)
     started = time.perf_counter()
     session = ort_session(onnx_path)
-    log.info("%s: ONNX Runtime session on %s in %.2f s", spec.name, session.get_providers()[0],
-             time.perf_counter() - started)
+    log.info(
+        "%s: ONNX Runtime session on %s in %.2f s", spec.name, session.get_providers()[0], time.perf_counter() - started
+    )
     module = float32_network(spec, model)
     names = spec.inputs_for(model)
     graph_inputs = [i.name for i in session.get_inputs()]
@@ -347,8 +382,17 @@ def validate(
     for index, (batch, height, width) in enumerate(shapes):
         label = f"B{batch} {width}x{height}"
         if graph_inputs != list(names):
-            rows.append(ValidationRow(spec.name, label, float("inf"), float("inf"), tolerance, False,
-                                      f"graph inputs {graph_inputs} != the spec's {list(names)}"))
+            rows.append(
+                ValidationRow(
+                    spec.name,
+                    label,
+                    float("inf"),
+                    float("inf"),
+                    tolerance,
+                    False,
+                    f"graph inputs {graph_inputs} != the spec's {list(names)}",
+                )
+            )
             continue
         started = time.perf_counter()
         inputs = spec.sample_inputs(
@@ -359,13 +403,24 @@ def validate(
         try:
             actual = session.run(None, {n: t.cpu().numpy() for n, t in zip(names, inputs, strict=True)})[0]
         except Exception as exc:  # noqa: BLE001 - a graph that cannot run is a failed validation
-            rows.append(ValidationRow(spec.name, label, float("inf"), float("inf"), tolerance, False,
-                                      f"{type(exc).__name__}: {exc}"))
+            rows.append(
+                ValidationRow(
+                    spec.name, label, float("inf"), float("inf"), tolerance, False, f"{type(exc).__name__}: {exc}"
+                )
+            )
             continue
         row = compare(spec.name, label, actual, expected, tolerance)
         rows.append(row)
-        log.info("%s %s: max abs %.3g, max rel %.3g (tolerance %g) %s in %.2f s", spec.name, label, row.max_abs,
-                 row.max_rel, tolerance, "ok" if row.ok else "FAILED", time.perf_counter() - started)
+        log.info(
+            "%s %s: max abs %.3g, max rel %.3g (tolerance %g) %s in %.2f s",
+            spec.name,
+            label,
+            row.max_abs,
+            row.max_rel,
+            tolerance,
+            "ok" if row.ok else "FAILED",
+            time.perf_counter() - started,
+        )
     for row in rows:
         if row.error:
             log.warning("%s %s failed: %s", row.network, row.shape, row.error)

@@ -20,7 +20,7 @@ Written against TensorRT 10's documented Python API; the calls and where they ar
 - ``IOptimizationProfile.set_shape(input, min, opt, max)``:
   https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/OptimizationProfile.html
 - refit: ``trt.Refitter`` + ``trt.OnnxParserRefitter.refit_from_file`` + ``refit_cuda_engine`` (see
-  ``runners.tensorrt_backend.refit_from_onnx``), then ``ICudaEngine.serialize()``:
+  ``runners.backends.tensorrt_engine.refit_from_onnx``), then ``ICudaEngine.serialize()``:
   https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/refitting-engines.html
 
 Precision. TensorRT 10 has two typing modes (precision-control page of the developer guide):
@@ -41,32 +41,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifacts import write_atomic
-from runners.tensorrt_backend import (
-    INSTALL_HINT,
+from runners.backends.artifacts import write_atomic
+from runners.backends.tensorrt_engine import (
     _parser_error_text,
     get_logger,
     import_tensorrt,
     refit_from_onnx,
+    tensorrt_available,
 )
 
 Shape = tuple[int, ...]
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
-
-
-def tensorrt_available() -> tuple[bool, str]:
-    """(True, TensorRT's version) when ``import tensorrt`` works and torch sees a CUDA GPU, else
-    (False, why not)."""
-    try:
-        import tensorrt
-    except Exception as exc:  # ImportError, or OSError when libnvinfer is missing
-        return False, f"tensorrt is not installed ({INSTALL_HINT}): {type(exc).__name__}: {exc}"
-    import torch
-
-    if not torch.cuda.is_available():
-        return False, f"no CUDA GPU (tensorrt {tensorrt.__version__} is installed, but torch sees no GPU)"
-    return True, str(tensorrt.__version__)
 
 
 def require_tensorrt():
@@ -114,14 +100,17 @@ class EngineRequest:
                 if not len(low) == len(opt) == len(high):
                     raise ValueError(f"profile {index}, input {name!r}: min/opt/max ranks differ: {low}, {opt}, {high}")
                 if not all(0 <= a <= b <= c for a, b, c in zip(low, opt, high)):
-                    raise ValueError(f"profile {index}, input {name!r}: need 0 <= min <= opt <= max per dimension, "
-                                     f"got {low}, {opt}, {high}")
+                    raise ValueError(
+                        f"profile {index}, input {name!r}: need 0 <= min <= opt <= max per dimension, "
+                        f"got {low}, {opt}, {high}"
+                    )
                 checked[name] = (low, opt, high)
             profiles.append(checked)
         object.__setattr__(self, "profiles", profiles)
 
 
 # -- what the graph carries ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class GraphTypes:
@@ -181,8 +170,10 @@ def plan_precision(precision: str, graph: GraphTypes, weak_flags: frozenset[str]
     flags this TensorRT has (``FP16``/``BF16``; none in TensorRT 11)."""
     if precision == "fp8":
         if not graph.quantized:
-            raise ValueError("fp8 engines need an FP8-quantized graph (QuantizeLinear/DequantizeLinear nodes, e.g. "
-                             "from NVIDIA TensorRT Model Optimizer); this graph has none: use fp16 or bf16")
+            raise ValueError(
+                "fp8 engines need an FP8-quantized graph (QuantizeLinear/DequantizeLinear nodes, e.g. "
+                "from NVIDIA TensorRT Model Optimizer); this graph has none: use fp16 or bf16"
+            )
         return PrecisionPlan(True, (), "strongly typed: the graph's FP8 Q/DQ nodes set the precision")
     if precision == "fp32":
         if graph.low_precision:
@@ -193,14 +184,17 @@ def plan_precision(precision: str, graph: GraphTypes, weak_flags: frozenset[str]
         return PrecisionPlan(True, (), f"strongly typed: the graph's own {wanted} types set the precision")
     flag = precision.upper()  # BuilderFlag.FP16 / BuilderFlag.BF16
     if flag not in weak_flags:
-        raise ValueError(f"this TensorRT has no BuilderFlag.{flag} (weak typing was removed in TensorRT 11): export "
-                         f"the graph in {precision} (e.g. with NVIDIA Model Optimizer AutoCast), or build fp32")
+        raise ValueError(
+            f"this TensorRT has no BuilderFlag.{flag} (weak typing was removed in TensorRT 11): export "
+            f"the graph in {precision} (e.g. with NVIDIA Model Optimizer AutoCast), or build fp32"
+        )
     return PrecisionPlan(False, (flag,), f"weakly typed {sorted(graph.float_types)} graph with BuilderFlag.{flag}")
 
 
 # -- files -------------------------------------------------------------------------------------------------
 
 # -- build -------------------------------------------------------------------------------------------------
+
 
 def _clock(log: Callable[[str], None]) -> Callable[[str], None]:
     started = time.perf_counter()
@@ -255,16 +249,20 @@ def _check_profiles(network, profiles: list[dict[str, tuple[Shape, Shape, Shape]
             raise ValueError(f"profile {index} names {unknown}, which are not inputs of the network {sorted(inputs)}")
         uncovered = [name for name in dynamic if name not in profile]
         if uncovered:
-            raise ValueError(f"profile {index} gives no shapes for the dynamic inputs {uncovered} "
-                             f"(network shapes: { {n: inputs[n] for n in uncovered} })")
+            raise ValueError(
+                f"profile {index} gives no shapes for the dynamic inputs {uncovered} "
+                f"(network shapes: { {n: inputs[n] for n in uncovered} })"
+            )
         for name, (low, _opt, high) in profile.items():
             declared = inputs[name]
             if len(declared) != len(low):
                 raise ValueError(f"profile {index}, input {name!r}: rank {len(low)}, but the network's is {declared}")
             for dim, want in enumerate(declared):
                 if want >= 0 and not low[dim] == high[dim] == want:
-                    raise ValueError(f"profile {index}, input {name!r}: dimension {dim} is fixed at {want} in the "
-                                     f"network {declared}, but the profile spans {low[dim]}..{high[dim]}")
+                    raise ValueError(
+                        f"profile {index}, input {name!r}: dimension {dim} is fixed at {want} in the "
+                        f"network {declared}, but the profile spans {low[dim]}..{high[dim]}"
+                    )
     return inputs
 
 
@@ -287,10 +285,13 @@ def build_engine(request: EngineRequest, log: Callable[[str], None] = print) -> 
             raise RuntimeError(
                 f"fp8 engines need a GPU of compute capability {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or "
                 f"newer (Ada, Hopper, Blackwell); {torch.cuda.get_device_name()} is {capability[0]}.{capability[1]}: "
-                "use fp16 or bf16")
+                "use fp16 or bf16"
+            )
     plan = plan_precision(request.precision, inspect_onnx(onnx_path), _weak_flags(trt))
-    say(f"{onnx_path.name} -> {request.engine_path.name}: {request.precision} ({plan.note}), "
-        f"{'refittable, ' if request.refittable else ''}{len(request.profiles)} profile(s), TensorRT {trt.__version__}")
+    say(
+        f"{onnx_path.name} -> {request.engine_path.name}: {request.precision} ({plan.note}), "
+        f"{'refittable, ' if request.refittable else ''}{len(request.profiles)} profile(s), TensorRT {trt.__version__}"
+    )
 
     logger = get_logger()
     logger.take_errors()
@@ -300,8 +301,9 @@ def build_engine(request: EngineRequest, log: Callable[[str], None] = print) -> 
     parser = trt.OnnxParser(network, logger)  # owns the weights: kept alive until the build is done
     say(f"parsing {onnx_path} ...")
     if not parser.parse_from_file(str(onnx_path)):
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n  " + "\n  ".join(_parser_errors(parser) or
-                                                                                        logger.take_errors()))
+        raise RuntimeError(
+            f"TensorRT could not parse {onnx_path}:\n  " + "\n  ".join(_parser_errors(parser) or logger.take_errors())
+        )
     inputs = _check_profiles(network, request.profiles)
     say(f"parsed {network.num_layers} layers; inputs {inputs}")
 
@@ -326,8 +328,9 @@ def build_engine(request: EngineRequest, log: Callable[[str], None] = print) -> 
         for name, (low, opt, high) in profile_shapes.items():
             profile.set_shape(name, low, opt, high)
         if config.add_optimization_profile(profile) < 0:
-            raise RuntimeError(f"TensorRT rejected optimization profile {index} {profile_shapes}: "
-                               + "; ".join(logger.take_errors()))
+            raise RuntimeError(
+                f"TensorRT rejected optimization profile {index} {profile_shapes}: " + "; ".join(logger.take_errors())
+            )
     monitor = _progress_monitor(trt, say)
     if monitor is not None:
         config.progress_monitor = monitor
@@ -336,8 +339,10 @@ def build_engine(request: EngineRequest, log: Callable[[str], None] = print) -> 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         errors = logger.take_errors()
-        raise RuntimeError(f"TensorRT failed to build {request.engine_path.name} from {onnx_path}"
-                           + ("".join(f"\n  {e}" for e in errors[-10:]) if errors else " (no error was logged)"))
+        raise RuntimeError(
+            f"TensorRT failed to build {request.engine_path.name} from {onnx_path}"
+            + ("".join(f"\n  {e}" for e in errors[-10:]) if errors else " (no error was logged)")
+        )
     if request.timing_cache is not None:
         write_atomic(request.timing_cache, config.get_timing_cache().serialize())
     write_atomic(request.engine_path, serialized)
@@ -358,8 +363,10 @@ def refit_engine(engine_path: Path, onnx_path: Path, log: Callable[[str], None] 
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
-        raise RuntimeError(f"TensorRT could not deserialize {engine_path} (built by another TensorRT version or "
-                           "for another GPU?): " + "; ".join(logger.take_errors()))
+        raise RuntimeError(
+            f"TensorRT could not deserialize {engine_path} (built by another TensorRT version or "
+            "for another GPU?): " + "; ".join(logger.take_errors())
+        )
     say(f"refitting {engine_path.name} from {onnx_path} ...")
     count = refit_from_onnx(trt, engine, onnx_path, logger)
     write_atomic(engine_path, engine.serialize())

@@ -15,6 +15,10 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TINY_MODEL = "tiny"
+TINY_WARNING = (
+    "SERVING THE TINY EMBEDDED MODEL WITH RANDOM WEIGHTS: outputs are noise, not images. "
+    "Set FLUX_MODEL to a hub id (black-forest-labs/FLUX.1-dev) or a diffusers folder to serve FLUX."
+)
 # How long past its deadline a running request may go unanswered before the queue fails it itself;
 # the timeouts of the calls that carry a request must outlast the deadline by at least this much.
 DEADLINE_GRACE_S = 30.0
@@ -68,8 +72,15 @@ class ModelSettings(BaseSettings):
     @property
     def random_architecture(self) -> str | None:
         """``random:flux-dev``: the full-size architecture with random weights, built on the device
-        (runners/random_model.py): for measuring on machines that cannot download FLUX.1-dev."""
+        (runners/pipeline/random_model.py): for measuring on machines that cannot download FLUX.1-dev."""
         return self.model.removeprefix("random:") if self.model.startswith("random:") else None
+
+    @property
+    def label(self) -> str:
+        """How logs and the ``x-flux-model`` header name what is served."""
+        if self.is_tiny:
+            return "tiny (random weights)"
+        return f"{self.model} (random weights)" if self.random_architecture else self.model
 
     def resolved_device(self) -> str:
         import torch
@@ -106,7 +117,9 @@ class BackendSettings(BaseSettings):
         default_factory=lambda: ["1024x1024", "512x512", "768x1024", "1024x768", "576x1024", "1024x576"], max_length=32
     )
     """Pixel sizes (WxH) the TensorRT optimisation profiles cover: fal's presets by default."""
-    export_batch_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1, 4], min_length=1, max_length=16)
+    export_batch_sizes: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [1, 4], min_length=1, max_length=16
+    )
     """Batch sizes the profiles cover (their range is min..max)."""
 
     @field_validator("export_sizes", mode="before")
@@ -115,8 +128,14 @@ class BackendSettings(BaseSettings):
         sizes = _comma_separated(value)
         for size in sizes:
             width, _, height = size.partition("x")
-            if not (width.isdigit() and height.isdigit() and int(width) % 16 == 0 and int(height) % 16 == 0
-                    and 16 <= int(width) <= 14142 and 16 <= int(height) <= 14142):
+            if not (
+                width.isdigit()
+                and height.isdigit()
+                and int(width) % 16 == 0
+                and int(height) % 16 == 0
+                and 16 <= int(width) <= 14142
+                and 16 <= int(height) <= 14142
+            ):
                 raise ValueError(f"{size!r}: sizes are WIDTHxHEIGHT, multiples of 16 between 16 and 14142")
         return sizes
 
@@ -263,7 +282,9 @@ class LoraSettings(BaseSettings):
     use the same LoRA set, instead of per-sample deltas. On by measurement (benchmarks/lora.py): deltas
     cost 1.3x fused per step, fusing and restoring costs less than one step. Needs a copy of the
     touched weights while fused; on a GPU without room for it, deltas are used."""
-    fused: Annotated[list[str], NoDecode] = Field(default_factory=list, max_length=64, validation_alias="FLUX_FUSED_LORAS")
+    fused: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, max_length=64, validation_alias="FLUX_FUSED_LORAS"
+    )
     """``FLUX_FUSED_LORAS``: comma-separated ``path:scale`` (scale optional, default 1) merged into the
     base weights once at start-up."""
 
@@ -311,7 +332,7 @@ class ExecutorSettings(BaseSettings):
 
     executor: Literal["in-process", "triton"] = "in-process"
     """``in-process``: the BentoML worker this server starts owns the model. ``triton``: the model runs
-    on the Triton server at FLUX_TRITON_URL (``python -m runners.triton_server``); no model here."""
+    on the Triton server at FLUX_TRITON_URL (``python -m runners.worker.triton_server``); no model here."""
     triton_url: str = Field("http://127.0.0.1:8000", pattern=r"^https?://[^\s/]+/?$", max_length=2048)
     """KServe v2 HTTP endpoint of the Triton tier."""
     triton_model: str = Field("flux_inpaint", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -344,11 +365,12 @@ def load_settings() -> Settings:
     # A request may run until its deadline plus the queue's grace; the timeouts of the calls that
     # carry it must not cut it short first (they would answer a bare 504 and leave the work running).
     needed = settings.server.request_timeout_s + DEADLINE_GRACE_S
-    for name, value in (("FLUX_BATCH_TIMEOUT_S", settings.batching.timeout_s),
-                        ("FLUX_TRITON_TIMEOUT_S", settings.executor.triton_timeout_s)):
+    for name, value in (
+        ("FLUX_BATCH_TIMEOUT_S", settings.batching.timeout_s),
+        ("FLUX_TRITON_TIMEOUT_S", settings.executor.triton_timeout_s),
+    ):
         if value < needed:
             raise ValueError(
                 f"{name}={value:g} must be at least FLUX_REQUEST_TIMEOUT_S + {DEADLINE_GRACE_S:g} = {needed:g}"
             )
     return settings
-

@@ -61,8 +61,14 @@ def _kind(addr: IPAddress) -> str:
     """Why an address is not public, in words a user understands."""
     if addr in _CGNAT:  # is_private does not cover 100.64/10, but is_global excludes it
         return "a carrier-grade NAT address"
-    for attr, words in (("unspecified", "an unspecified"), ("loopback", "a loopback"), ("link_local", "a link-local"),
-                        ("multicast", "a multicast"), ("private", "a private"), ("reserved", "a reserved")):
+    for attr, words in (
+        ("unspecified", "an unspecified"),
+        ("loopback", "a loopback"),
+        ("link_local", "a link-local"),
+        ("multicast", "a multicast"),
+        ("private", "a private"),
+        ("reserved", "a reserved"),
+    ):
         if getattr(addr, f"is_{attr}"):
             return f"{words} address"
     return "not a globally routable address"
@@ -180,8 +186,9 @@ class SafeFetcher:
         # request past our pinning. One client per hop: a pooled connection made for one
         # host name (TLS with its SNI) must never be reused for another name on the same IP.
         s = self.settings
-        timeout = httpx.Timeout(connect=s.connect_timeout_s, read=s.read_timeout_s, write=s.read_timeout_s,
-                                pool=s.connect_timeout_s)
+        timeout = httpx.Timeout(
+            connect=s.connect_timeout_s, read=s.read_timeout_s, write=s.read_timeout_s, pool=s.connect_timeout_s
+        )
         return httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=timeout)
 
     async def fetch(self, url: str, max_bytes: int) -> bytes:

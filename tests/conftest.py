@@ -14,7 +14,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -32,7 +31,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(cache_dir) -> Path:
-    from runners.tiny import ensure_tiny_model
+    from runners.pipeline.tiny import ensure_tiny_model
 
     return ensure_tiny_model(cache_dir)
 
@@ -41,14 +40,16 @@ def tiny_dir(cache_dir) -> Path:
 def tiny_model(tiny_dir):
     """The tiny model loaded through the real loader, from its folder (FLUX_MODEL=<folder>)."""
     from runners.config import ModelSettings
-    from runners.model import load_model
+    from runners.pipeline.model import load_model
 
-    return load_model(ModelSettings(model=str(tiny_dir), max_sequence_length=32, safety_checker=str(tiny_dir / "safety_checker")))
+    return load_model(
+        ModelSettings(model=str(tiny_dir), max_sequence_length=32, safety_checker=str(tiny_dir / "safety_checker"))
+    )
 
 
 @pytest.fixture(scope="session")
 def inpainter(tiny_model):
-    from runners.inpaint import Inpainter
+    from runners.pipeline.inpaint import Inpainter
 
     return Inpainter(tiny_model)
 
@@ -109,9 +110,20 @@ def bentoml_server(tmp: Path, **env_overrides: str):
     log_path = tmp / "serve.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", "service:FluxInpainting",
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(Path(sys.executable).parent / "bentoml"),
+                "serve",
+                "service:FluxInpainting",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     base = f"http://127.0.0.1:{port}"
     try:

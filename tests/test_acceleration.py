@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from runners.acceleration import FirstBlockCache, may_skip
 from runners.config import AccelerationSettings, LoraSettings, ModelSettings
-from runners.inpaint import Inpainter, InpaintInputs
+from runners.pipeline.acceleration import FirstBlockCache, may_skip
+from runners.pipeline.inpaint import Inpainter, InpaintInputs
 from tests.conftest import pixels, scene
 
 ALWAYS = 10.0  # a threshold no relative change reaches: every step the rules allow is skipped
@@ -19,8 +19,18 @@ ALWAYS = 10.0  # a threshold no relative change reaches: every step the rules al
 
 def inputs(**overrides) -> InpaintInputs:
     image, mask = scene()
-    values = dict(prompt="a red house", image=image, mask=mask, width=64, height=48, seed=7,
-                  num_inference_steps=10, strength=0.85, guidance_scale=3.5, enable_safety_checker=False)
+    values = dict(
+        prompt="a red house",
+        image=image,
+        mask=mask,
+        width=64,
+        height=48,
+        seed=7,
+        num_inference_steps=10,
+        strength=0.85,
+        guidance_scale=3.5,
+        enable_safety_checker=False,
+    )
     values.update(overrides)
     return InpaintInputs(**values)
 
@@ -33,11 +43,15 @@ def test_split_forward_equals_the_whole_forward_bit_for_bit(tiny_model):
     transformer = tiny_model.transformer
     generator = torch.Generator().manual_seed(0)
     config = tiny_model.pipeline.transformer.config
-    args = dict(hidden_states=torch.randn(3, 12, 64, generator=generator),
-                encoder_hidden_states=torch.randn(3, 32, config.joint_attention_dim, generator=generator),
-                pooled_projections=torch.randn(3, config.pooled_projection_dim, generator=generator),
-                timestep=torch.tensor([0.9, 0.5, 0.1]), guidance=torch.tensor([3.5, 1.0, 7.0]),
-                img_ids=torch.rand(12, 3, generator=generator), txt_ids=torch.zeros(32, 3))
+    args = dict(
+        hidden_states=torch.randn(3, 12, 64, generator=generator),
+        encoder_hidden_states=torch.randn(3, 32, config.joint_attention_dim, generator=generator),
+        pooled_projections=torch.randn(3, config.pooled_projection_dim, generator=generator),
+        timestep=torch.tensor([0.9, 0.5, 0.1]),
+        guidance=torch.tensor([3.5, 1.0, 7.0]),
+        img_ids=torch.rand(12, 3, generator=generator),
+        txt_ids=torch.zeros(32, 3),
+    )
     with torch.inference_mode():
         whole = transformer(**args)
         first = transformer.first_block(**args)
@@ -50,8 +64,9 @@ def test_split_forward_equals_the_whole_forward_bit_for_bit(tiny_model):
 def test_threshold_zero_is_none_bit_for_bit(tiny_model, inpainter):
     group = [inputs(), inputs(seed=3, num_inference_steps=6, strength=1.0, prompt="a boat")]
     none = inpainter.run(group)
-    regular = accelerated(tiny_model, threshold=0.0).run([InpaintInputs(**{**vars(r), "acceleration": "regular"})
-                                                          for r in group])
+    regular = accelerated(tiny_model, threshold=0.0).run(
+        [InpaintInputs(**{**vars(r), "acceleration": "regular"}) for r in group]
+    )
     for a, b in zip(none, regular):
         assert b.steps_skipped == 0
         assert np.array_equal(pixels(a.images[0]), pixels(b.images[0]))
@@ -61,14 +76,26 @@ def test_skips_follow_the_rules_and_stay_close(tiny_model, inpainter):
     none = inpainter.run([inputs()])[0]
     # 10 steps at strength 0.85 run 9 (0..8): step 0 warms up, 8 is the last; 3 in a row at most:
     # skip 1 2 3, full 4, skip 5 6 7, full 8.
-    regular = accelerated(tiny_model, threshold=ALWAYS, max_consecutive_skips=3).run([inputs(acceleration="regular")])[0]
+    regular = accelerated(tiny_model, threshold=ALWAYS, max_consecutive_skips=3).run([inputs(acceleration="regular")])[
+        0
+    ]
     assert regular.steps_skipped == 6
-    assert accelerated(tiny_model, threshold=ALWAYS, max_consecutive_skips=1).run(
-        [inputs(acceleration="regular")])[0].steps_skipped == 4  # 1 3 5 7
-    assert accelerated(tiny_model, threshold=ALWAYS, warmup_steps=5).run(
-        [inputs(acceleration="regular")])[0].steps_skipped == 3  # 5 6 7
-    assert accelerated(tiny_model, threshold=ALWAYS, first_block_cache=False).run(
-        [inputs(acceleration="regular")])[0].steps_skipped == 0
+    assert (
+        accelerated(tiny_model, threshold=ALWAYS, max_consecutive_skips=1)
+        .run([inputs(acceleration="regular")])[0]
+        .steps_skipped
+        == 4
+    )  # 1 3 5 7
+    assert (
+        accelerated(tiny_model, threshold=ALWAYS, warmup_steps=5).run([inputs(acceleration="regular")])[0].steps_skipped
+        == 3
+    )  # 5 6 7
+    assert (
+        accelerated(tiny_model, threshold=ALWAYS, first_block_cache=False)
+        .run([inputs(acceleration="regular")])[0]
+        .steps_skipped
+        == 0
+    )
     error = np.abs(pixels(regular.images[0]) - pixels(none.images[0]))
     assert error.max() > 0  # skipping changed something ...
     assert error.mean() < 4 and error.max() < 64  # ... but the image stays close (mean in 0..255)
@@ -95,7 +122,12 @@ def test_a_none_request_gets_its_own_image_in_a_mixed_batch(tiny_model, inpainte
     none_alone = inpainter.run([inputs(seed=1)])[0]
     regular_alone = accelerated(tiny_model, threshold=ALWAYS).run([inputs(seed=2, acceleration="regular")])[0]
     mixed = accelerated(tiny_model, threshold=ALWAYS).run(
-        [inputs(seed=1), inputs(seed=2, acceleration="regular"), inputs(seed=3, num_inference_steps=5, acceleration="regular")])
+        [
+            inputs(seed=1),
+            inputs(seed=2, acceleration="regular"),
+            inputs(seed=3, num_inference_steps=5, acceleration="regular"),
+        ]
+    )
     assert mixed[0].steps_skipped == 0 and mixed[1].steps_skipped == regular_alone.steps_skipped == 6
     assert np.abs(pixels(mixed[0].images[0]) - pixels(none_alone.images[0])).max() <= 1
     assert np.abs(pixels(mixed[1].images[0]) - pixels(regular_alone.images[0])).max() <= 1
@@ -130,7 +162,12 @@ def test_tf32_only_for_steps_whose_samples_all_asked_for_it(tiny_model, monkeypa
     assert recording.seen == ["tf32"] * 3
     recording.seen.clear()
     # The "none" request has 2 steps, the "regular" one 4: only the 2 steps it is alone are TF32.
-    inpainter.run([inputs(num_inference_steps=2, strength=1.0), inputs(num_inference_steps=4, strength=1.0, acceleration="regular")])
+    inpainter.run(
+        [
+            inputs(num_inference_steps=2, strength=1.0),
+            inputs(num_inference_steps=4, strength=1.0, acceleration="regular"),
+        ]
+    )
     assert recording.seen == [before, before, "tf32", "tf32"]
     recording.seen.clear()
     inpainter.tf32 = False  # FLUX_ACCEL_TF32=false, or a model where it changes nothing
@@ -153,7 +190,7 @@ class WholeGraphTransformer:
 def test_a_backend_that_cannot_split_runs_regular_as_none(tiny_model, inpainter, monkeypatch, caplog):
     monkeypatch.setattr(tiny_model, "transformer", WholeGraphTransformer(tiny_model.transformer))
     monkeypatch.setattr(tiny_model, "backend", "onnxruntime")
-    with caplog.at_level(logging.INFO, logger="runners.inpaint"):
+    with caplog.at_level(logging.INFO, logger="runners.pipeline.inpaint"):
         whole = accelerated(tiny_model, threshold=ALWAYS)
     assert "no first-block cache" in caplog.text and "onnxruntime" in caplog.text
     result = whole.run([inputs(acceleration="regular")])[0]
@@ -164,9 +201,11 @@ def test_a_backend_that_cannot_split_runs_regular_as_none(tiny_model, inpainter,
 
 @pytest.fixture(scope="module")
 def lora_model(tiny_dir):
-    from runners.model import load_model
+    from runners.pipeline.model import load_model
 
-    settings = ModelSettings(model=str(tiny_dir), max_sequence_length=32, safety_checker=str(tiny_dir / "safety_checker"))
+    settings = ModelSettings(
+        model=str(tiny_dir), max_sequence_length=32, safety_checker=str(tiny_dir / "safety_checker")
+    )
     return load_model(settings, LoraSettings(max_per_request=4, max_rank=16, memory_max_bytes=64 * 1024**2))
 
 
@@ -176,7 +215,7 @@ def adapters(lora_model, tmp_path_factory):
     which run over the whole batch while the remaining blocks run over a sub-batch."""
     from pathlib import Path
 
-    from runners.lora_formats import linear_shapes
+    from runners.lora.formats import linear_shapes
     from tests.test_lora import TARGETS, write_lora
 
     shapes = linear_shapes(lora_model.pipeline.transformer)
@@ -189,10 +228,12 @@ def adapters(lora_model, tmp_path_factory):
 def test_per_request_lora_deltas_follow_their_samples_into_the_sub_batch(lora_model, adapters):
     plain = Inpainter(lora_model)
     fast = accelerated(lora_model, threshold=ALWAYS)
-    group = [inputs(seed=1, loras=[(adapters[0], 1.0)]),  # none: computes every step
-             inputs(seed=2, acceleration="regular", loras=[(adapters[1], 0.8)]),  # skips 6 of 9
-             inputs(seed=3, num_inference_steps=6, acceleration="regular"),  # no LoRA, its own schedule (6 steps run)
-             inputs(seed=4, loras=[(adapters[1], -0.5), (adapters[0], 0.5)])]
+    group = [
+        inputs(seed=1, loras=[(adapters[0], 1.0)]),  # none: computes every step
+        inputs(seed=2, acceleration="regular", loras=[(adapters[1], 0.8)]),  # skips 6 of 9
+        inputs(seed=3, num_inference_steps=6, acceleration="regular"),  # no LoRA, its own schedule (6 steps run)
+        inputs(seed=4, loras=[(adapters[1], -0.5), (adapters[0], 0.5)]),
+    ]
     mixed = fast.run(group)
     assert [r.steps_skipped for r in mixed] == [0, 6, 3, 0]  # 6 steps run: skip 1 2 3, full 4, last 5
     alone = [plain.run([group[0]])[0], fast.run([group[1]])[0], fast.run([group[2]])[0], plain.run([group[3]])[0]]
@@ -203,7 +244,7 @@ def test_per_request_lora_deltas_follow_their_samples_into_the_sub_batch(lora_mo
 
 
 def test_the_request_path_carries_acceleration():
-    from runners.batch import to_inputs
+    from runners.worker.batch import to_inputs
     from tests.test_batch import job
 
     assert to_inputs(job("fast", acceleration="regular")).acceleration == "regular"

@@ -9,19 +9,25 @@ import io
 import numpy as np
 from PIL import Image
 
-from runners.batch import group_by_size, run_jobs
 from runners.config import ImageLimits
-from runners.images import encode_lossless
-from runners.jobs import prepare_job
-from runners.schema import InpaintRequest
+from runners.front.preparation import prepare_job
+from runners.protocol.images import encode_lossless
+from runners.protocol.schema import InpaintRequest
+from runners.worker.batch import group_by_size, run_jobs
 from tests.conftest import scene
 
 
 def job(request_id: str, width: int = 64, height: int = 48, **fields):
     image, mask = scene(width, height)
     uri = lambda im: "data:image/png;base64," + base64.b64encode(encode_lossless(im)).decode()  # noqa: E731
-    values = dict(prompt="a house", image_url=uri(image), mask_url=uri(mask), num_inference_steps=3, seed=1,
-                  enable_safety_checker=False)
+    values = dict(
+        prompt="a house",
+        image_url=uri(image),
+        mask_url=uri(mask),
+        num_inference_steps=3,
+        seed=1,
+        enable_safety_checker=False,
+    )
     values.update(fields)
     return asyncio.run(prepare_job(InpaintRequest(**values), ImageLimits(), request_id))
 
@@ -70,7 +76,7 @@ def test_a_request_that_fails_in_the_model_fails_alone(inpainter, monkeypatch):
 
 
 def test_a_job_cancelled_before_its_batch_never_runs_and_one_cancelled_mid_run_stops(inpainter):
-    from runners.progress import JobBoard
+    from runners.worker.board import JobBoard
 
     seen_steps = []
 
@@ -84,9 +90,17 @@ def test_a_job_cancelled_before_its_batch_never_runs_and_one_cancelled_mid_run_s
 
     board = CancelAfterTwoSteps()
     board.cancel("early")  # cancelled while still waiting in BentoML's queue
-    jobs = [job("early"), job("mid", num_inference_steps=6, strength=1.0), job("keeps", num_inference_steps=6, strength=1.0)]
+    jobs = [
+        job("early"),
+        job("mid", num_inference_steps=6, strength=1.0),
+        job("keeps", num_inference_steps=6, strength=1.0),
+    ]
     results = run_jobs(inpainter, jobs, board)
-    assert [r.error.error_type if r.error else None for r in results] == ["request_cancelled", "request_cancelled", None]
+    assert [r.error.error_type if r.error else None for r in results] == [
+        "request_cancelled",
+        "request_cancelled",
+        None,
+    ]
     assert seen_steps == ["step 1/6", "step 2/6"]  # left the batch at the next step boundary
     assert len(results[2].images) == 1
     assert [line.message for line in results[2].logs][-2:] == ["step 6/6", "done"]
@@ -96,7 +110,7 @@ def test_a_job_cancelled_before_its_batch_never_runs_and_one_cancelled_mid_run_s
 def test_a_job_past_its_deadline_leaves_the_loop_at_a_step_boundary_with_a_504(inpainter):
     import time
 
-    from runners.progress import JobBoard
+    from runners.worker.board import JobBoard
 
     seen_steps = []
 

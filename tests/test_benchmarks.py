@@ -12,11 +12,15 @@ def test_lora_benchmark_smoke(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("FLUX_CACHE_DIR", str(cache_dir))
     results = lora.main(["--ranks", "2,4", "--repeats", "2", "--size", "64", "--steps", "2", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "lora-tiny-cpu.json").read_text())
-    assert saved["ranks"].keys() == {"2", "4"} and (tmp_path / "lora-tiny-cpu.md").read_text().startswith("# LoRA costs")
+    assert saved["ranks"].keys() == {"2", "4"} and (tmp_path / "lora-tiny-cpu.md").read_text().startswith(
+        "# LoRA costs"
+    )
     for figures in results["ranks"].values():
         for key in ("load_from_disk", "hot_swap_activate", "fuse_and_restore", "forward_deltas", "forward_fused"):
             assert 0 < figures[key]["median_s"] <= figures[key]["p95_s"]
-        assert figures["delta_over_fused"] == figures["forward_deltas"]["median_s"] / figures["forward_fused"]["median_s"]
+        assert (
+            figures["delta_over_fused"] == figures["forward_deltas"]["median_s"] / figures["forward_fused"]["median_s"]
+        )
     mixed = results["mixed_batch"]
     assert mixed["speedup"] == mixed["split"]["median_s"] / mixed["mixed"]["median_s"]
     assert mixed["images_per_s_mixed"] == 4 / mixed["mixed"]["median_s"]
@@ -34,9 +38,16 @@ def test_flop_formula_matches_torchs_own_count_at_full_flux_size():
 
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(guidance_embeds=True)  # FLUX.1-dev: 19 + 38 blocks, 24 x 128 heads
-        inputs = dict(hidden_states=torch.randn(1, 4096, 64), encoder_hidden_states=torch.randn(1, 512, 4096),
-                      pooled_projections=torch.randn(1, 768), timestep=torch.ones(1), guidance=torch.ones(1),
-                      img_ids=torch.zeros(4096, 3), txt_ids=torch.zeros(512, 3), return_dict=False)
+        inputs = dict(
+            hidden_states=torch.randn(1, 4096, 64),
+            encoder_hidden_states=torch.randn(1, 512, 4096),
+            pooled_projections=torch.randn(1, 768),
+            timestep=torch.ones(1),
+            guidance=torch.ones(1),
+            img_ids=torch.zeros(4096, 3),
+            txt_ids=torch.zeros(512, 3),
+            return_dict=False,
+        )
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
         transformer(**inputs)
     ours = transformer_flops(transformer.config, 4096, 512)
@@ -48,10 +59,36 @@ def test_loop_benchmark_smoke(tmp_path, cache_dir, monkeypatch):
     from benchmarks import loop
 
     monkeypatch.setenv("FLUX_CACHE_DIR", str(cache_dir))
-    results = loop.main(["--backends", "torch,onnxruntime", "--sizes", "64x48", "--batch-sizes", "1,2", "--steps", "3",
-                         "--strengths", "1.0", "--lora-modes", "none,mixed", "--lora-rank", "4",
-                         "--accelerations", "none,regular", "--accel-thresholds", "10", "--repeats", "2",
-                         "--max-sequence-length", "32", "--dollars-per-hour", "1.0", "--out", str(tmp_path)])
+    results = loop.main(
+        [
+            "--backends",
+            "torch,onnxruntime",
+            "--sizes",
+            "64x48",
+            "--batch-sizes",
+            "1,2",
+            "--steps",
+            "3",
+            "--strengths",
+            "1.0",
+            "--lora-modes",
+            "none,mixed",
+            "--lora-rank",
+            "4",
+            "--accelerations",
+            "none,regular",
+            "--accel-thresholds",
+            "10",
+            "--repeats",
+            "2",
+            "--max-sequence-length",
+            "32",
+            "--dollars-per-hour",
+            "1.0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     (json_file,) = tmp_path.glob("loop-*.json")
     assert json_file.name.startswith("loop-tiny-torch+onnxruntime-")
     assert json.loads(json_file.read_text())["cells"] == results["cells"] and len(results["cells"]) == 8
@@ -72,7 +109,9 @@ def test_loop_benchmark_smoke(tmp_path, cache_dir, monkeypatch):
     regular = [c for c in results["cells"] if c["acceleration"] == "regular"]
     assert len(none) == len(regular) == 4
     for base, fast in zip(none, regular):  # each regular cell follows its none cell, same requests
-        assert [base[k] for k in ("width", "height", "batch", "lora_mode")] == [fast[k] for k in ("width", "height", "batch", "lora_mode")]
+        assert [base[k] for k in ("width", "height", "batch", "lora_mode")] == [
+            fast[k] for k in ("width", "height", "batch", "lora_mode")
+        ]
         assert base["steps_skipped_fraction"] == 0 and "speedup_vs_none" not in base
         # 3 steps: 0 warms up, 2 is the last, 1 is skipped by every sample
         assert fast["first_block_cache"] and fast["steps_skipped_fraction"] == 1 / 3

@@ -26,7 +26,11 @@ def build(bentofile: str, home: Path) -> Path:
         env[proxy] = "http://127.0.0.1:9"
     built = subprocess.run(
         [str(Path(sys.executable).parent / "bentoml"), "build", "-f", bentofile, "-o", "tag", "."],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     name, version = re.search(r"__tag__:(\S+):(\S+)", built.stdout).groups()
@@ -59,12 +63,19 @@ def test_entry_service_and_its_worker(bento):
 
 def test_holds_the_server_code_and_nothing_else(bento):
     src = files(bento / "src")
-    wanted = {"service.py"} | {str(p.relative_to(REPO)) for d in ("runners", "export", "examples")
-                               for p in (REPO / d).glob("*") if p.is_file() and p.suffix != ".pyc"}
+    wanted = {"service.py"} | {
+        str(p.relative_to(REPO))
+        for d in ("runners", "export", "examples")
+        for p in (REPO / d).rglob("*")
+        if p.is_file() and p.suffix != ".pyc" and "__pycache__" not in p.parts
+    }
     assert wanted <= src
     assert src - wanted <= {"bentofile.yaml"}, f"unexpected files in the Bento: {sorted(src - wanted)}"
-    assert not any(part in {"tests", ".venv", "benchmarks", "__pycache__", ".pytest_cache", "deploy"}
-                   for path in src for part in Path(path).parts)
+    assert not any(
+        part in {"tests", ".venv", "benchmarks", "__pycache__", ".pytest_cache", "deploy"}
+        for path in src
+        for part in Path(path).parts
+    )
 
 
 def test_pins_the_lock_file(bento):
@@ -98,3 +109,22 @@ def test_tensorrt_bento_installs_tensorrt_from_nvidias_index(bentos):
     text = script.read_text()
     assert "--extra-index-url https://pypi.nvidia.com" in text
     assert re.search(r'"tensorrt-cu13==10\.[\d.]+"', text), "TensorRT 10, for torch's CUDA 13"
+
+
+def test_every_module_imports_from_the_bento_alone(bento):
+    """The Bento's own source tree, and nothing of the checkout, is enough to import each module:
+    a subpackage missing from the bentofile's include fails here."""
+    src = bento / "src"
+    modules = sorted(
+        ".".join(p.relative_to(src).with_suffix("").parts).removesuffix(".__init__")
+        for p in src.rglob("*.py")
+        if p.parts[len(src.parts)] in ("runners", "export", "service.py")
+    )
+    assert "runners.front.app" in modules and "runners.pipeline.inpaint" in modules
+    script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint('imported', len(sys.argv) - 1)"
+    env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *modules], cwd=src, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"imported {len(modules)}" in done.stdout

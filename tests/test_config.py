@@ -19,9 +19,14 @@ def test_a_batch_size_of_one_is_refused_with_the_alternative_named(monkeypatch):
     assert BatchingSettings().max_size == 2
 
 
-@pytest.mark.parametrize("name, value", [
-    ("FLUX_REQUEST_TIMEOUT_S", "0"), ("FLUX_DRAIN_TIMEOUT_S", "-1"), ("FLUX_LOG_FORMAT", "xml"),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("FLUX_REQUEST_TIMEOUT_S", "0"),
+        ("FLUX_DRAIN_TIMEOUT_S", "-1"),
+        ("FLUX_LOG_FORMAT", "xml"),
+    ],
+)
 def test_limits_and_log_format_are_bounded(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):

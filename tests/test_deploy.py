@@ -20,7 +20,9 @@ from tests.conftest import REPO, bentoml_server
 K8S = REPO / "deploy" / "k8s"
 # The oldest Kubernetes these manifests claim to work on, and the newest the validator knows.
 KUBERNETES_VERSIONS = ["1.30.0", kubernetes_validate.latest_version() + ".0"]
-BENTOML_DEFAULT_CONFIG = Path(__import__("bentoml").__file__).parent / "_internal/configuration/v2/default_configuration.yaml"
+BENTOML_DEFAULT_CONFIG = (
+    Path(__import__("bentoml").__file__).parent / "_internal/configuration/v2/default_configuration.yaml"
+)
 
 
 def load(name: str) -> dict:
@@ -100,8 +102,14 @@ def test_kustomization_lists_every_manifest():
     assert len(resources) == len(set(resources))
     expected = [name for name in manifest_files() if not name.endswith(".example.yaml")]
     assert sorted(resources) == expected
-    assert {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget",
-            "HorizontalPodAutoscaler"} <= set(applied())
+    assert {
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+    } <= set(applied())
     for doc in applied().values():
         assert "namespace" not in doc["metadata"], "manifests stay namespace-agnostic"
 
@@ -118,8 +126,11 @@ def test_objects_select_the_pods():
     objects = applied()
     deployment = objects["Deployment"]
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    for selector in (deployment["spec"]["selector"]["matchLabels"], objects["Service"]["spec"]["selector"],
-                     objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]):
+    for selector in (
+        deployment["spec"]["selector"]["matchLabels"],
+        objects["Service"]["spec"]["selector"],
+        objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+    ):
         assert selector.items() <= pod_labels.items()
     target = objects["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
@@ -130,7 +141,9 @@ def test_configuration_volume_and_secret_are_wired():
     pod = objects["Deployment"]["spec"]["template"]["spec"]
     server = container()
     assert [ref["configMapRef"]["name"] for ref in server["envFrom"]] == [objects["ConfigMap"]["metadata"]["name"]]
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+    }
     assert list(claims.values()) == [objects["PersistentVolumeClaim"]["metadata"]["name"]]
     mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
     (volume,) = claims
@@ -162,8 +175,15 @@ def test_read_only_root_filesystem_has_somewhere_to_write():
     mounts = [m["mountPath"] for m in server["volumeMounts"]]
     assert "/tmp" in mounts
     env = pod_env()
-    for name in ("FLUX_CACHE_DIR", "HF_HOME", "XDG_CACHE_HOME", "BENTOML_HOME", "HOME",
-                 "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+    for name in (
+        "FLUX_CACHE_DIR",
+        "HF_HOME",
+        "XDG_CACHE_HOME",
+        "BENTOML_HOME",
+        "HOME",
+        "TORCHINDUCTOR_CACHE_DIR",
+        "TRITON_CACHE_DIR",
+    ):
         assert any(env[name] == m or env[name].startswith(m + "/") for m in mounts), name
 
 
@@ -218,7 +238,12 @@ def test_probes_use_readiness_and_liveness_routes():
 
 def test_env_names_are_real_settings():
     known = setting_env_names()
-    assert {"FLUX_MODEL", "FLUX_API_KEYS", "FLUX_DRAIN_TIMEOUT_S", "FLUX_FUSED_LORAS"} <= known  # the introspection works
+    assert {
+        "FLUX_MODEL",
+        "FLUX_API_KEYS",
+        "FLUX_DRAIN_TIMEOUT_S",
+        "FLUX_FUSED_LORAS",
+    } <= known  # the introspection works
     names = set(pod_env())
     # and the commented-out examples in the ConfigMap, which an operator will uncomment
     names |= set(re.findall(r"^\s*#\s*(FLUX_[A-Z0-9_]+):", (K8S / "configmap.yaml").read_text(), re.M))
@@ -250,8 +275,12 @@ def server(tmp_path_factory):
     tiny model and paths under a temporary folder instead of the volume."""
     tmp = tmp_path_factory.mktemp("deploy-serve")
     env = {name: value for name, value in pod_env().items() if name.startswith("FLUX_") and value is not None}
-    env.update(FLUX_MODEL="tiny", FLUX_BACKEND="torch", FLUX_API_KEYS="probe-test-key",
-               FLUX_CACHE_DIR=str(tmp / "cache" / "flux"))
+    env.update(
+        FLUX_MODEL="tiny",
+        FLUX_BACKEND="torch",
+        FLUX_API_KEYS="probe-test-key",
+        FLUX_CACHE_DIR=str(tmp / "cache" / "flux"),
+    )
     with bentoml_server(tmp, **env) as (base, _log):
         yield base
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from export.artifacts import ArtifactError, ArtifactStore, artifact_key, model_identity
+from runners.backends.artifacts import ArtifactError, ArtifactStore, artifact_key, model_identity
 from tests.conftest import REPO, pixels
 
 FIELDS = {"model": "abc", "text_tokens": 32, "format": 1}
@@ -88,14 +88,19 @@ def test_model_identity_follows_file_contents(tmp_path):
 
 
 def run_export(env, *args):
-    return subprocess.run([sys.executable, "-m", "export", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "export", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
 def export_env(tmp_path_factory):
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("export-cache")),
-            "FLUX_MAX_SEQUENCE_LENGTH": "32"}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("export-cache")),
+        "FLUX_MAX_SEQUENCE_LENGTH": "32",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -135,16 +140,25 @@ def test_onnxruntime_backend_images_match_torch(export_env, exported, tiny_dir):
     from pathlib import Path
 
     from runners.config import Settings
-    from runners.inpaint import Inpainter, InpaintInputs
-    from runners.model import attach_backend, load_model
+    from runners.pipeline.inpaint import Inpainter, InpaintInputs
+    from runners.pipeline.model import attach_backend, load_model
     from tests.conftest import scene
 
     cache = Path(export_env["XDG_CACHE_HOME"]) / "flux-inpaint"
-    settings = Settings.model_validate({"model": {"cache_dir": cache, "max_sequence_length": 32},
-                                        "backend": {"backend": "onnxruntime"}})
+    settings = Settings.model_validate(
+        {"model": {"cache_dir": cache, "max_sequence_length": 32}, "backend": {"backend": "onnxruntime"}}
+    )
     image, mask = scene()
-    request = InpaintInputs(prompt="a house", image=image, mask=mask, width=64, height=48, seed=5,
-                            num_inference_steps=6, enable_safety_checker=False)
+    request = InpaintInputs(
+        prompt="a house",
+        image=image,
+        mask=mask,
+        width=64,
+        height=48,
+        seed=5,
+        num_inference_steps=6,
+        enable_safety_checker=False,
+    )
     torch_model = load_model(settings.model)
     expected = Inpainter(torch_model).run([request])[0].images[0]
     onnx_model = load_model(settings.model)
@@ -158,20 +172,23 @@ def test_backends_refuse_what_they_cannot_do(export_env, exported):
     from pathlib import Path
 
     from runners.config import LoraSettings, Settings
-    from runners.model import attach_backend, load_model
+    from runners.pipeline.model import attach_backend, load_model
 
     cache = Path(export_env["XDG_CACHE_HOME"]) / "flux-inpaint"
-    settings = Settings.model_validate({"model": {"cache_dir": cache, "max_sequence_length": 32},
-                                        "backend": {"backend": "onnxruntime"}})
+    settings = Settings.model_validate(
+        {"model": {"cache_dir": cache, "max_sequence_length": 32}, "backend": {"backend": "onnxruntime"}}
+    )
     with_loras = load_model(settings.model, LoraSettings(max_per_request=4))
     with pytest.raises(RuntimeError, match="FLUX_LORA_MAX_PER_REQUEST=0"):
         attach_backend(with_loras, settings)
-    unexported = Settings.model_validate({"model": {"cache_dir": cache, "max_sequence_length": 40},
-                                          "backend": {"backend": "onnxruntime"}})
+    unexported = Settings.model_validate(
+        {"model": {"cache_dir": cache, "max_sequence_length": 40}, "backend": {"backend": "onnxruntime"}}
+    )
     with pytest.raises(ArtifactError, match="python -m export"):
         attach_backend(load_model(unexported.model), unexported)
-    trt = Settings.model_validate({"model": {"cache_dir": cache, "max_sequence_length": 32},
-                                   "backend": {"backend": "tensorrt"}})
+    trt = Settings.model_validate(
+        {"model": {"cache_dir": cache, "max_sequence_length": 32}, "backend": {"backend": "tensorrt"}}
+    )
     with pytest.raises(RuntimeError, match="TensorRT engines cannot be built or run here"):
         attach_backend(load_model(trt.model), trt)
 
@@ -186,18 +203,26 @@ def test_the_service_runs_on_onnxruntime_and_matches_torch(export_env, exported,
     import httpx
     from PIL import Image
 
-    from runners.batch import run_jobs
     from runners.config import ImageLimits, ModelSettings
-    from runners.inpaint import Inpainter
-    from runners.jobs import prepare_job
-    from runners.model import load_model
-    from runners.schema import InpaintRequest
+    from runners.front.preparation import prepare_job
+    from runners.pipeline.inpaint import Inpainter
+    from runners.pipeline.model import load_model
+    from runners.protocol.schema import InpaintRequest
+    from runners.worker.batch import run_jobs
     from tests.conftest import bentoml_server
 
-    body = {**json.loads((REPO / "examples" / "request.json").read_text()), "num_inference_steps": 8,
-            "output_format": "png", "sync_mode": True}
-    env = {"XDG_CACHE_HOME": export_env["XDG_CACHE_HOME"], "FLUX_MAX_SEQUENCE_LENGTH": "32",
-           "FLUX_BACKEND": "onnxruntime", "FLUX_LORA_MAX_PER_REQUEST": "0"}
+    body = {
+        **json.loads((REPO / "examples" / "request.json").read_text()),
+        "num_inference_steps": 8,
+        "output_format": "png",
+        "sync_mode": True,
+    }
+    env = {
+        "XDG_CACHE_HOME": export_env["XDG_CACHE_HOME"],
+        "FLUX_MAX_SEQUENCE_LENGTH": "32",
+        "FLUX_BACKEND": "onnxruntime",
+        "FLUX_LORA_MAX_PER_REQUEST": "0",
+    }
     with bentoml_server(tmp_path, **env) as (base, log_path):
         response = httpx.post(f"{base}/fal-ai/flux-lora/inpainting", json=body, timeout=120)
         assert response.status_code == 200, response.text
@@ -216,17 +241,35 @@ def test_compile_backend_serves_the_same_images_as_eager(tiny_dir):
     import torch._dynamo
 
     from runners.config import Settings
-    from runners.inpaint import Inpainter, InpaintInputs
-    from runners.model import attach_backend, load_model
+    from runners.pipeline.inpaint import Inpainter, InpaintInputs
+    from runners.pipeline.model import attach_backend, load_model
     from tests.conftest import scene
 
-    settings = Settings.model_validate({
-        "model": {"model": str(tiny_dir), "max_sequence_length": 32, "safety_checker": str(tiny_dir / "safety_checker")},
-        "backend": {"backend": "compile"}, "lora": {"max_per_request": 2, "max_rank": 8},
-    })
+    settings = Settings.model_validate(
+        {
+            "model": {
+                "model": str(tiny_dir),
+                "max_sequence_length": 32,
+                "safety_checker": str(tiny_dir / "safety_checker"),
+            },
+            "backend": {"backend": "compile"},
+            "lora": {"max_per_request": 2, "max_rank": 8},
+        }
+    )
     image, mask = scene()
-    requests = [InpaintInputs(prompt="a house", image=image, mask=mask, width=64, height=48, seed=seed,
-                              num_inference_steps=3, enable_safety_checker=False) for seed in (1, 2)]
+    requests = [
+        InpaintInputs(
+            prompt="a house",
+            image=image,
+            mask=mask,
+            width=64,
+            height=48,
+            seed=seed,
+            num_inference_steps=3,
+            enable_safety_checker=False,
+        )
+        for seed in (1, 2)
+    ]
     eager = Inpainter(load_model(settings.model, settings.lora)).run(requests)
     compiled_model = load_model(settings.model, settings.lora)
     attach_backend(compiled_model, settings)
@@ -241,7 +284,7 @@ def test_compile_backend_serves_the_same_images_as_eager(tiny_dir):
 
 
 def test_a_random_architecture_is_identified_by_its_name_without_a_download(tmp_path):
-    from export.build import model_digest
+    from runners.backends.artifacts import model_digest
 
     first, again = model_digest("random:flux-dev", tmp_path), model_digest("random:flux-dev", tmp_path)
     assert first == again and first != model_digest("random:other", tmp_path)

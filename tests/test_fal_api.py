@@ -55,9 +55,6 @@ class Assets(LocalHandler):
         self.send(200, b"ok", "text/plain")
 
 
-
-
-
 @pytest.fixture(scope="module")
 def assets():
     with local_http_server(Assets) as url:
@@ -67,7 +64,7 @@ def assets():
 @pytest.fixture(scope="module")
 def lora_files(tmp_path_factory, tiny_model):
     """Two LoRAs for the tiny model in FLUX_LORA_DIR, a pickle posing as one, and a URL-served copy."""
-    from runners.lora_formats import linear_shapes
+    from runners.lora.formats import linear_shapes
     from tests.test_lora import write_lora
 
     directory = tmp_path_factory.mktemp("lora-dir")
@@ -132,8 +129,12 @@ def test_run(client):
 
 def test_subscribe_with_logs_and_queue_updates(client):
     updates = []
-    output = client.subscribe(APP, arguments={**FAST, "num_inference_steps": 20, "image_size": "square_hd"},
-                              with_logs=True, on_queue_update=updates.append)
+    output = client.subscribe(
+        APP,
+        arguments={**FAST, "num_inference_steps": 20, "image_size": "square_hd"},
+        with_logs=True,
+        on_queue_update=updates.append,
+    )
     assert output["images"][0]["width"] == 1024
     kinds = [type(u).__name__ for u in updates]
     assert kinds[-1] == "Completed" and "InProgress" in kinds
@@ -142,7 +143,9 @@ def test_subscribe_with_logs_and_queue_updates(client):
     steps = [m for m in messages if m.startswith("step ")]
     assert steps == [f"step {i}/17" for i in range(1, 18)]  # 20 steps x strength 0.85 -> 17 run
     in_progress = [u for u in updates if type(u).__name__ == "InProgress"]
-    assert any(line["message"].startswith("step ") for u in in_progress for line in u.logs or [])  # live, not only at the end
+    assert any(
+        line["message"].startswith("step ") for u in in_progress for line in u.logs or []
+    )  # live, not only at the end
 
 
 def test_submit_status_result(client):
@@ -160,7 +163,11 @@ def test_submit_status_result(client):
 
 def test_cancel_a_running_request_stops_it_at_the_next_step(client, server_and_log):
     handle = client.submit(APP, arguments=SLOW)
-    wait_for(lambda: any(line["message"].startswith("step ") for line in getattr(handle.status(with_logs=True), "logs", None) or []))
+    wait_for(
+        lambda: any(
+            line["message"].startswith("step ") for line in getattr(handle.status(with_logs=True), "logs", None) or []
+        )
+    )
     started = time.monotonic()
     client.cancel(APP, handle.request_id)
     status = wait_for(lambda: (s := handle.status(with_logs=True)) and type(s).__name__ == "Completed" and s)
@@ -171,8 +178,13 @@ def test_cancel_a_running_request_stops_it_at_the_next_step(client, server_and_l
     assert error.value.status_code == 400 and error.value.error_type == "request_cancelled"
     # The worker itself stopped denoising it, well before its 50 steps.
     log_path = server_and_log[1]
-    line = wait_for(lambda: next((l for l in log_path.read_text().splitlines()
-                                  if f"request {handle.request_id} cancelled" in l), None), timeout=10)
+    line = wait_for(
+        lambda: next(
+            (line for line in log_path.read_text().splitlines() if f"request {handle.request_id} cancelled" in line),
+            None,
+        ),
+        timeout=10,
+    )
     step = int(line.split("after step ")[1].split("/")[0])
     assert 1 <= step < 50
 
@@ -198,9 +210,14 @@ def test_a_wrong_key_is_refused(server, monkeypatch):
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", f"/{APP}"), ("POST", f"/queue/{APP}"), ("GET", "/queue/fal-ai/flux-lora/requests/x/status"),
-     ("GET", "/queue/fal-ai/flux-lora/requests/x/status/stream"), ("GET", "/queue/fal-ai/flux-lora/requests/x"),
-     ("PUT", "/queue/fal-ai/flux-lora/requests/x/cancel")],
+    [
+        ("POST", f"/{APP}"),
+        ("POST", f"/queue/{APP}"),
+        ("GET", "/queue/fal-ai/flux-lora/requests/x/status"),
+        ("GET", "/queue/fal-ai/flux-lora/requests/x/status/stream"),
+        ("GET", "/queue/fal-ai/flux-lora/requests/x"),
+        ("PUT", "/queue/fal-ai/flux-lora/requests/x/cancel"),
+    ],
 )
 @pytest.mark.parametrize("header", [None, "Key wrong", "Bearer test-key-one", f"Key {KEY}x", "Key", "key test-key"])
 def test_every_fal_route_needs_a_key(server, method, path, header):
@@ -244,14 +261,22 @@ def test_submit_answers_absolute_urls_and_status_moves_to_completed(server):
 
 
 def test_stored_outputs_are_served_from_the_file_route(server):
-    stored = httpx.post(f"{server}/{APP}", json={**FAST, "sync_mode": False, "output_format": "png", "num_images": 2},
-                        headers=auth(), timeout=60).json()
+    stored = httpx.post(
+        f"{server}/{APP}",
+        json={**FAST, "sync_mode": False, "output_format": "png", "num_images": 2},
+        headers=auth(),
+        timeout=60,
+    ).json()
     for image in stored["images"]:
         assert image["url"].startswith(f"{server}/files/") and image["url"].endswith(".png")
         fetched = httpx.get(image["url"])  # no key: unguessable names, like fal's CDN
         assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
         assert len(fetched.content) == image["file_size"]
-        assert Image.open(__import__("io").BytesIO(fetched.content)).size == (image["width"], image["height"]) == (256, 256)
+        assert (
+            Image.open(__import__("io").BytesIO(fetched.content)).size
+            == (image["width"], image["height"])
+            == (256, 256)
+        )
     inline = httpx.post(f"{server}/{APP}", json={**FAST, "sync_mode": True}, headers=auth(), timeout=60).json()
     assert inline["images"][0]["url"].startswith("data:image/jpeg;base64,")
     assert httpx.get(f"{server}/files/../../etc/passwd").status_code == 404
@@ -261,8 +286,13 @@ def test_stored_outputs_are_served_from_the_file_route(server):
 def test_status_stream_sends_events_until_completed(server):
     request_id = httpx.post(f"{server}/queue/{APP}", json=FAST, headers=auth()).json()["request_id"]
     events = []
-    with httpx.stream("GET", f"{server}/queue/fal-ai/flux-lora/requests/{request_id}/status/stream",
-                      params={"logs": "1"}, headers=auth(), timeout=60) as stream:
+    with httpx.stream(
+        "GET",
+        f"{server}/queue/fal-ai/flux-lora/requests/{request_id}/status/stream",
+        params={"logs": "1"},
+        headers=auth(),
+        timeout=60,
+    ) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         for line in stream.iter_lines():
             if line.startswith("data: "):
@@ -315,8 +345,12 @@ def test_image_and_mask_urls_are_fetched(server, assets):
 
 @pytest.mark.parametrize(
     ("path", "field", "words"),
-    [("/to-metadata", "image_url", "169.254.169.254"), ("/huge", "image_url", "limit"),
-     ("/text", "mask_url", "PNG, JPEG or WEBP"), ("/missing", "mask_url", "404")],
+    [
+        ("/to-metadata", "image_url", "169.254.169.254"),
+        ("/huge", "image_url", "limit"),
+        ("/text", "mask_url", "PNG, JPEG or WEBP"),
+        ("/missing", "mask_url", "404"),
+    ],
 )
 def test_bad_urls_get_a_clear_4xx_and_the_server_stays_healthy(server, assets, path, field, words):
     response = httpx.post(f"{server}/{APP}", json={**FAST, field: assets + path}, headers=auth(), timeout=60)
@@ -330,9 +364,15 @@ def test_bad_urls_get_a_clear_4xx_and_the_server_stays_healthy(server, assets, p
 
 def test_webhooks_are_delivered_for_success_and_error(server, assets):
     Assets.hooks.clear()
-    ok = httpx.post(f"{server}/queue/{APP}", params={"fal_webhook": f"{assets}/hook-ok"}, json=FAST, headers=auth()).json()
-    bad = httpx.post(f"{server}/queue/{APP}", params={"fal_webhook": f"{assets}/hook-bad"},
-                     json={**FAST, "image_url": f"{assets}/text"}, headers=auth()).json()
+    ok = httpx.post(
+        f"{server}/queue/{APP}", params={"fal_webhook": f"{assets}/hook-ok"}, json=FAST, headers=auth()
+    ).json()
+    bad = httpx.post(
+        f"{server}/queue/{APP}",
+        params={"fal_webhook": f"{assets}/hook-bad"},
+        json={**FAST, "image_url": f"{assets}/text"},
+        headers=auth(),
+    ).json()
     hooks = wait_for(lambda: len(Assets.hooks) >= 2 and {h["path"]: h["body"] for h in Assets.hooks})
     delivered = hooks["/hook-ok"]
     assert delivered["request_id"] == delivered["gateway_request_id"] == ok["request_id"]
@@ -343,11 +383,15 @@ def test_webhooks_are_delivered_for_success_and_error(server, assets):
 
 
 def test_a_webhook_url_that_is_not_http_is_refused(server):
-    response = httpx.post(f"{server}/queue/{APP}", params={"fal_webhook": "file:///etc/passwd"}, json=FAST, headers=auth())
+    response = httpx.post(
+        f"{server}/queue/{APP}", params={"fal_webhook": "file:///etc/passwd"}, json=FAST, headers=auth()
+    )
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "fal_webhook"]
 
 
-@pytest.mark.parametrize("webhook", ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.7/hook", "http://[::1]:9/x"])
+@pytest.mark.parametrize(
+    "webhook", ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.7/hook", "http://[::1]:9/x"]
+)
 def test_a_webhook_to_a_private_address_is_refused_at_submit_not_dropped_after_the_work(server, webhook):
     response = httpx.post(f"{server}/queue/{APP}", params={"fal_webhook": webhook}, json=FAST, headers=auth())
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "fal_webhook"]
@@ -360,14 +404,17 @@ def test_queued_requests_are_batched(server):
 
     bodies = [httpx.post(f"{server}/queue/{APP}", json={**FAST, "seed": s}, headers=auth()).json() for s in range(4)]
     for body in bodies:
-        wait_for(lambda: httpx.get(body["status_url"], headers=auth()).status_code == 200)
+        wait_for(lambda body=body: httpx.get(body["status_url"], headers=auth()).status_code == 200)
     assert metric("flux_batch_size_count") > metric('flux_batch_size_bucket{le="1.0"}')
 
 
 def test_without_a_public_url_the_request_host_names_the_urls(server):
     response = httpx.post(f"{server}/queue/{APP}", json=FAST, headers={**auth(), "Host": "gateway.internal:8443"})
     body = response.json()
-    assert body["status_url"] == f"http://gateway.internal:8443/queue/fal-ai/flux-lora/requests/{body['request_id']}/status"
+    assert (
+        body["status_url"]
+        == f"http://gateway.internal:8443/queue/fal-ai/flux-lora/requests/{body['request_id']}/status"
+    )
 
 
 # ---- LoRAs --------------------------------------------------------------------------------
@@ -379,8 +426,12 @@ def metric_sum(server, prefix):
 
 
 def run_png(server, **fields):
-    response = httpx.post(f"{server}/{APP}", json={**FAST, "output_format": "png", "sync_mode": True, **fields},
-                          headers=auth(), timeout=60)
+    response = httpx.post(
+        f"{server}/{APP}",
+        json={**FAST, "output_format": "png", "sync_mode": True, **fields},
+        headers=auth(),
+        timeout=60,
+    )
     assert response.status_code == 200, response.text
     return response.json()["images"][0]["url"]
 
@@ -401,15 +452,25 @@ def test_loras_by_local_name_and_by_url_change_the_image(server, assets):
 
 
 def test_several_loras_and_mixed_batches_through_the_queue(server):
-    sets = [[], [{"path": "style.safetensors", "scale": 0.7}], [{"path": "face.safetensors", "scale": 1.2}],
-            [{"path": "style.safetensors", "scale": 0.5}, {"path": "face.safetensors", "scale": -0.8}]]
+    sets = [
+        [],
+        [{"path": "style.safetensors", "scale": 0.7}],
+        [{"path": "face.safetensors", "scale": 1.2}],
+        [{"path": "style.safetensors", "scale": 0.5}, {"path": "face.safetensors", "scale": -0.8}],
+    ]
     alone = [run_png(server, seed=11, loras=loras) for loras in sets]
     assert len(set(alone)) == 4
-    bodies = [httpx.post(f"{server}/queue/{APP}", json={**FAST, "output_format": "png", "sync_mode": True, "seed": 11,
-                                                          "loras": loras}, headers=auth()).json() for loras in sets]
+    bodies = [
+        httpx.post(
+            f"{server}/queue/{APP}",
+            json={**FAST, "output_format": "png", "sync_mode": True, "seed": 11, "loras": loras},
+            headers=auth(),
+        ).json()
+        for loras in sets
+    ]
     results = []
     for body in bodies:
-        wait_for(lambda: httpx.get(body["status_url"], headers=auth()).status_code == 200)
+        wait_for(lambda body=body: httpx.get(body["status_url"], headers=auth()).status_code == 200)
         result = httpx.get(body["response_url"], headers=auth()).json()
         assert "images" in result, result
         results.append(result["images"][0]["url"])
@@ -428,14 +489,23 @@ def test_several_loras_and_mixed_batches_through_the_queue(server):
 
 @pytest.mark.parametrize(
     ("path", "words"),
-    [("pickled.safetensors", "not a safetensors file"), ("../outside.safetensors", "escapes"),
-     ("missing.safetensors", "not found"), ("black-forest-labs/some-lora", "hub is not reachable"),
-     ("file:///etc/passwd", "not accepted"), ("http://10.0.0.1/x.safetensors", "private")],
+    [
+        ("pickled.safetensors", "not a safetensors file"),
+        ("../outside.safetensors", "escapes"),
+        ("missing.safetensors", "not found"),
+        ("black-forest-labs/some-lora", "hub is not reachable"),
+        ("file:///etc/passwd", "not accepted"),
+        ("http://10.0.0.1/x.safetensors", "private"),
+    ],
 )
 def test_unusable_loras_get_a_422_naming_them_and_change_nothing(server, path, words):
     before = run_png(server, seed=21)
-    response = httpx.post(f"{server}/{APP}", json={**FAST, "loras": [{"path": "face.safetensors"}, {"path": path}]},
-                          headers=auth(), timeout=60)
+    response = httpx.post(
+        f"{server}/{APP}",
+        json={**FAST, "loras": [{"path": "face.safetensors"}, {"path": path}]},
+        headers=auth(),
+        timeout=60,
+    )
     assert response.status_code == 422, response.text
     error = response.json()
     assert error["error_type"] == "lora_load_error" and error["detail"][0]["loc"] == ["body", "loras", 1, "path"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import functools
 import gzip
+import ipaddress
 import json
 import shutil
 import ssl
@@ -194,9 +194,30 @@ def tls_server(tmp_path_factory):
         pytest.skip("openssl is needed to make a test certificate")
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=files.test",
-                    "-addext", "subjectAltName=DNS:files.test"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=files.test",
+            "-addext",
+            "subjectAltName=DNS:files.test",
+        ],
+        check=True,
+        capture_output=True,
+    )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     httpd = QuietServer(("127.0.0.1", 0), Handler)
@@ -241,9 +262,28 @@ def test_default_policy_refuses_local_before_connecting(server, url):
     assert len(server.seen) == before
 
 
-REFUSED = ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
-           "224.0.0.1", "255.255.255.255", "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
-           "64:ff9b::7f00:1", "64:ff9b::a00:1", "2002:7f00:1::1", "::", "240.0.0.1", "ff02::1"]
+REFUSED = [
+    "127.0.0.1",
+    "10.1.2.3",
+    "172.16.0.1",
+    "192.168.1.1",
+    "169.254.169.254",
+    "100.64.0.1",
+    "0.0.0.0",
+    "224.0.0.1",
+    "255.255.255.255",
+    "::1",
+    "fe80::1",
+    "fc00::1",
+    "::ffff:127.0.0.1",
+    "::ffff:10.0.0.1",
+    "64:ff9b::7f00:1",
+    "64:ff9b::a00:1",
+    "2002:7f00:1::1",
+    "::",
+    "240.0.0.1",
+    "ff02::1",
+]
 
 
 @pytest.mark.parametrize("address", REFUSED)
@@ -290,11 +330,14 @@ def test_invalid_allow_list_entry(entry):
 # --- redirects ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target,reason", [
-    ("http://169.254.169.254/latest/meta-data", "link-local"),
-    ("http://10.0.0.1/x", "private"),
-    ("file:///etc/passwd", "scheme file"),
-])
+@pytest.mark.parametrize(
+    "target,reason",
+    [
+        ("http://169.254.169.254/latest/meta-data", "link-local"),
+        ("http://10.0.0.1/x", "private"),
+        ("file:///etc/passwd", "scheme file"),
+    ],
+)
 def test_redirect_to_private_refused(server, base, target, reason):
     before = len(server.seen)
     with pytest.raises(UrlRefused, match=f"/redirect redirected to .*{reason}"):
@@ -323,16 +366,19 @@ def test_too_many_redirects(base):
 # --- schemes and URL shapes --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url,message", [
-    ("file:///etc/passwd", "scheme file"),
-    ("ftp://127.0.0.1/x", "scheme ftp"),
-    ("gopher://127.0.0.1:70/_x", "scheme gopher"),
-    ("data:image/png;base64,AAAA", "scheme data"),
-    ("javascript:alert(1)", "scheme javascript"),
-    ("/relative/path.png", "scheme"),
-    ("http:///no-host.png", "has no host"),
-    ("http://user:pass@127.0.0.1/", "credentials"),
-])
+@pytest.mark.parametrize(
+    "url,message",
+    [
+        ("file:///etc/passwd", "scheme file"),
+        ("ftp://127.0.0.1/x", "scheme ftp"),
+        ("gopher://127.0.0.1:70/_x", "scheme gopher"),
+        ("data:image/png;base64,AAAA", "scheme data"),
+        ("javascript:alert(1)", "scheme javascript"),
+        ("/relative/path.png", "scheme"),
+        ("http:///no-host.png", "has no host"),
+        ("http://user:pass@127.0.0.1/", "credentials"),
+    ],
+)
 def test_refused_urls(server, url, message):
     before = len(server.seen)
     with pytest.raises(UrlRefused, match=message):

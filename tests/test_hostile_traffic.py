@@ -72,7 +72,10 @@ class Assets(LocalHandler):
         if self.path == "/image.png":
             self.send(200, IMAGE, "image/png")
         elif self.path in ("/to-metadata", "/to-private"):
-            target = {"/to-metadata": "http://169.254.169.254/latest/meta-data/", "/to-private": "http://10.0.0.7/x.png"}
+            target = {
+                "/to-metadata": "http://169.254.169.254/latest/meta-data/",
+                "/to-private": "http://10.0.0.7/x.png",
+            }
             self.send_response(302)
             self.send_header("Location", target[self.path])
             self.end_headers()
@@ -85,9 +88,6 @@ class Assets(LocalHandler):
             self.send(200, SVG, "image/png")
         else:
             self.send(404, b"no", "text/plain")
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +114,15 @@ def server(tmp_path_factory):
 
 
 def normal_body(seed: int) -> dict:
-    return {"prompt": f"a garden shed, take {seed}", "image_url": data_uri(IMAGE), "mask_url": data_uri(MASK),
-            "num_inference_steps": 4, "seed": seed, "sync_mode": True, "output_format": "png"}
+    return {
+        "prompt": f"a garden shed, take {seed}",
+        "image_url": data_uri(IMAGE),
+        "mask_url": data_uri(MASK),
+        "num_inference_steps": 4,
+        "seed": seed,
+        "sync_mode": True,
+        "output_format": "png",
+    }
 
 
 @dataclass
@@ -153,8 +160,11 @@ def hostile_cases(assets: str) -> list[Hostile]:
         Hostile(f"image_url {name}", 422, "image_load_error", {**base, "image_url": url}, "image_url")
         for name, url in image_cases.items()
     ]
-    cases.append(Hostile("mask_url metadata-ip", 422, "image_load_error",
-                         {**base, "mask_url": "http://169.254.169.254/"}, "mask_url"))
+    cases.append(
+        Hostile(
+            "mask_url metadata-ip", 422, "image_load_error", {**base, "mask_url": "http://169.254.169.254/"}, "mask_url"
+        )
+    )
     json_cases = {
         "wrong type steps": ({"num_inference_steps": "many"}, "num_inference_steps"),
         "negative seed": ({"seed": -1}, "seed"),
@@ -169,22 +179,48 @@ def hostile_cases(assets: str) -> list[Hostile]:
         "loras over the cap": ({"loras": [{"path": f"l{i}.safetensors"} for i in range(MAX_LORAS + 1)]}, "loras"),
         "loras over the schema cap": ({"loras": [{"path": "x.safetensors"}] * 17}, "loras"),
     }
-    cases += [Hostile(name, 422, "validation_error", {**base, **change}, name_field)
-              for name, (change, name_field) in json_cases.items()]
-    for name, path in {"dotdot": "../../etc/passwd.safetensors", "absolute": "/etc/passwd",
-                       "dotdot inside": "sub/../../x.safetensors", "pickle": "model.bin"}.items():
-        cases.append(Hostile(f"lora path {name}", 422, "lora_load_error",
-                             {**base, "loras": [{"path": path, "scale": 1.0}]}, "loras"))
+    cases += [
+        Hostile(name, 422, "validation_error", {**base, **change}, name_field)
+        for name, (change, name_field) in json_cases.items()
+    ]
+    for name, path in {
+        "dotdot": "../../etc/passwd.safetensors",
+        "absolute": "/etc/passwd",
+        "dotdot inside": "sub/../../x.safetensors",
+        "pickle": "model.bin",
+    }.items():
+        cases.append(
+            Hostile(
+                f"lora path {name}", 422, "lora_load_error", {**base, "loras": [{"path": path, "scale": 1.0}]}, "loras"
+            )
+        )
     raw = json.dumps(base)
     cases += [
         Hostile("malformed JSON", 422, "validation_error", raw[: len(raw) // 2].encode()),
-        Hostile("NaN guidance", 422, "validation_error", raw.replace('"seed": 7', '"seed": 7, "guidance_scale": NaN').encode()),
+        Hostile(
+            "NaN guidance",
+            422,
+            "validation_error",
+            raw.replace('"seed": 7', '"seed": 7, "guidance_scale": NaN').encode(),
+        ),
         Hostile("not an object", 422, "validation_error", b"[1, 2, 3]"),
         Hostile("body over the limit", 413, "request_too_large", b'{"prompt": "' + b"x" * (MAX_BODY + 1000) + b'"}'),
-        Hostile("webhook file scheme", 422, "validation_error", base, "fal_webhook",
-                path=f"{QUEUE_ROUTE}?fal_webhook=file:///etc/passwd"),
-        Hostile("webhook gopher scheme", 422, "validation_error", base, "fal_webhook",
-                path=f"{QUEUE_ROUTE}?fal_webhook=gopher://127.0.0.1:70/"),
+        Hostile(
+            "webhook file scheme",
+            422,
+            "validation_error",
+            base,
+            "fal_webhook",
+            path=f"{QUEUE_ROUTE}?fal_webhook=file:///etc/passwd",
+        ),
+        Hostile(
+            "webhook gopher scheme",
+            422,
+            "validation_error",
+            base,
+            "fal_webhook",
+            path=f"{QUEUE_ROUTE}?fal_webhook=gopher://127.0.0.1:70/",
+        ),
         Hostile("no key", 401, "unauthorized", base, headers={"Authorization": ""}),
         Hostile("wrong key", 401, "unauthorized", base, headers={"Authorization": "Key not-the-key"}),
     ]
@@ -193,7 +229,9 @@ def hostile_cases(assets: str) -> list[Hostile]:
 
 async def send(client: httpx.AsyncClient, path: str, body, headers: dict | None = None):
     """One request with its own time limit; the answer, or the exception that ended it."""
-    kwargs = {"json": body} if isinstance(body, dict) else {"content": body, "headers": {"content-type": "application/json"}}
+    kwargs = (
+        {"json": body} if isinstance(body, dict) else {"content": body, "headers": {"content-type": "application/json"}}
+    )
     if headers:
         kwargs["headers"] = {**kwargs.get("headers", {}), **headers}
     try:
@@ -210,7 +248,9 @@ def largest_difference(response: httpx.Response, alone: httpx.Response) -> int:
     """0 when the PNG bytes are identical; else the largest pixel difference (255 if the sizes differ)."""
     if image_bytes(response) == image_bytes(alone):
         return 0
-    (ours,), (theirs,) = ([np.asarray(Image.open(io.BytesIO(b))).astype(int) for b in image_bytes(r)] for r in (response, alone))
+    (ours,), (theirs,) = (
+        [np.asarray(Image.open(io.BytesIO(b))).astype(int) for b in image_bytes(r)] for r in (response, alone)
+    )
     return int(np.abs(ours - theirs).max()) if ours.shape == theirs.shape else 255
 
 
@@ -228,8 +268,9 @@ def test_hostile_requests_mixed_into_load_change_nothing_for_normal_ones(server,
 
     async def scenario():
         limits = httpx.Limits(max_connections=100)
-        async with httpx.AsyncClient(base_url=server, headers={"Authorization": f"Key {KEY}"},
-                                     timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        async with httpx.AsyncClient(
+            base_url=server, headers={"Authorization": f"Key {KEY}"}, timeout=REQUEST_TIMEOUT_S, limits=limits
+        ) as client:
             baseline = {seed: await send(client, ROUTE, normal_body(seed)) for seed in NORMAL_SEEDS}
             batched_before, log_before = await asyncio.to_thread(batched_requests, server), log_path.stat().st_size
             mix: list[tuple[str, object]] = []  # (label, case or seed) in sending order: interleaved
@@ -240,11 +281,14 @@ def test_hostile_requests_mixed_into_load_change_nothing_for_normal_ones(server,
                     mix.append(("normal", normals.pop()))
                 mix.append(("hostile", case))
             mix += [("normal", seed) for seed in normals]
-            answers = await asyncio.gather(*[
-                send(client, ROUTE, normal_body(item)) if kind == "normal"
-                else send(client, item.path, item.body, item.headers)
-                for kind, item in mix
-            ])
+            answers = await asyncio.gather(
+                *[
+                    send(client, ROUTE, normal_body(item))
+                    if kind == "normal"
+                    else send(client, item.path, item.body, item.headers)
+                    for kind, item in mix
+                ]
+            )
             batched = await asyncio.to_thread(batched_requests, server) - batched_before
             with open(log_path, "rb") as log:
                 retried = log.read()[log_before:].count(b"worker inpaint call lost its connection")
@@ -273,14 +317,18 @@ def test_hostile_requests_mixed_into_load_change_nothing_for_normal_ones(server,
             continue
         body = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
         if response.status_code != item.status or not body or body.get("error_type") != item.error_type:
-            failures.append(f"{label}: expected {item.status} {item.error_type}, got {response.status_code} {response.text[:300]}")
+            failures.append(
+                f"{label}: expected {item.status} {item.error_type}, got {response.status_code} {response.text[:300]}"
+            )
         elif "detail" not in body or response.headers.get("x-fal-error-type") != item.error_type:
             failures.append(f"{label}: not in fal's error shape: {body}")
         elif item.names and body["detail"][0]["loc"][1] != item.names:
             failures.append(f"{label}: 422 names {body['detail'][0]['loc']}, not {item.names}")
     assert not failures, "\n".join(failures)
-    print(f"{len(cases)} hostile requests refused as documented; {exact} of {len(NORMAL_SEEDS) * NORMAL_REPEATS} "
-          f"normal images byte-identical to the lone run, the rest within {BATCH_ROUNDING} levels")
+    print(
+        f"{len(cases)} hostile requests refused as documented; {exact} of {len(NORMAL_SEEDS) * NORMAL_REPEATS} "
+        f"normal images byte-identical to the lone run, the rest within {BATCH_ROUNDING} levels"
+    )
     # The model ran the normal requests and nothing else: every hostile one was stopped at the front.
     # (A job whose worker connection dropped is sent again, and may then run twice.)
     normals = len(NORMAL_SEEDS) * NORMAL_REPEATS

@@ -1,10 +1,9 @@
-"""Tests for runners/images.py and the front half of runners/jobs.py: the hostile-image cases of
+"""Tests for runners/front/images.py and runners/front/preparation.py: the hostile-image cases of
 shared/security.md. Every refusal must be an ``ImageLoadError`` naming the field, with status 422."""
 
 from __future__ import annotations
 
 import asyncio
-
 import base64
 import io
 import random
@@ -15,21 +14,26 @@ import warnings
 import pytest
 from PIL import Image
 
-import runners.images as images
+import runners.front.images as images
+import runners.protocol.images as protocol_images
 from runners.config import ImageLimits
 from runners.errors import ImageLoadError, InvalidField
-from runners.images import DecodeLimits, data_uri_bytes, decode_image_uri, encode_image, flatten, open_image
-from runners.jobs import prepare_job
+from runners.front.images import DecodeLimits, data_uri_bytes, decode_image_uri, flatten, open_image
+from runners.front.preparation import prepare_job
+from runners.protocol.images import encode_image
+from runners.protocol.schema import InpaintRequest
 
 
 def prepare_sync(*args):
     """prepare_job is a coroutine (it may fetch URLs); these cases only use data: URIs."""
     return asyncio.run(prepare_job(*args))
-from runners.schema import InpaintRequest
+
 
 LIMITS = DecodeLimits(max_pixels=4096 * 4096, max_bytes=25 * 1024 * 1024)
 JOB_LIMITS = ImageLimits(
-    max_input_pixels=4096 * 4096, max_input_bytes=25 * 1024 * 1024, max_output_pixels=2048 * 2048,
+    max_input_pixels=4096 * 4096,
+    max_input_bytes=25 * 1024 * 1024,
+    max_output_pixels=2048 * 2048,
     max_body_bytes=80 * 1024 * 1024,
 )
 FIELDS = ["image_url", "mask_url"]
@@ -158,8 +162,9 @@ def test_open_image_refuses_over_max_bytes():
 # --- formats ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fmt", "params"), [("PNG", {}), ("JPEG", {"quality": 90}), ("WEBP", {"quality": 90}),
-                                             ("WEBP", {"lossless": True})])
+@pytest.mark.parametrize(
+    ("fmt", "params"), [("PNG", {}), ("JPEG", {"quality": 90}), ("WEBP", {"quality": 90}), ("WEBP", {"lossless": True})]
+)
 def test_accepted_formats(fmt, params):
     data = encode(noise((40, 24)), fmt, **params)
     image = open_image(data, "image_url", LIMITS)
@@ -201,11 +206,13 @@ def test_content_type_is_not_trusted():
     png = encode(noise((32, 32)), "PNG")
     as_jpeg = decode_image_uri(data_uri(png, "image/jpeg"), "image_url", "RGB", LIMITS)
     assert as_jpeg.size == (32, 32)
-    as_octets = decode_image_uri(data_uri(encode(noise((32, 32)), "JPEG"), "application/octet-stream"),
-                                 "image_url", "RGB", LIMITS)
+    as_octets = decode_image_uri(
+        data_uri(encode(noise((32, 32)), "JPEG"), "application/octet-stream"), "image_url", "RGB", LIMITS
+    )
     assert as_octets.size == (32, 32)
-    error = refused(lambda: decode_image_uri(data_uri(REFUSED["gif"], "image/png"), "mask_url", "L", LIMITS),
-                    "mask_url")
+    error = refused(
+        lambda: decode_image_uri(data_uri(REFUSED["gif"], "image/png"), "mask_url", "L", LIMITS), "mask_url"
+    )
     assert ACCEPTED_MESSAGE in error.reason
 
 
@@ -259,7 +266,10 @@ def test_budget_edge(no_decoding):
 
 
 def test_budget_edge_accepted():
-    assert open_image(encode(Image.new("L", (64, 32)), "PNG"), "image_url", DecodeLimits(64 * 32, 10**6)).size == (64, 32)
+    assert open_image(encode(Image.new("L", (64, 32)), "PNG"), "image_url", DecodeLimits(64 * 32, 10**6)).size == (
+        64,
+        32,
+    )
 
 
 def test_huge_image_refused_through_prepare_job(huge_png):
@@ -270,8 +280,8 @@ def test_huge_image_refused_through_prepare_job(huge_png):
 
 
 def test_max_image_pixels_stays_finite():
-    import runners.jobs  # noqa: F401  (everything the front imports)
-    import runners.schema  # noqa: F401
+    import runners.front.preparation  # noqa: F401  (everything the front imports)
+    import runners.protocol.schema  # noqa: F401
 
     assert isinstance(Image.MAX_IMAGE_PIXELS, int) and 0 < Image.MAX_IMAGE_PIXELS < 20_000 * 20_000
     before = Image.MAX_IMAGE_PIXELS
@@ -341,7 +351,10 @@ def test_tiny_images_refused(size, field):
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
 def test_smallest_image_accepted(fmt):
-    assert decode_image_uri(data_uri(encode(Image.new("RGB", (16, 16)), fmt)), "image_url", "RGB", LIMITS).size == (16, 16)
+    assert decode_image_uri(data_uri(encode(Image.new("RGB", (16, 16)), fmt)), "image_url", "RGB", LIMITS).size == (
+        16,
+        16,
+    )
 
 
 def test_tiny_mask_refused_through_prepare_job():
@@ -355,8 +368,11 @@ def test_tiny_mask_refused_through_prepare_job():
 @pytest.fixture(scope="module")
 def encoded_noise() -> dict[str, bytes]:
     picture = noise((96, 64), seed=3)
-    return {"PNG": encode(picture, "PNG"), "JPEG": encode(picture, "JPEG", quality=95),
-            "WEBP": encode(picture, "WEBP", quality=95)}
+    return {
+        "PNG": encode(picture, "PNG"),
+        "JPEG": encode(picture, "JPEG", quality=95),
+        "WEBP": encode(picture, "WEBP", quality=95),
+    }
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
@@ -596,9 +612,9 @@ def test_encode_image_round_trip(output_format, mode):
         assert decoded.tobytes() == picture.tobytes()
     else:
         assert decoded.mode == "RGB"
-    assert images.CONTENT_TYPES[output_format] == f"image/{output_format}"
+    assert protocol_images.CONTENT_TYPES[output_format] == f"image/{output_format}"
 
 
 def test_encoded_output_decodes_as_input():
     out = encode_image(noise((32, 32)), "jpeg")
-    assert decode_image_uri(images.to_data_uri(out, "image/jpeg"), "image_url", "RGB", LIMITS).size == (32, 32)
+    assert decode_image_uri(protocol_images.to_data_uri(out, "image/jpeg"), "image_url", "RGB", LIMITS).size == (32, 32)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import threading
 import time
 
-from runners.jobs import InpaintJob, JobResult
-from runners.ledger import JobLedger
-from runners.schema import InpaintRequest
+from runners.protocol.jobs import InpaintJob, JobResult
+from runners.protocol.schema import InpaintRequest
+from runners.worker.ledger import JobLedger
 
 REQUEST = InpaintRequest(prompt="p", image_url="-", mask_url="-")
 
 
 def job(request_id: str) -> InpaintJob:
-    return InpaintJob(request_id=request_id, request=REQUEST, width=64, height=64, seed=1, image_png=b"i", mask_png=b"m")
+    return InpaintJob(
+        request_id=request_id, request=REQUEST, width=64, height=64, seed=1, image_png=b"i", mask_png=b"m"
+    )
 
 
 class CountingRunner:

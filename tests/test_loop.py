@@ -8,15 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from runners.inpaint import InpaintInputs, plan_schedule
+from runners.pipeline.inpaint import InpaintInputs, plan_schedule
 from tests.conftest import pixels, scene
 
 
 def inputs(**overrides) -> InpaintInputs:
     image, mask = scene()
     values = dict(
-        prompt="a red house", image=image, mask=mask, width=64, height=48, seed=7,
-        num_inference_steps=5, strength=0.85, guidance_scale=3.5, enable_safety_checker=False,
+        prompt="a red house",
+        image=image,
+        mask=mask,
+        width=64,
+        height=48,
+        seed=7,
+        num_inference_steps=5,
+        strength=0.85,
+        guidance_scale=3.5,
+        enable_safety_checker=False,
     )
     values.update(overrides)
     return InpaintInputs(**values)
@@ -29,11 +37,21 @@ def inputs(**overrides) -> InpaintInputs:
 def test_matches_diffusers_flux_inpaint_pipeline(tiny_model, inpainter, steps, strength, size):
     width, height = size
     image, mask = scene(width, height, seed=steps)
-    ours = inpainter.run([inputs(image=image, mask=mask, width=width, height=height, num_inference_steps=steps, strength=strength)])
+    ours = inpainter.run(
+        [inputs(image=image, mask=mask, width=width, height=height, num_inference_steps=steps, strength=strength)]
+    )
     reference = tiny_model.pipeline(
-        prompt="a red house", image=image, mask_image=mask, width=width, height=height,
-        num_inference_steps=steps, strength=strength, guidance_scale=3.5,
-        generator=torch.Generator().manual_seed(7), max_sequence_length=32, output_type="np",
+        prompt="a red house",
+        image=image,
+        mask_image=mask,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        strength=strength,
+        guidance_scale=3.5,
+        generator=torch.Generator().manual_seed(7),
+        max_sequence_length=32,
+        output_type="np",
     ).images
     reference_uint8 = tiny_model.pipeline.image_processor.numpy_to_pil(reference)[0]
     assert ours[0].images[0].size == (width, height)
@@ -101,8 +119,10 @@ def test_known_region_equals_the_original_latents(inpainter):
 
 def test_progress_reports_every_step_of_every_request(inpainter):
     seen = []
-    inpainter.run([inputs(num_inference_steps=4, strength=1.0), inputs(seed=1, num_inference_steps=6, strength=0.5)],
-                  on_step=lambda request, done, total: seen.append((request, done, total)))
+    inpainter.run(
+        [inputs(num_inference_steps=4, strength=1.0), inputs(seed=1, num_inference_steps=6, strength=0.5)],
+        on_step=lambda request, done, total: seen.append((request, done, total)),
+    )
     assert [s for s in seen if s[0] == 0] == [(0, i, 4) for i in range(1, 5)]
     assert [s for s in seen if s[0] == 1] == [(1, i, 3) for i in range(1, 4)]
 
@@ -146,7 +166,7 @@ def test_model_settings_choose_cpu_and_float32_here():
 
 def test_tiny_default_loads_from_the_cache_through_the_same_loader(cache_dir):
     from runners.config import ModelSettings
-    from runners.model import load_model
+    from runners.pipeline.model import load_model
 
     model = load_model(ModelSettings(model="tiny", cache_dir=cache_dir, max_sequence_length=16))
     assert model.is_tiny and model.source == str(cache_dir / "tiny-flux-v1")

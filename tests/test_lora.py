@@ -10,17 +10,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from runners.batch import run_jobs
 from runners.config import LoraSettings, ModelSettings
-from runners.inpaint import Inpainter
-from runners.jobs import JobLora
-from runners.lora import AdapterCache, activate, deactivate, fuse, set_rows, unfuse
-from runners.model import load_model
+from runners.lora.adapters import AdapterCache, activate, deactivate, fuse, set_rows, unfuse
+from runners.pipeline.inpaint import Inpainter
+from runners.pipeline.model import load_model
+from runners.protocol.jobs import JobLora
+from runners.worker.batch import run_jobs
 from tests.conftest import pixels, scene
 from tests.test_batch import decoded, job
 
-TARGETS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.ff.net.2", "single_transformer_blocks.0.proj_out",
-           "single_transformer_blocks.1.attn.to_v", "transformer_blocks.0.norm1.linear"]
+TARGETS = [
+    "transformer_blocks.0.attn.to_q",
+    "transformer_blocks.1.ff.net.2",
+    "single_transformer_blocks.0.proj_out",
+    "single_transformer_blocks.1.attn.to_v",
+    "transformer_blocks.0.norm1.linear",
+]
 
 
 def write_lora(directory: Path, name: str, rank: int, seed: int, shapes: dict, targets=TARGETS, alpha=None) -> JobLora:
@@ -40,7 +45,9 @@ def write_lora(directory: Path, name: str, rank: int, seed: int, shapes: dict, t
 
 @pytest.fixture(scope="module")
 def lora_model(tiny_dir):
-    settings = ModelSettings(model=str(tiny_dir), max_sequence_length=32, safety_checker=str(tiny_dir / "safety_checker"))
+    settings = ModelSettings(
+        model=str(tiny_dir), max_sequence_length=32, safety_checker=str(tiny_dir / "safety_checker")
+    )
     return load_model(settings, LoraSettings(max_per_request=4, max_rank=16, memory_max_bytes=64 * 1024**2))
 
 
@@ -51,7 +58,7 @@ def lora_inpainter(lora_model):
 
 @pytest.fixture(scope="module")
 def shapes(lora_model):
-    from runners.lora_formats import linear_shapes
+    from runners.lora.formats import linear_shapes
 
     return linear_shapes(lora_model.pipeline.transformer)
 
@@ -75,7 +82,7 @@ def weights_digest(model) -> str:
 
 
 def adapters_for(model, *entries):
-    return [(model.adapters.get(Path(l.path), l.sha256, l.name), scale) for l, scale in entries]
+    return [(model.adapters.get(Path(lora.path), lora.sha256, lora.name), scale) for lora, scale in entries]
 
 
 def test_deltas_equal_the_hand_computed_weight_sum(lora_model, loras):
@@ -103,12 +110,21 @@ def test_deltas_equal_the_hand_computed_weight_sum(lora_model, loras):
 
 
 def test_fused_output_equals_delta_output(lora_model, lora_inpainter, loras, tmp_path):
-    from runners.inpaint import InpaintInputs
+    from runners.pipeline.inpaint import InpaintInputs
 
     image, mask = scene()
     request = adapters_for(lora_model, (loras["style"], 0.8), (loras["product"], 0.5))
-    inputs = InpaintInputs(prompt="a house", image=image, mask=mask, width=64, height=48, seed=3,
-                           num_inference_steps=4, enable_safety_checker=False, loras=request)
+    inputs = InpaintInputs(
+        prompt="a house",
+        image=image,
+        mask=mask,
+        width=64,
+        height=48,
+        seed=3,
+        num_inference_steps=4,
+        enable_safety_checker=False,
+        loras=request,
+    )
     before = weights_digest(lora_model)
     shipped = lora_model.fuse_uniform_loras
     assert shipped  # the default, chosen by benchmarks/lora.py
@@ -144,7 +160,12 @@ def test_base_weights_bit_identical_after_any_sequence(lora_model, lora_inpainte
     before = weights_digest(lora_model)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    sequence = [[loras["style"]], [loras["face"], loras["product"]], [], [JobLora(path=str(bad), sha256="0" * 64, scale=1, name="bad")]]
+    sequence = [
+        [loras["style"]],
+        [loras["face"], loras["product"]],
+        [],
+        [JobLora(path=str(bad), sha256="0" * 64, scale=1, name="bad")],
+    ]
     jobs = []
     for index, job_loras in enumerate(sequence):
         j = job(f"j{index}", seed=index)
@@ -178,7 +199,7 @@ def test_a_lora_that_fails_to_load_changes_nothing(lora_model, lora_inpainter, l
 def test_adapter_cache_evicts_least_recently_used_within_budget(lora_model, loras):
     transformer = lora_model.pipeline.transformer
     one = AdapterCache(transformer, max_bytes=10**9, max_rank=16)
-    sizes = {k: one.get(Path(l.path), l.sha256, k).nbytes for k, l in loras.items()}
+    sizes = {k: one.get(Path(lora.path), lora.sha256, k).nbytes for k, lora in loras.items()}
     cache = AdapterCache(transformer, max_bytes=sizes["style"] + sizes["product"] + 1, max_rank=16)
     for key in ("style", "face"):
         cache.get(Path(loras[key].path), loras[key].sha256, key)
@@ -190,7 +211,9 @@ def test_adapter_cache_evicts_least_recently_used_within_budget(lora_model, lora
 
 
 def test_fused_at_load_equals_deltas(tiny_dir, loras, lora_model):
-    settings = ModelSettings(model=str(tiny_dir), max_sequence_length=32, safety_checker=str(tiny_dir / "safety_checker"))
+    settings = ModelSettings(
+        model=str(tiny_dir), max_sequence_length=32, safety_checker=str(tiny_dir / "safety_checker")
+    )
     lora_dir = Path(loras["style"].path).parent  # FLUX_LORA_DIR, and FLUX_FUSED_LORAS=style.safetensors:0.6
     fused_model = load_model(settings, LoraSettings(max_per_request=0, dir=lora_dir, fused=["style.safetensors:0.6"]))
     name = TARGETS[1]
@@ -212,13 +235,21 @@ def test_swapping_adapters_does_not_recompile(lora_model, loras, tmp_path, shape
     combos = [
         [adapters_for(lora_model, (loras["style"], 1.0)), []],
         [adapters_for(lora_model, (loras["face"], 0.5)), adapters_for(lora_model, (loras["product"], 2.0))],
-        [adapters_for(lora_model, (extra, 1.0), (loras["face"], 1.0)), adapters_for(lora_model, (loras["style"], -1.0))],
+        [
+            adapters_for(lora_model, (extra, 1.0), (loras["face"], 1.0)),
+            adapters_for(lora_model, (loras["style"], -1.0)),
+        ],
         [[], []],
     ]
     inputs = dict(
-        hidden_states=torch.randn(2, 12, 64), encoder_hidden_states=torch.randn(2, 32, 32),
-        pooled_projections=torch.randn(2, 32), timestep=torch.tensor([0.5, 0.7]), guidance=torch.tensor([3.5, 3.5]),
-        img_ids=torch.zeros(12, 3), txt_ids=torch.zeros(32, 3), return_dict=False,
+        hidden_states=torch.randn(2, 12, 64),
+        encoder_hidden_states=torch.randn(2, 32, 32),
+        pooled_projections=torch.randn(2, 32),
+        timestep=torch.tensor([0.5, 0.7]),
+        guidance=torch.tensor([3.5, 3.5]),
+        img_ids=torch.zeros(12, 3),
+        txt_ids=torch.zeros(32, 3),
+        return_dict=False,
     )
     torch._dynamo.reset()
     compiled = torch.compile(transformer, dynamic=False)

@@ -1,4 +1,4 @@
-"""Tests for runners/lora_formats.py: three LoRA layouts read into one form, doubtful files refused.
+"""Tests for runners/lora/formats.py: three LoRA layouts read into one form, doubtful files refused.
 
 LoRA files are built here for the tiny model (random tensors, fixed seeds), written with
 safetensors and read back through ``load_lora``. The BFL -> diffusers mapping below is this test's
@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
-from runners import lora_formats
-from runners.lora_formats import LoraError, LoraWeights, linear_shapes, load_lora, parse_lora, read_safetensors
+from runners.lora import formats as lora_formats
+from runners.lora.formats import LoraError, LoraWeights, linear_shapes, load_lora, parse_lora, read_safetensors
 
 R = 4  # rank of the LoRAs built here
 
@@ -42,11 +42,23 @@ SINGLE = {
     "modulation_lin": ["norm.linear"],
 }
 # BFL layer suffix -> XLabs processor name (XLabs covers attention only).
-XLABS_DOUBLE = {"img_attn_qkv": "qkv_lora1", "img_attn_proj": "proj_lora1",
-                "txt_attn_qkv": "qkv_lora2", "txt_attn_proj": "proj_lora2"}
+XLABS_DOUBLE = {
+    "img_attn_qkv": "qkv_lora1",
+    "img_attn_proj": "proj_lora1",
+    "txt_attn_qkv": "qkv_lora2",
+    "txt_attn_proj": "proj_lora2",
+}
 
-FLUX_DEV_CONFIG = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-                       joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, in_channels=64)
+FLUX_DEV_CONFIG = dict(
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    in_channels=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +107,9 @@ def kohya_file(pairs, alpha=None) -> dict[str, torch.Tensor]:
     return sd
 
 
-def diffusers_file(pairs, layers, alpha=None, prefix="transformer.", down_key="lora_A.weight",
-                   up_key="lora_B.weight") -> dict[str, torch.Tensor]:
+def diffusers_file(
+    pairs, layers, alpha=None, prefix="transformer.", down_key="lora_A.weight", up_key="lora_B.weight"
+) -> dict[str, torch.Tensor]:
     sd = {}
     for name, (down, up, outs) in pairs.items():
         for target, part in zip(layers[name], torch.split(up, outs)):
@@ -152,18 +165,22 @@ def test_kohya_maps_every_block_layer_and_splits_fused_ones(transformer, shapes,
     for n, proj in enumerate(["to_q", "to_k", "to_v"]):
         layer = weights.layers[f"transformer_blocks.1.attn.{proj}"]
         assert torch.equal(layer.down, down)
-        assert torch.equal(layer.up, up[32 * n: 32 * (n + 1)])
+        assert torch.equal(layer.up, up[32 * n : 32 * (n + 1)])
         assert layer.multiplier == 1.0
     down, up, _ = pairs["double_blocks_0_txt_attn_qkv"]
     assert torch.equal(weights.layers["transformer_blocks.0.attn.add_v_proj"].up, up[64:96])
-    assert weights.layers["transformer_blocks.0.attn.add_q_proj"].down is weights.layers[
-        "transformer_blocks.0.attn.add_k_proj"].down  # shared, not copied
+    assert (
+        weights.layers["transformer_blocks.0.attn.add_q_proj"].down
+        is weights.layers["transformer_blocks.0.attn.add_k_proj"].down
+    )  # shared, not copied
 
     # Single-block linear1: [inner, inner, inner, mlp_hidden] = [32, 32, 32, 128].
     down, up, _ = pairs["single_blocks_1_linear1"]
     assert up.shape == (224, R)
-    parts = {p: weights.layers[f"single_transformer_blocks.1.{p}"]
-             for p in ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]}
+    parts = {
+        p: weights.layers[f"single_transformer_blocks.1.{p}"]
+        for p in ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+    }
     assert [tuple(layer.up.shape) for layer in parts.values()] == [(32, R)] * 3 + [(128, R)]
     assert torch.equal(parts["attn.to_v"].up, up[64:96])
     assert torch.equal(parts["proj_mlp"].up, up[96:])
@@ -181,15 +198,22 @@ def test_kohya_maps_every_block_layer_and_splits_fused_ones(transformer, shapes,
 
 def test_kohya_layers_outside_the_blocks(transformer, shapes):
     sd = {}
-    for name, module, seed in [("img_in", "x_embedder", 1), ("txt_in", "context_embedder", 2),
-                               ("time_in_in_layer", "time_text_embed.timestep_embedder.linear_1", 3),
-                               ("final_layer_adaLN_modulation_1", "norm_out.linear", 4)]:
+    for name, module, seed in [
+        ("img_in", "x_embedder", 1),
+        ("txt_in", "context_embedder", 2),
+        ("time_in_in_layer", "time_text_embed.timestep_embedder.linear_1", 3),
+        ("final_layer_adaLN_modulation_1", "norm_out.linear", 4),
+    ]:
         n_in, n_out = shapes[module]
         sd[f"lora_unet_{name}.lora_down.weight"] = rand(R, n_in, seed=seed)
         sd[f"lora_unet_{name}.lora_up.weight"] = rand(n_out, R, seed=seed + 10)
     weights = load_lora(save(sd), transformer, 128)
-    assert set(weights.layers) == {"x_embedder", "context_embedder", "time_text_embed.timestep_embedder.linear_1",
-                                   "norm_out.linear"}
+    assert set(weights.layers) == {
+        "x_embedder",
+        "context_embedder",
+        "time_text_embed.timestep_embedder.linear_1",
+        "norm_out.linear",
+    }
     assert torch.equal(weights.layers["x_embedder"].up, sd["lora_unet_img_in.lora_up.weight"])
     # BFL's final modulation is (shift, scale); diffusers' norm_out is (scale, shift).
     up = sd["lora_unet_final_layer_adaLN_modulation_1.lora_up.weight"]
@@ -197,8 +221,14 @@ def test_kohya_layers_outside_the_blocks(transformer, shapes):
 
 
 @pytest.mark.parametrize("prefix", ["transformer.", "", "base_model.model."])
-@pytest.mark.parametrize("suffixes", [("lora_A.weight", "lora_B.weight"), ("lora.down.weight", "lora.up.weight"),
-                                      ("lora_down.weight", "lora_up.weight")])
+@pytest.mark.parametrize(
+    "suffixes",
+    [
+        ("lora_A.weight", "lora_B.weight"),
+        ("lora.down.weight", "lora.up.weight"),
+        ("lora_down.weight", "lora_up.weight"),
+    ],
+)
 def test_diffusers_key_variants(transformer, shapes, prefix, suffixes):
     layers = bfl_layers(shapes, blocks=(1,), singles=(0,))
     pairs = random_pairs(layers, shapes, seed=7)
@@ -216,21 +246,25 @@ def test_xlabs_maps_attention_layers(transformer, shapes, prefix):
     sd = {}
     expected = {}
     for i in (0, 1):
-        for proc, targets in [("qkv_lora1", ["attn.to_q", "attn.to_k", "attn.to_v"]), ("proj_lora1", ["attn.to_out.0"]),
-                              ("qkv_lora2", ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
-                              ("proj_lora2", ["attn.to_add_out"])]:
+        for proc, targets in [
+            ("qkv_lora1", ["attn.to_q", "attn.to_k", "attn.to_v"]),
+            ("proj_lora1", ["attn.to_out.0"]),
+            ("qkv_lora2", ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
+            ("proj_lora2", ["attn.to_add_out"]),
+        ]:
             up = rand(32 * len(targets), R, seed=i * 10 + len(sd))
             sd[f"{prefix}double_blocks.{i}.processor.{proc}.down.weight"] = rand(R, 32, seed=100 + len(sd))
             sd[f"{prefix}double_blocks.{i}.processor.{proc}.up.weight"] = up
             for n, t in enumerate(targets):
-                expected[f"transformer_blocks.{i}.{t}"] = up[32 * n: 32 * (n + 1)]
+                expected[f"transformer_blocks.{i}.{t}"] = up[32 * n : 32 * (n + 1)]
     sd[f"{prefix}single_blocks.1.processor.qkv_lora.down.weight"] = rand(R, 32, seed=200)
     sd[f"{prefix}single_blocks.1.processor.qkv_lora.up.weight"] = up = rand(96, R, seed=201)
     for n, t in enumerate(["to_q", "to_k", "to_v"]):
-        expected[f"single_transformer_blocks.1.attn.{t}"] = up[32 * n: 32 * (n + 1)]
+        expected[f"single_transformer_blocks.1.attn.{t}"] = up[32 * n : 32 * (n + 1)]
     sd[f"{prefix}single_blocks.1.processor.proj_lora.down.weight"] = rand(R, 160, seed=202)
-    sd[f"{prefix}single_blocks.1.processor.proj_lora.up.weight"] = expected["single_transformer_blocks.1.proj_out"] = \
+    sd[f"{prefix}single_blocks.1.processor.proj_lora.up.weight"] = expected["single_transformer_blocks.1.proj_out"] = (
         rand(32, R, seed=203)
+    )
 
     weights = load_lora(save(sd), transformer, 128)
     assert weights.format == "xlabs"
@@ -238,21 +272,29 @@ def test_xlabs_maps_attention_layers(transformer, shapes, prefix):
     for module, up in expected.items():
         assert torch.equal(weights.layers[module].up, up), module
         assert weights.layers[module].multiplier == 1.0
-    assert torch.equal(weights.layers["transformer_blocks.1.attn.add_k_proj"].down,
-                       sd[f"{prefix}double_blocks.1.processor.qkv_lora2.down.weight"])
+    assert torch.equal(
+        weights.layers["transformer_blocks.1.attn.add_k_proj"].down,
+        sd[f"{prefix}double_blocks.1.processor.qkv_lora2.down.weight"],
+    )
 
 
 def test_three_formats_of_one_delta_agree(transformer, shapes):
-    layers = bfl_layers(shapes, names={f"double_blocks_{i}_{s}" for i in (0, 1) for s in XLABS_DOUBLE}
-                        | {"single_blocks_0_linear2", "single_blocks_1_linear2"})
+    layers = bfl_layers(
+        shapes,
+        names={f"double_blocks_{i}_{s}" for i in (0, 1) for s in XLABS_DOUBLE}
+        | {"single_blocks_0_linear2", "single_blocks_1_linear2"},
+    )
     pairs = random_pairs(layers, shapes, seed=3)
     kohya = load_lora(save(kohya_file(pairs, alpha=8)), transformer, 128)
     diffusers = load_lora(save(diffusers_file(pairs, layers, alpha=8)), transformer, 128)
     xlabs_sd = {}
     for name, (down, up, _) in pairs.items():
         i = name.split("_")[2]
-        key = (f"double_blocks.{i}.processor.{XLABS_DOUBLE[name.split('_', 3)[3]]}" if name.startswith("double")
-               else f"single_blocks.{i}.processor.proj_lora")
+        key = (
+            f"double_blocks.{i}.processor.{XLABS_DOUBLE[name.split('_', 3)[3]]}"
+            if name.startswith("double")
+            else f"single_blocks.{i}.processor.proj_lora"
+        )
         xlabs_sd[f"{key}.down.weight"] = down.clone()
         xlabs_sd[f"{key}.up.weight"] = up * 2  # XLabs carries no alpha: the x2 of alpha 8 / rank 4 is baked in
     xlabs = load_lora(save(xlabs_sd), transformer, 128)
@@ -265,13 +307,20 @@ def test_three_formats_of_one_delta_agree(transformer, shapes):
 def test_alpha_gives_the_multiplier(transformer, shapes):
     layers = bfl_layers(shapes, names={"double_blocks_0_img_attn_qkv", "single_blocks_1_linear1"})
     pairs = random_pairs(layers, shapes)
-    for sd, expected in [(kohya_file(pairs, alpha=8), 2.0), (kohya_file(pairs), 1.0), (kohya_file(pairs, alpha=2), 0.5),
-                         (diffusers_file(pairs, layers, alpha=8), 2.0), (diffusers_file(pairs, layers), 1.0)]:
+    for sd, expected in [
+        (kohya_file(pairs, alpha=8), 2.0),
+        (kohya_file(pairs), 1.0),
+        (kohya_file(pairs, alpha=2), 0.5),
+        (diffusers_file(pairs, layers, alpha=8), 2.0),
+        (diffusers_file(pairs, layers), 1.0),
+    ]:
         weights = load_lora(save(sd), transformer, 128)
         assert {layer.multiplier for layer in weights.layers.values()} == {expected}
-    sd = {"double_blocks.0.processor.proj_lora1.down.weight": rand(R, 32, seed=1),
-          "double_blocks.0.processor.proj_lora1.up.weight": rand(32, R, seed=2),
-          "double_blocks.0.processor.proj_lora1.alpha": torch.tensor(8.0)}
+    sd = {
+        "double_blocks.0.processor.proj_lora1.down.weight": rand(R, 32, seed=1),
+        "double_blocks.0.processor.proj_lora1.up.weight": rand(32, R, seed=2),
+        "double_blocks.0.processor.proj_lora1.alpha": torch.tensor(8.0),
+    }
     assert load_lora(save(sd), transformer, 128).layers["transformer_blocks.0.attn.to_out.0"].multiplier == 2.0
 
 
@@ -310,8 +359,9 @@ def no_unpickling(monkeypatch):
 
 def _torch_saved(**kwargs) -> bytes:
     buffer = io.BytesIO()
-    torch.save({"lora_unet_double_blocks_0_img_mlp_0.lora_down.weight": torch.zeros(R, 32), "boom": Boom()},
-               buffer, **kwargs)
+    torch.save(
+        {"lora_unet_double_blocks_0_img_mlp_0.lora_down.weight": torch.zeros(R, 32), "boom": Boom()}, buffer, **kwargs
+    )
     return buffer.getvalue()
 
 
@@ -331,8 +381,9 @@ NOT_SAFETENSORS = {
     "torch.save (zip)": lambda: _torch_saved(),
     "torch.save (legacy pickle)": lambda: _torch_saved(_use_new_zipfile_serialization=False),
     "plain pickle": lambda: pickle.dumps({"boom": Boom()}),
-    "random bytes": lambda: torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
-                                          dtype=torch.uint8).numpy().tobytes(),
+    "random bytes": lambda: (
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+    ),
     "empty": lambda: b"",
     "zip": _zip,
     "header length over the file": lambda: struct.pack("<Q", 2**62) + b"{}",
@@ -356,20 +407,26 @@ def test_missing_file(transformer, tmp_path):
 
 
 def _kohya_one(name="double_blocks_0_img_attn_proj", down=(R, 32), up=(32, R)) -> dict[str, torch.Tensor]:
-    return {f"lora_unet_{name}.lora_down.weight": rand(*down, seed=1),
-            f"lora_unet_{name}.lora_up.weight": rand(*up, seed=2)}
+    return {
+        f"lora_unet_{name}.lora_down.weight": rand(*down, seed=1),
+        f"lora_unet_{name}.lora_up.weight": rand(*up, seed=2),
+    }
 
 
 def _diffusers_one(module="transformer_blocks.0.attn.to_q", down=(R, 32), up=(32, R)) -> dict[str, torch.Tensor]:
-    return {f"transformer.{module}.lora_A.weight": rand(*down, seed=1),
-            f"transformer.{module}.lora_B.weight": rand(*up, seed=2)}
+    return {
+        f"transformer.{module}.lora_A.weight": rand(*down, seed=1),
+        f"transformer.{module}.lora_B.weight": rand(*up, seed=2),
+    }
 
 
 def test_unknown_keys(transformer):
     message = refused({**_diffusers_one(), "foo.bar": torch.zeros(1)}, transformer)
     assert "unknown key 'foo.bar'" in message and "not a FLUX transformer LoRA?" in message
-    message = refused({**_kohya_one(), **{f"lora_unet_mystery_{i}.lora_down.weight": torch.zeros(R, 32)
-                                            for i in range(5)}}, transformer)
+    message = refused(
+        {**_kohya_one(), **{f"lora_unet_mystery_{i}.lora_down.weight": torch.zeros(R, 32) for i in range(5)}},
+        transformer,
+    )
     assert message.count("lora_unet_mystery_") == 3 and "and 2 more" in message
     # A kohya file with a diffusers key mixed in is not silently half-read.
     assert "unknown key" in refused({**_kohya_one(), **_diffusers_one()}, transformer)
@@ -377,24 +434,34 @@ def test_unknown_keys(transformer):
     assert "does not have" in refused(_diffusers_one("transformer_blocks.0.attn.nope"), transformer)
 
 
-@pytest.mark.parametrize("key", ["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
-                                 "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
-                                 "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight",
-                                 "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
+        "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight",
+        "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight",
+    ],
+)
 def test_text_encoder_keys(transformer, key):
-    assert "text-encoder LoRA weights are not supported" in refused({**_kohya_one(), key: torch.zeros(R, 32)},
-                                                                    transformer)
+    assert "text-encoder LoRA weights are not supported" in refused(
+        {**_kohya_one(), key: torch.zeros(R, 32)}, transformer
+    )
 
 
 def test_wrong_shapes_and_ranks(transformer):
     assert refused(_diffusers_one(down=(R, 48)), transformer) == (
-        "lora_down of transformer_blocks.0.attn.to_q has shape (4, 48) but that layer takes 32 inputs")
+        "lora_down of transformer_blocks.0.attn.to_q has shape (4, 48) but that layer takes 32 inputs"
+    )
     assert refused(_diffusers_one(up=(40, R)), transformer) == (
-        "lora_up of transformer_blocks.0.attn.to_q has shape (40, 4) but that layer gives 32 outputs")
+        "lora_up of transformer_blocks.0.attn.to_q has shape (40, 4) but that layer gives 32 outputs"
+    )
     assert "lora_down has rank 4 but lora_up of shape (32, 8) has rank 8" in refused(
-        _diffusers_one(up=(32, 8)), transformer)
-    assert "rank 256 is over this server's limit of 128" in refused(_diffusers_one(down=(256, 32), up=(32, 256)),
-                                                                    transformer)
+        _diffusers_one(up=(32, 8)), transformer
+    )
+    assert "rank 256 is over this server's limit of 128" in refused(
+        _diffusers_one(down=(256, 32), up=(32, 256)), transformer
+    )
     assert "rank 8 is over this server's limit of 4" in refused(_kohya_one(down=(8, 32), up=(32, 8)), transformer, 4)
     assert "2-D" in refused(_kohya_one(down=(R, 32, 1, 1)), transformer)
     # A fused qkv whose lora_up does not cut into this model's q, k, v.
@@ -427,9 +494,13 @@ def test_block_the_model_does_not_have(transformer):
     assert "lora_unet_double_blocks_7_img_attn_qkv" in message and "transformer_blocks.7.attn.to_q" in message
     assert "does not have" in message
     assert "does not have" in refused(_kohya_one("single_blocks_2_linear1", up=(224, R)), transformer)
-    assert "does not have" in refused({"double_blocks.5.processor.proj_lora1.down.weight": torch.zeros(R, 32),
-                                       "double_blocks.5.processor.proj_lora1.up.weight": torch.zeros(32, R)},
-                                      transformer)
+    assert "does not have" in refused(
+        {
+            "double_blocks.5.processor.proj_lora1.down.weight": torch.zeros(R, 32),
+            "double_blocks.5.processor.proj_lora1.up.weight": torch.zeros(32, R),
+        },
+        transformer,
+    )
 
 
 def test_empty_lora(transformer, shapes, tmp_path):
@@ -464,11 +535,16 @@ def test_full_size_flux_dev_kohya_without_the_model(transformer):
         weights = parse_lora(tensors, shapes, config, max_rank=128)
         assert weights.format == "kohya"
         assert {m: tuple(layer.up.shape) for m, layer in weights.layers.items()} == {
-            "transformer_blocks.0.attn.to_q": (3072, R), "transformer_blocks.0.attn.to_k": (3072, R),
-            "transformer_blocks.0.attn.to_v": (3072, R), "transformer_blocks.18.norm1_context.linear": (18432, R),
-            "single_transformer_blocks.37.attn.to_q": (3072, R), "single_transformer_blocks.37.attn.to_k": (3072, R),
-            "single_transformer_blocks.37.attn.to_v": (3072, R), "single_transformer_blocks.37.proj_mlp": (12288, R),
-            "single_transformer_blocks.20.proj_out": (3072, R)}
+            "transformer_blocks.0.attn.to_q": (3072, R),
+            "transformer_blocks.0.attn.to_k": (3072, R),
+            "transformer_blocks.0.attn.to_v": (3072, R),
+            "transformer_blocks.18.norm1_context.linear": (18432, R),
+            "single_transformer_blocks.37.attn.to_q": (3072, R),
+            "single_transformer_blocks.37.attn.to_k": (3072, R),
+            "single_transformer_blocks.37.attn.to_v": (3072, R),
+            "single_transformer_blocks.37.proj_mlp": (12288, R),
+            "single_transformer_blocks.20.proj_out": (3072, R),
+        }
         up = tensors["lora_unet_single_blocks_37_linear1.lora_up.weight"]
         assert torch.equal(weights.layers["single_transformer_blocks.37.proj_mlp"].up, up[9216:])
         assert torch.equal(weights.layers["single_transformer_blocks.37.attn.to_k"].up, up[3072:6144])
@@ -476,11 +552,14 @@ def test_full_size_flux_dev_kohya_without_the_model(transformer):
     # The same file is refused by the tiny model, with a reason.
     qkv = {k: v for k, v in sd.items() if "double_blocks_0_img_attn_qkv" in k}
     assert refused(qkv, transformer) == (
-        "lora_down of transformer_blocks.0.attn.to_q has shape (4, 3072) but that layer takes 32 inputs")
+        "lora_down of transformer_blocks.0.attn.to_q has shape (4, 3072) but that layer takes 32 inputs"
+    )
     # With blocks the tiny model lacks, that is what the message says, whatever the key order.
-    assert refused(sd, transformer) == ("'lora_unet_double_blocks_18_txt_mod_lin' targets module "
-                                        "'transformer_blocks.18.norm1_context.linear', which this model "
-                                        "does not have (a LoRA for a different model?)")
+    assert refused(sd, transformer) == (
+        "'lora_unet_double_blocks_18_txt_mod_lin' targets module "
+        "'transformer_blocks.18.norm1_context.linear', which this model "
+        "does not have (a LoRA for a different model?)"
+    )
 
 
 def test_module_uses_safetensors_only():
@@ -499,11 +578,15 @@ def test_kohya_mapping_matches_diffusers_own_converter():
         shapes = linear_shapes(FluxTransformer2DModel(**FLUX_DEV_CONFIG))
     layers = bfl_layers(shapes, blocks=(18,), singles=(37,))
     sd = kohya_file(random_pairs(layers, shapes), alpha=8)
-    for name, module in [("img_in", "x_embedder"), ("txt_in", "context_embedder"),
-                         ("time_in_out_layer", "time_text_embed.timestep_embedder.linear_2"),
-                         ("vector_in_in_layer", "time_text_embed.text_embedder.linear_1"),
-                         ("guidance_in_in_layer", "time_text_embed.guidance_embedder.linear_1"),
-                         ("final_layer_linear", "proj_out"), ("final_layer_adaLN_modulation_1", "norm_out.linear")]:
+    for name, module in [
+        ("img_in", "x_embedder"),
+        ("txt_in", "context_embedder"),
+        ("time_in_out_layer", "time_text_embed.timestep_embedder.linear_2"),
+        ("vector_in_in_layer", "time_text_embed.text_embedder.linear_1"),
+        ("guidance_in_in_layer", "time_text_embed.guidance_embedder.linear_1"),
+        ("final_layer_linear", "proj_out"),
+        ("final_layer_adaLN_modulation_1", "norm_out.linear"),
+    ]:
         sd.update(_kohya_one(name, down=(R, shapes[module][0]), up=(shapes[module][1], R)))
     ours = parse_lora(sd, shapes, FLUX_DEV_CONFIG, max_rank=128)
     theirs = _convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in sd.items()})

@@ -17,7 +17,7 @@ import pytest
 
 from runners.config import FetchSettings, LoraSettings
 from runners.fetch import HostPolicy, SafeFetcher
-from runners.lora_sources import LoraFile, LoraSourceError, LoraSources
+from runners.lora.sources import LoraFile, LoraSourceError, LoraSources
 
 MiB = 1024 * 1024
 FILES = {f"/{name}.safetensors": bytes([i]) * 400_000 for i, name in enumerate("abc")}  # two fit 1 MiB, three do not
@@ -62,8 +62,13 @@ def base(server) -> str:
 
 def sources(cache: Path, allow=("127.0.0.1",), hub_download=None, hub_list=None, **settings) -> LoraSources:
     settings = {"max_file_bytes": 1 * MiB, "cache_max_bytes": 1 * MiB, **settings}
-    return LoraSources(LoraSettings(**settings), SafeFetcher(HostPolicy(list(allow)), FETCH), cache,
-                       hub_download=hub_download, hub_list=hub_list)
+    return LoraSources(
+        LoraSettings(**settings),
+        SafeFetcher(HostPolicy(list(allow)), FETCH),
+        cache,
+        hub_download=hub_download,
+        hub_list=hub_list,
+    )
 
 
 def run(coro):
@@ -128,8 +133,9 @@ def test_failed_download_shared_by_waiters_and_not_cached(tmp_path, server, base
     src = sources(tmp_path)
 
     async def many():
-        return await asyncio.gather(*(src.resolve(f"{base}/missing.safetensors?sig=secret") for _ in range(5)),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            *(src.resolve(f"{base}/missing.safetensors?sig=secret") for _ in range(5)), return_exceptions=True
+        )
 
     errors = run(many())
     assert all(isinstance(e, LoraSourceError) for e in errors)
@@ -140,7 +146,9 @@ def test_failed_download_shared_by_waiters_and_not_cached(tmp_path, server, base
 
 
 def test_private_host_refused_by_default_policy(tmp_path, server, base):
-    error = refused(sources(tmp_path, allow=()), f"{base}/small.safetensors?token=secret", "LoRA URL refused: .*loopback")
+    error = refused(
+        sources(tmp_path, allow=()), f"{base}/small.safetensors?token=secret", "LoRA URL refused: .*loopback"
+    )
     assert "secret" not in str(error) and server.gets["/small.safetensors"] == 0
 
 
@@ -207,16 +215,19 @@ def test_local_name_resolves(tmp_path, lora_dir):
     assert run(src.resolve("styles/x.safetensors")).sha256 == sha(b"changed lora!")
 
 
-@pytest.mark.parametrize("name,match", [
-    ("../x.safetensors", "escapes the LoRA directory"),
-    ("/etc/passwd", "escapes the LoRA directory"),
-    ("a/../../x.safetensors", "escapes the LoRA directory"),
-    ("sub\\x.safetensors", "escapes the LoRA directory"),
-    ("x\0.safetensors", "control characters"),
-    ("link.safetensors", "escapes the LoRA directory"),
-    ("styles/missing.safetensors", "LoRA 'styles/missing.safetensors' not found in the local LoRA directory"),
-    ("styles", "only .safetensors files"),
-])
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("../x.safetensors", "escapes the LoRA directory"),
+        ("/etc/passwd", "escapes the LoRA directory"),
+        ("a/../../x.safetensors", "escapes the LoRA directory"),
+        ("sub\\x.safetensors", "escapes the LoRA directory"),
+        ("x\0.safetensors", "control characters"),
+        ("link.safetensors", "escapes the LoRA directory"),
+        ("styles/missing.safetensors", "LoRA 'styles/missing.safetensors' not found in the local LoRA directory"),
+        ("styles", "only .safetensors files"),
+    ],
+)
 def test_local_names_refused(tmp_path, lora_dir, name, match):
     refused(sources(tmp_path / "cache", dir=lora_dir), name, match)
 
@@ -243,8 +254,11 @@ def test_hub_name_with_fake_download(tmp_path):
         calls.append((repo_id, filename))
         return str(blob)
 
-    src = sources(tmp_path / "cache", hub_download=download, hub_list=lambda repo: ["README.md", "lora.safetensors",
-                                                                                     "sub/other.safetensors"])
+    src = sources(
+        tmp_path / "cache",
+        hub_download=download,
+        hub_list=lambda repo: ["README.md", "lora.safetensors", "sub/other.safetensors"],
+    )
     found = run(src.resolve("owner/repo/sub/file.safetensors"))
     assert found.sha256 == sha(b"hub lora") and found.source == "owner/repo/sub/file.safetensors"
     assert found.path.parent == tmp_path / "cache" / "loras" and found.path.read_bytes() == b"hub lora"
@@ -261,8 +275,11 @@ def test_local_file_wins_over_hub(tmp_path, lora_dir):
 
 
 def test_hub_repo_with_several_files(tmp_path):
-    src = sources(tmp_path, hub_download=lambda *a: pytest.fail("nothing to download"),
-                  hub_list=lambda repo: ["a.safetensors", "b.safetensors", "x/c.safetensors"])
+    src = sources(
+        tmp_path,
+        hub_download=lambda *a: pytest.fail("nothing to download"),
+        hub_list=lambda repo: ["a.safetensors", "b.safetensors", "x/c.safetensors"],
+    )
     refused(src, "owner/repo", r"2 .safetensors files at its top level \(a.safetensors, b.safetensors\)")
     src.hub_list = lambda repo: ["README.md"]
     refused(src, "owner/repo", "no .safetensors file")
@@ -276,8 +293,11 @@ def test_hub_failure_is_not_reachable(tmp_path, monkeypatch):
     def broken(repo_id, filename):
         raise ConnectionError("no route to host")
 
-    refused(sources(tmp_path, hub_download=broken), "owner/repo/f.safetensors",
-            r"model hub is not reachable from this server \(ConnectionError: no route to host\)")
+    refused(
+        sources(tmp_path, hub_download=broken),
+        "owner/repo/f.safetensors",
+        r"model hub is not reachable from this server \(ConnectionError: no route to host\)",
+    )
 
 
 @pytest.mark.parametrize("name", ["owner/repo/f.safetensors", "owner/repo"])
@@ -299,12 +319,15 @@ def test_real_hub_client_offline(tmp_path, monkeypatch, name):
 # --- malformed paths -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path,match", [
-    ("", "empty LoRA path"),
-    ("ftp://x", "scheme ftp: is not accepted"),
-    ("file:///etc/passwd", "scheme file: is not accepted"),
-    ("javascript:x", "scheme javascript: is not accepted"),
-    ("FILE:/etc/passwd", "scheme file: is not accepted"),
-])
+@pytest.mark.parametrize(
+    "path,match",
+    [
+        ("", "empty LoRA path"),
+        ("ftp://x", "scheme ftp: is not accepted"),
+        ("file:///etc/passwd", "scheme file: is not accepted"),
+        ("javascript:x", "scheme javascript: is not accepted"),
+        ("FILE:/etc/passwd", "scheme file: is not accepted"),
+    ],
+)
 def test_malformed_paths(tmp_path, path, match):
     refused(sources(tmp_path, dir=tmp_path), path, match)

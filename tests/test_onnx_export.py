@@ -129,8 +129,13 @@ def test_sample_inputs_have_the_loop_shapes_and_dtypes(tiny_model):
     spec = SPECS["transformer"]
     inputs = dict(zip(spec.inputs_for(tiny_model), spec.sample_inputs(tiny_model, 3, 64, 48, 5), strict=True))
     assert {k: tuple(v.shape) for k, v in inputs.items()} == {
-        "hidden_states": (3, 12, 64), "encoder_hidden_states": (3, 5, 32), "pooled_projections": (3, 32),
-        "timestep": (3,), "img_ids": (12, 3), "txt_ids": (5, 3), "guidance": (3,),
+        "hidden_states": (3, 12, 64),
+        "encoder_hidden_states": (3, 5, 32),
+        "pooled_projections": (3, 32),
+        "timestep": (3,),
+        "img_ids": (12, 3),
+        "txt_ids": (5, 3),
+        "guidance": (3,),
     }
     assert all(v.dtype == torch.float32 for v in inputs.values())
     assert torch.equal(inputs["img_ids"][:, 1:], latent_image_ids(4, 3)[:, 1:])

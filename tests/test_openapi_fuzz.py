@@ -26,8 +26,8 @@ import pytest
 import schemathesis
 from schemathesis import GenerationMode
 
-from runners.fal_http import REQUESTS_PATH
-from runners.openapi import openapi_document
+from runners.front.fal_http import REQUESTS_PATH
+from runners.front.openapi import openapi_document
 from tests.conftest import bentoml_server, scene
 
 KEY = "fuzz-key"
@@ -62,16 +62,23 @@ def server(tmp_path_factory):
 
 # The document depends on the code only: loaded here, and proven equal to what the server serves.
 DOCUMENT = openapi_document(APP, REQUESTS_PATH)
-schema = schemathesis.openapi.from_dict(json.loads(json.dumps(DOCUMENT)), config=schemathesis.Config.from_dict({
-    "request-timeout": 120,
-    # The key as configured auth: schemathesis also sends each operation without it (expects 401).
-    "headers": {"Authorization": f"Key {KEY}"},
-    "generation": {"max-examples": 15, "deterministic": True, "database": "none", "no-shrink": True},
-    "phases": {"coverage": {"enabled": False}, "stateful": {"enabled": False}},
-    # Valid bodies may still be refused (an unusable image, a LoRA that does not exist): 422, not 2xx.
-    "checks": {"positive_data_acceptance": {"enabled": False}},
-    "operations": [{"include-operation-id": op, "generation": {"max-examples": n}} for op, n in EXAMPLES.items()],
-}))
+schema = schemathesis.openapi.from_dict(
+    json.loads(json.dumps(DOCUMENT)),
+    config=schemathesis.Config.from_dict(
+        {
+            "request-timeout": 120,
+            # The key as configured auth: schemathesis also sends each operation without it (expects 401).
+            "headers": {"Authorization": f"Key {KEY}"},
+            "generation": {"max-examples": 15, "deterministic": True, "database": "none", "no-shrink": True},
+            "phases": {"coverage": {"enabled": False}, "stateful": {"enabled": False}},
+            # Valid bodies may still be refused (an unusable image, a LoRA that does not exist): 422, not 2xx.
+            "checks": {"positive_data_acceptance": {"enabled": False}},
+            "operations": [
+                {"include-operation-id": op, "generation": {"max-examples": n}} for op, n in EXAMPLES.items()
+            ],
+        }
+    ),
+)
 
 
 def keep_local(body: dict, valid: bool) -> None:
@@ -129,15 +136,24 @@ def test_the_fuzzing_reached_the_model():
     assert sum(OUTCOMES.values()) >= 150
 
 
-GUARDED = [(method.upper(), path) for path, item in DOCUMENT["paths"].items() for method, operation in item.items()
-           if operation.get("security", DOCUMENT["security"])]
+GUARDED = [
+    (method.upper(), path)
+    for path, item in DOCUMENT["paths"].items()
+    for method, operation in item.items()
+    if operation.get("security", DOCUMENT["security"])
+]
 
 
 @pytest.mark.parametrize(("method", "path"), GUARDED)
 @pytest.mark.parametrize("authorization", [None, "Key wrong", f"Bearer {KEY}"])
 def test_every_guarded_operation_refuses_a_missing_or_wrong_key(server, method, path, authorization):
     headers = {"Authorization": authorization} if authorization else {}
-    response = httpx.request(method, server[0] + path.replace("{request_id}", "some-id"), headers=headers,
-                             json={"prompt": "x", "image_url": IMAGE, "mask_url": MASK}, timeout=30)
+    response = httpx.request(
+        method,
+        server[0] + path.replace("{request_id}", "some-id"),
+        headers=headers,
+        json={"prompt": "x", "image_url": IMAGE, "mask_url": MASK},
+        timeout=30,
+    )
     assert response.status_code == 401
     assert response.json() == {"detail": "Unauthorized", "error_type": "unauthorized"}

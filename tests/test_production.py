@@ -52,7 +52,9 @@ def post(base: str, body: dict, timeout: float = 120) -> httpx.Response:
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("production")
     env = {
-        "FLUX_BATCH_MAX_SIZE": "4", "FLUX_QUEUE_CONCURRENCY": "4", "FLUX_QUEUE_MAX_LENGTH": "6",
+        "FLUX_BATCH_MAX_SIZE": "4",
+        "FLUX_QUEUE_CONCURRENCY": "4",
+        "FLUX_QUEUE_MAX_LENGTH": "6",
         "PYTHONPATH": os.pathsep.join([str(FAULTS), str(REPO)]),
     }
     with bentoml_server(tmp, **env) as served:
@@ -87,12 +89,16 @@ def test_overload_ends_every_request_cleanly_memory_stays_bounded_and_batches_fo
         list(pool.map(client, range(24)))
     rss_after = tree_rss(server.process.pid)
     after = metrics(base)
-    print(f"\noverload outcomes: {dict(outcomes)}; server memory {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB")
+    print(
+        f"\noverload outcomes: {dict(outcomes)}; server memory {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB"
+    )
 
     assert set(outcomes) <= {200, 429, 503}, outcomes
     assert outcomes[200] >= 10 and outcomes[429] >= 10  # it served, and it refused the surplus cleanly
     assert not retry_after_missing
-    refused = after['flux_rejections_total{reason="queue_full"}'] - before.get('flux_rejections_total{reason="queue_full"}', 0)
+    refused = after['flux_rejections_total{reason="queue_full"}'] - before.get(
+        'flux_rejections_total{reason="queue_full"}', 0
+    )
     assert refused == outcomes[429]
     batches = after["flux_batch_size_count"] - before["flux_batch_size_count"]
     batched = after["flux_batch_size_sum"] - before["flux_batch_size_sum"]
@@ -173,10 +179,17 @@ def drain_under_load(tmp_path, webhook: str) -> None:
     env = {"FLUX_DRAIN_TIMEOUT_S": "8", "FLUX_ALLOW_PRIVATE_HOSTS": "127.0.0.1", "FLUX_QUEUE_CONCURRENCY": "1"}
     with bentoml_server(tmp_path, **env) as served:
         base = served[0]
-        queued = [httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json={**QUICK, "seed": i},
-                             timeout=10).json()["request_id"] for i in range(3)]
-        queued.append(httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json=SLOW,
-                                 timeout=10).json()["request_id"])  # too long for the grace period
+        queued = [
+            httpx.post(
+                f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json={**QUICK, "seed": i}, timeout=10
+            ).json()["request_id"]
+            for i in range(3)
+        ]
+        queued.append(
+            httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json=SLOW, timeout=10).json()[
+                "request_id"
+            ]
+        )  # too long for the grace period
         with ThreadPoolExecutor(2) as pool:
             sync = pool.submit(post, base, {**QUICK, "seed": 9})  # behind the long one
             time.sleep(1)

@@ -8,9 +8,9 @@ import pytest
 
 from runners.config import QueueSettings
 from runners.errors import ImageLoadError, QueueFull, ServerDraining
-from runners.progress import JobProgress, LogLine
-from runners.queue import Outcome, RequestQueue, Status
-from runners.schema import InpaintRequest
+from runners.front.queue import Outcome, RequestQueue, Status
+from runners.protocol.progress import JobProgress, LogLine
+from runners.protocol.schema import InpaintRequest
 
 REQUEST = InpaintRequest(prompt="p", image_url="data:,", mask_url="data:,")
 
@@ -37,7 +37,9 @@ class FakeWorker:
         self.release.setdefault(request_id, asyncio.Event()).set()
 
     async def progress(self, request_ids):
-        return {i: JobProgress(started=True, logs=[LogLine(message="step 1/2")]) for i in request_ids if i in self.started}
+        return {
+            i: JobProgress(started=True, logs=[LogLine(message="step 1/2")]) for i in request_ids if i in self.started
+        }
 
     def finish(self, record):
         self.release.setdefault(record.id, asyncio.Event()).set()
@@ -62,12 +64,12 @@ def test_positions_progress_and_completion():
         assert first.dispatched and queue.position(first) == 0
         assert [queue.position(second), queue.position(third)] == [0, 1]
         await asyncio.sleep(0.05)  # the poller sees the worker's progress
-        assert first.status == Status.IN_PROGRESS and [l["message"] for l in first.logs] == ["queued", "step 1/2"]
+        assert first.status == Status.IN_PROGRESS and [line["message"] for line in first.logs] == ["queued", "step 1/2"]
         assert second.status == Status.IN_QUEUE
         worker.finish(first)
         await first.done.wait()
         assert first.status == Status.COMPLETED and first.outcome.output["seed"] == 1
-        assert [l["message"] for l in first.logs] == ["queued", "completed", "step 1/1"]
+        assert [line["message"] for line in first.logs] == ["queued", "completed", "step 1/1"]
         assert queue.position(third) == 0  # second moved to the worker
         await queue.stop()
 
@@ -98,8 +100,12 @@ def test_cancel_queued_never_runs_and_cancel_running_reaches_the_worker():
 def test_waiting_requests_are_bounded_and_in_flight_by_concurrency():
     async def scenario():
         seen = []
-        queue = RequestQueue(QueueSettings(max_length=2), concurrency=1, executor=FakeWorker(),
-                             on_change=lambda q: seen.append((q.waiting, q.in_flight)))
+        queue = RequestQueue(
+            QueueSettings(max_length=2),
+            concurrency=1,
+            executor=FakeWorker(),
+            on_change=lambda q: seen.append((q.waiting, q.in_flight)),
+        )
         await queue.submit(REQUEST, "http://h/")
         await settle()  # the first is in flight: it no longer counts against the waiting room
         for _ in range(2):
@@ -180,8 +186,13 @@ def test_failures_complete_with_their_error_and_results_expire():
         async def on_finish(record):
             finished.append(record.id)
 
-        queue = RequestQueue(QueueSettings(result_retention_s=60, max_retained=10), concurrency=2,
-                             executor=worker, on_finish=on_finish, clock=lambda: now[0])
+        queue = RequestQueue(
+            QueueSettings(result_retention_s=60, max_retained=10),
+            concurrency=2,
+            executor=worker,
+            on_finish=on_finish,
+            clock=lambda: now[0],
+        )
         good, bad = await queue.submit(REQUEST, "http://h/"), await queue.submit(REQUEST, "http://h/")
         worker.fail.add(bad.id)
         await settle()

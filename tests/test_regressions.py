@@ -11,7 +11,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from runners.config import Settings
-from runners.fal_http import FalApi
+from runners.front.fal_http import FalApi
 
 
 @pytest.fixture
@@ -22,12 +22,15 @@ def client():
     return TestClient(front)
 
 
-@pytest.mark.parametrize("path", [
-    "/queue/fal-ai/flux-lora/requests/a/b/status",  # a request id holding '/' (sent as %2F, decoded before routing)
-    "/queue/fal-ai/flux-lora/requests/x/status/extra",
-    "/files/a/b",
-    "/fal-ai/flux-lora/other",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/queue/fal-ai/flux-lora/requests/a/b/status",  # a request id holding '/' (sent as %2F, decoded before routing)
+        "/queue/fal-ai/flux-lora/requests/x/status/extra",
+        "/files/a/b",
+        "/fal-ai/flux-lora/other",
+    ],
+)
 def test_an_unknown_path_answers_fal_shaped_404(client, path):
     response = client.get(path)
     assert response.status_code == 404

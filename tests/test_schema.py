@@ -1,4 +1,4 @@
-"""Tests for runners/schema.py: every validation rule of ``InpaintRequest`` (shared/fal-contract.md),
+"""Tests for runners/protocol/schema.py: every validation rule of ``InpaintRequest`` (shared/fal-contract.md),
 the fal-shaped 422 body its errors become, and ``output_size``."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from runners.errors import InvalidField, validation_error_body
-from runners.schema import IMAGE_SIZE_PRESETS, MAX_SEED, InpaintRequest, output_size
+from runners.protocol.schema import IMAGE_SIZE_PRESETS, MAX_SEED, InpaintRequest, output_size
 
 REQUIRED = {"prompt": "a red cat", "image_url": "data:image/png;base64,AAAA", "mask_url": "data:image/png;base64,BBBB"}
 SECRET_PROMPT = "zebra-quokka-" + "7f3a9c" * 200 + "-private-prompt-text"
@@ -263,8 +263,10 @@ def test_unknown_enum_value_refused(field, value):
     assert_names(refusal({field: value}), field)
 
 
-@pytest.mark.parametrize(("field", "value"), [("output_format", "png"), ("output_format", "jpeg"),
-                                              ("acceleration", "regular"), ("acceleration", "none")])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("output_format", "png"), ("output_format", "jpeg"), ("acceleration", "regular"), ("acceleration", "none")],
+)
 def test_known_enum_value_accepted(field, value):
     assert getattr(make(**{field: value}), field) == value
 
@@ -353,8 +355,15 @@ BIG = 14142 * 14142
 
 @pytest.mark.parametrize(
     ("input_size", "expected"),
-    [((1000, 777), (992, 768)), ((1024, 768), (1024, 768)), ((16, 16), (16, 16)), ((31, 47), (16, 32)),
-     ((17, 2049), (16, 2048)), ((8, 8), (16, 16)), ((1, 100), (16, 96))],
+    [
+        ((1000, 777), (992, 768)),
+        ((1024, 768), (1024, 768)),
+        ((16, 16), (16, 16)),
+        ((31, 47), (16, 32)),
+        ((17, 2049), (16, 2048)),
+        ((8, 8), (16, 16)),
+        ((1, 100), (16, 96)),
+    ],
 )
 def test_output_size_from_input_rounds_down_to_16(input_size, expected):
     assert output_size(make(), input_size, BIG) == expected
@@ -362,7 +371,13 @@ def test_output_size_from_input_rounds_down_to_16(input_size, expected):
 
 @pytest.mark.parametrize(
     ("custom", "expected"),
-    [((17, 17), (16, 16)), ((8, 8), (16, 16)), ((1, 1), (16, 16)), ((33, 100), (32, 96)), ((14142, 14142), (14128, 14128))],
+    [
+        ((17, 17), (16, 16)),
+        ((8, 8), (16, 16)),
+        ((1, 1), (16, 16)),
+        ((33, 100), (32, 96)),
+        ((14142, 14142), (14128, 14128)),
+    ],
 )
 def test_output_size_custom_rounds_down_to_16(custom, expected):
     request = make(image_size={"width": custom[0], "height": custom[1]})

@@ -58,8 +58,13 @@ def test_example_request_returns_fal_output(server):
 
 
 def test_png_custom_size_and_several_images(server):
-    body = {**EXAMPLE, "output_format": "png", "num_images": 2, "image_size": {"width": 100, "height": 70},
-            "num_inference_steps": 4}
+    body = {
+        **EXAMPLE,
+        "output_format": "png",
+        "num_images": 2,
+        "image_size": {"width": 100, "height": 70},
+        "num_inference_steps": 4,
+    }
     response = post(server, body)
     assert response.status_code == 200, response.text
     images = [image_of(i) for i in response.json()["images"]]
@@ -159,7 +164,9 @@ def test_body_over_the_limit_gets_413(server):
 
 def test_burst_is_batched_and_images_match_the_lone_request(server):
     base, _ = server
-    body = lambda seed: {**EXAMPLE, "seed": seed, "prompt": f"shed {seed}", "num_inference_steps": 6, "output_format": "png"}  # noqa: E731
+
+    def body(seed):
+        return {**EXAMPLE, "seed": seed, "prompt": f"shed {seed}", "num_inference_steps": 6, "output_format": "png"}
 
     async def scenario():
         async with httpx.AsyncClient(base_url=base, timeout=120) as client:
@@ -234,8 +241,28 @@ def test_load_benchmark_smoke(server, tmp_path):
     from benchmarks import load
 
     base, _ = server
-    results = load.main(["--url", base, "--concurrency", "1,3", "--duration", "20", "--requests", "6", "--steps", "2",
-                         "--sizes", "64x48,input", "--routes", "sync,queue", "--dollars-per-hour", "1", "--out", str(tmp_path)])
+    results = load.main(
+        [
+            "--url",
+            base,
+            "--concurrency",
+            "1,3",
+            "--duration",
+            "20",
+            "--requests",
+            "6",
+            "--steps",
+            "2",
+            "--sizes",
+            "64x48,input",
+            "--routes",
+            "sync,queue",
+            "--dollars-per-hour",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert json.loads((tmp_path / "load.json").read_text()) == results
     assert (tmp_path / "load.md").read_text().startswith("# Load test")
     for level in results["levels"]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runners.config import StoreSettings
-from runners.store import NAME_PATTERN, TEMP_PREFIX, DirectoryStore, OutputStore, make_store
+from runners.front.store import NAME_PATTERN, TEMP_PREFIX, DirectoryStore, OutputStore, make_store
 
 
 class FakeClock:

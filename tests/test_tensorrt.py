@@ -1,4 +1,4 @@
-"""TensorRT engine builder (export/tensorrt_build.py) and runtime backend (runners/tensorrt_backend.py).
+"""TensorRT engine builder (export/tensorrt_build.py) and runtime backend (runners/backends/tensorrt_engine.py).
 
 Tests marked ``needs_tensorrt`` build and run real engines: they need ``tensorrt`` and a CUDA GPU and
 are reported as SKIPPED, with the reason, everywhere else. The rest run everywhere: they cover what
@@ -20,22 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from export.artifacts import write_atomic
-from export.tensorrt_build import (
-    EngineRequest,
-    GraphTypes,
-    build_engine,
-    inspect_onnx,
-    plan_precision,
-    refit_engine,
-    tensorrt_available,
-)
-from runners.tensorrt_backend import (
+from export.tensorrt_build import EngineRequest, GraphTypes, build_engine, inspect_onnx, plan_precision, refit_engine
+from runners.backends.artifacts import write_atomic
+from runners.backends.tensorrt_engine import (
     TRT_TO_TORCH,
     TensorRTEngine,
     TensorRTTransformer,
     TensorRTVae,
     choose_profile,
+    tensorrt_available,
     torch_dtype,
 )
 
@@ -50,6 +43,7 @@ MLP_PROFILE = {"x": ((1, IN), (4, IN), (8, IN))}
 
 # -- helpers ------------------------------------------------------------------------------------------
 
+
 def mlp(seed: int) -> torch.nn.Sequential:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, OUT)).eval()
@@ -61,13 +55,23 @@ def export(module: torch.nn.Module, example: tuple, path: Path, input_names, out
     GELU with Erf, which every TensorRT 10 ONNX parser reads."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, example, str(path), input_names=list(input_names), output_names=list(output_names),
-                          dynamic_axes=dynamic_axes, opset_version=17, dynamo=False)
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
+            opset_version=17,
+            dynamo=False,
+        )
     return path
 
 
 def export_mlp(module: torch.nn.Module, path: Path) -> Path:
-    return export(module.float().cpu(), (torch.randn(2, IN),), path, ["x"], ["y"], {"x": {0: "batch"}, "y": {0: "batch"}})
+    return export(
+        module.float().cpu(), (torch.randn(2, IN),), path, ["x"], ["y"], {"x": {0: "batch"}, "y": {0: "batch"}}
+    )
 
 
 class VaeDecoder(torch.nn.Module):
@@ -95,6 +99,7 @@ def without_tensorrt(monkeypatch):
 
 # -- everywhere: no TensorRT needed ---------------------------------------------------------------
 
+
 def test_tensorrt_available_says_why_not():
     ok, reason = tensorrt_available()
     if importlib.util.find_spec("tensorrt") is None:
@@ -112,9 +117,11 @@ def test_tensorrt_available_without_the_package(monkeypatch):
 
 
 def test_modules_import_without_tensorrt():
-    code = ("import sys; sys.modules['tensorrt'] = None\n"
-            "import runners.tensorrt_backend, export.tensorrt_build\n"
-            "print('imported')")
+    code = (
+        "import sys; sys.modules['tensorrt'] = None\n"
+        "import runners.backends.tensorrt_engine, export.tensorrt_build\n"
+        "print('imported')"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "imported" in result.stdout, result.stderr
 
@@ -207,17 +214,28 @@ def test_inspect_onnx_reads_types_and_quantization(tmp_path):
     from onnx import TensorProto, helper
 
     assert inspect_onnx(export_mlp(mlp(0), tmp_path / "fp32.onnx")) == GraphTypes(frozenset({"FLOAT"}), False)
-    half = export(mlp(0).half(), (torch.randn(2, IN, dtype=torch.float16),), tmp_path / "fp16.onnx", ["x"], ["y"],
-                  {"x": {0: "batch"}})
+    half = export(
+        mlp(0).half(),
+        (torch.randn(2, IN, dtype=torch.float16),),
+        tmp_path / "fp16.onnx",
+        ["x"],
+        ["y"],
+        {"x": {0: "batch"}},
+    )
     assert inspect_onnx(half).low_precision == {"FLOAT16"}
 
     scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [0.5])
     zero = helper.make_tensor("zero", TensorProto.INT8, [], [0])
     graph = helper.make_graph(
-        [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"]),
-         helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"])],
-        "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])], [scale, zero])
+        [
+            helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"]),
+        ],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+        [scale, zero],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "qdq.onnx")
     assert inspect_onnx(tmp_path / "qdq.onnx").quantized
 
@@ -266,15 +284,25 @@ def test_transformer_backend_feeds_the_engine_its_inputs():
     transformer = TensorRTTransformer(engine, 64, True)
     assert (transformer.in_channels, transformer.guidance_embeds) == (64, True)
     kwargs = dict(
-        hidden_states=torch.randn(2, 6, 64, dtype=torch.bfloat16), encoder_hidden_states=torch.randn(2, 5, 32),
-        pooled_projections=torch.randn(2, 32), timestep=torch.rand(2), img_ids=torch.zeros(6, 3),
+        hidden_states=torch.randn(2, 6, 64, dtype=torch.bfloat16),
+        encoder_hidden_states=torch.randn(2, 5, 32),
+        pooled_projections=torch.randn(2, 32),
+        timestep=torch.rand(2),
+        img_ids=torch.zeros(6, 3),
         txt_ids=torch.zeros(5, 3),
     )
     velocity = transformer(**kwargs, guidance=torch.full((2,), 3.5))
     assert velocity.dtype is torch.bfloat16 and velocity.shape == (2, 6, 64)  # the loop's dtype back
     assert torch.equal(velocity, kwargs["hidden_states"] * 2)
-    assert set(engine.calls[-1]) == {"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
-                                     "img_ids", "txt_ids", "guidance"}
+    assert set(engine.calls[-1]) == {
+        "hidden_states",
+        "encoder_hidden_states",
+        "pooled_projections",
+        "timestep",
+        "img_ids",
+        "txt_ids",
+        "guidance",
+    }
     with pytest.raises(ValueError, match="guidance"):
         transformer(**kwargs, guidance=None)
     no_guidance = TensorRTTransformer(engine, 64, False)
@@ -306,13 +334,17 @@ def test_onnx_inputs_of_the_gpu_tests_are_valid(tmp_path, tiny_model):
         expected = model(x).detach().numpy()
         np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected, atol=1e-5)
     vae = copy.deepcopy(tiny_model.pipeline.vae).float().cpu()
-    decoder = ort.InferenceSession(str(export_vae_decoder(vae, tmp_path / "dec.onnx")), providers=["CPUExecutionProvider"])
+    decoder = ort.InferenceSession(
+        str(export_vae_decoder(vae, tmp_path / "dec.onnx")), providers=["CPUExecutionProvider"]
+    )
     for shape in ((1, 16, 4, 6), (2, 16, 6, 4)):
         latents = torch.randn(shape)
         with torch.no_grad():
             expected = vae.decode(latents, return_dict=False)[0].numpy()
         np.testing.assert_allclose(decoder.run(None, {"latents": latents.numpy()})[0], expected, atol=1e-4)
-    encoder = ort.InferenceSession(str(export_vae_encoder(vae, tmp_path / "enc.onnx")), providers=["CPUExecutionProvider"])
+    encoder = ort.InferenceSession(
+        str(export_vae_encoder(vae, tmp_path / "enc.onnx")), providers=["CPUExecutionProvider"]
+    )
     for shape in ((1, 3, 32, 48), (3, 3, 48, 32)):
         images = torch.rand(shape) * 2 - 1
         with torch.no_grad():
@@ -321,26 +353,51 @@ def test_onnx_inputs_of_the_gpu_tests_are_valid(tmp_path, tiny_model):
 
 
 def export_vae_decoder(vae, path: Path) -> Path:
-    return export(VaeDecoder(vae), (torch.randn(1, vae.config.latent_channels, 4, 6),), path, ["latents"], ["images"],
-                  {"latents": {0: "batch", 2: "latent_height", 3: "latent_width"},
-                   "images": {0: "batch", 2: "height", 3: "width"}})
+    return export(
+        VaeDecoder(vae),
+        (torch.randn(1, vae.config.latent_channels, 4, 6),),
+        path,
+        ["latents"],
+        ["images"],
+        {
+            "latents": {0: "batch", 2: "latent_height", 3: "latent_width"},
+            "images": {0: "batch", 2: "height", 3: "width"},
+        },
+    )
 
 
 def export_vae_encoder(vae, path: Path) -> Path:
-    return export(VaeEncoder(vae), (torch.rand(1, 3, 32, 48) * 2 - 1,), path, ["images"], ["moments"],
-                  {"images": {0: "batch", 2: "height", 3: "width"},
-                   "moments": {0: "batch", 2: "latent_height", 3: "latent_width"}})
+    return export(
+        VaeEncoder(vae),
+        (torch.rand(1, 3, 32, 48) * 2 - 1,),
+        path,
+        ["images"],
+        ["moments"],
+        {
+            "images": {0: "batch", 2: "height", 3: "width"},
+            "moments": {0: "batch", 2: "latent_height", 3: "latent_width"},
+        },
+    )
 
 
 # -- with TensorRT and a GPU ----------------------------------------------------------------------
+
 
 @needs_tensorrt
 @pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-2), ("fp16", 3e-2)])
 def test_engine_matches_torch_at_two_batch_sizes(tmp_path, precision, tolerance):
     model = mlp(0)
     lines = []
-    plan = build_engine(EngineRequest(export_mlp(model, tmp_path / "mlp.onnx"), tmp_path / "mlp.plan", [MLP_PROFILE],
-                                      precision, workspace_bytes=256 * 2**20), log=lines.append)
+    plan = build_engine(
+        EngineRequest(
+            export_mlp(model, tmp_path / "mlp.onnx"),
+            tmp_path / "mlp.plan",
+            [MLP_PROFILE],
+            precision,
+            workspace_bytes=256 * 2**20,
+        ),
+        log=lines.append,
+    )
     assert plan.is_file() and any("wrote" in line and "s]" in line for line in lines), lines
     engine = TensorRTEngine(plan)
     assert engine.input_names == ["x"] and engine.output_names == ["y"]
@@ -355,8 +412,10 @@ def test_engine_matches_torch_at_two_batch_sizes(tmp_path, precision, tolerance)
 
 @needs_tensorrt
 def test_shape_outside_the_profile_is_a_value_error(tmp_path):
-    plan = build_engine(EngineRequest(export_mlp(mlp(0), tmp_path / "mlp.onnx"), tmp_path / "mlp.plan", [MLP_PROFILE],
-                                      "fp32"), log=lambda _: None)
+    plan = build_engine(
+        EngineRequest(export_mlp(mlp(0), tmp_path / "mlp.onnx"), tmp_path / "mlp.plan", [MLP_PROFILE], "fp32"),
+        log=lambda _: None,
+    )
     engine = TensorRTEngine(plan)
     with pytest.raises(ValueError, match=r"'x'.*\(9, 16\).*\(1, 16\)\.\.\(8, 16\)"):
         engine.infer({"x": torch.randn(9, IN, device="cuda")})
@@ -369,8 +428,9 @@ def test_shape_outside_the_profile_is_a_value_error(tmp_path):
 def test_refit_gives_the_engine_new_weights(tmp_path):
     a, b = mlp(0), mlp(1)
     onnx_a, onnx_b = export_mlp(a, tmp_path / "a.onnx"), export_mlp(b, tmp_path / "b.onnx")
-    plan = build_engine(EngineRequest(onnx_a, tmp_path / "mlp.plan", [MLP_PROFILE], "fp32", refittable=True),
-                        log=lambda _: None)
+    plan = build_engine(
+        EngineRequest(onnx_a, tmp_path / "mlp.plan", [MLP_PROFILE], "fp32", refittable=True), log=lambda _: None
+    )
     x = torch.randn(3, IN, device="cuda")
     a, b = a.cuda(), b.cuda()
     before = TensorRTEngine(plan).infer({"x": x})["y"]
@@ -391,8 +451,9 @@ def test_refit_gives_the_engine_new_weights(tmp_path):
 @needs_tensorrt
 def test_engine_built_without_refit_refuses_refit(tmp_path):
     onnx_path = export_mlp(mlp(0), tmp_path / "mlp.onnx")
-    plan = build_engine(EngineRequest(onnx_path, tmp_path / "mlp.plan", [MLP_PROFILE], "fp32", refittable=False),
-                        log=lambda _: None)
+    plan = build_engine(
+        EngineRequest(onnx_path, tmp_path / "mlp.plan", [MLP_PROFILE], "fp32", refittable=False), log=lambda _: None
+    )
     with pytest.raises(RuntimeError, match="REFIT"):
         refit_engine(plan, onnx_path, log=lambda _: None)
 
@@ -401,12 +462,14 @@ def test_engine_built_without_refit_refuses_refit(tmp_path):
 def test_timing_cache_is_written_and_reused(tmp_path):
     onnx_path = export_mlp(mlp(0), tmp_path / "mlp.onnx")
     cache = tmp_path / "timing.cache"
-    build_engine(EngineRequest(onnx_path, tmp_path / "1.plan", [MLP_PROFILE], "fp16", timing_cache=cache),
-                 log=lambda _: None)
+    build_engine(
+        EngineRequest(onnx_path, tmp_path / "1.plan", [MLP_PROFILE], "fp16", timing_cache=cache), log=lambda _: None
+    )
     assert cache.is_file() and cache.stat().st_size > 0
     lines = []
-    build_engine(EngineRequest(onnx_path, tmp_path / "2.plan", [MLP_PROFILE], "fp16", timing_cache=cache),
-                 log=lines.append)
+    build_engine(
+        EngineRequest(onnx_path, tmp_path / "2.plan", [MLP_PROFILE], "fp16", timing_cache=cache), log=lines.append
+    )
     assert any("bytes loaded" in line for line in lines), lines
 
 
@@ -422,8 +485,10 @@ def test_fp8_is_refused_clearly_for_an_unquantized_graph_or_an_old_gpu(tmp_path)
 def test_profile_naming_an_unknown_input_is_refused(tmp_path):
     onnx_path = export_mlp(mlp(0), tmp_path / "mlp.onnx")
     with pytest.raises(ValueError, match="not inputs of the network"):
-        build_engine(EngineRequest(onnx_path, tmp_path / "mlp.plan", [{**MLP_PROFILE, "z": ((1,), (1,), (1,))}], "fp32"),
-                     log=lambda _: None)
+        build_engine(
+            EngineRequest(onnx_path, tmp_path / "mlp.plan", [{**MLP_PROFILE, "z": ((1,), (1,), (1,))}], "fp32"),
+            log=lambda _: None,
+        )
 
 
 @needs_tensorrt
@@ -431,14 +496,32 @@ def test_tiny_flux_vae_through_tensorrt(tmp_path, tiny_model):
     """The tiny FLUX VAE (the true architecture) exported, built and run as the loop's VaeBackend."""
     torch_vae = copy.deepcopy(tiny_model.pipeline.vae).float().cpu().eval()
     channels = torch_vae.config.latent_channels
-    decoder = build_engine(EngineRequest(
-        export_vae_decoder(torch_vae, tmp_path / "dec.onnx"), tmp_path / "dec.plan",
-        [{"latents": ((1, channels, 2, 2), (2, channels, 4, 6), (3, channels, 8, 8))}], "fp32"), log=lambda _: None)
-    encoder = build_engine(EngineRequest(
-        export_vae_encoder(torch_vae, tmp_path / "enc.onnx"), tmp_path / "enc.plan",
-        [{"images": ((1, 3, 16, 16), (2, 3, 32, 48), (3, 3, 64, 64))}], "fp32"), log=lambda _: None)
-    vae = TensorRTVae(TensorRTEngine(encoder), TensorRTEngine(decoder), channels, 8,
-                      torch_vae.config.scaling_factor, torch_vae.config.shift_factor)
+    decoder = build_engine(
+        EngineRequest(
+            export_vae_decoder(torch_vae, tmp_path / "dec.onnx"),
+            tmp_path / "dec.plan",
+            [{"latents": ((1, channels, 2, 2), (2, channels, 4, 6), (3, channels, 8, 8))}],
+            "fp32",
+        ),
+        log=lambda _: None,
+    )
+    encoder = build_engine(
+        EngineRequest(
+            export_vae_encoder(torch_vae, tmp_path / "enc.onnx"),
+            tmp_path / "enc.plan",
+            [{"images": ((1, 3, 16, 16), (2, 3, 32, 48), (3, 3, 64, 64))}],
+            "fp32",
+        ),
+        log=lambda _: None,
+    )
+    vae = TensorRTVae(
+        TensorRTEngine(encoder),
+        TensorRTEngine(decoder),
+        channels,
+        8,
+        torch_vae.config.scaling_factor,
+        torch_vae.config.shift_factor,
+    )
     torch_vae = torch_vae.cuda()
     for batch, (height, width) in ((1, (32, 48)), (3, (48, 32))):
         latents = torch.randn(batch, channels, height // 8, width // 8, device="cuda")
@@ -453,8 +536,8 @@ def test_tiny_flux_vae_through_tensorrt(tmp_path, tiny_model):
         vae.decode(torch.randn(1, channels, 16, 16, device="cuda"))  # 16 > the profile's max 8
 
 
-
 # -- everywhere: the build/refit control flow against a stand-in for the tensorrt module --------------
+
 
 class FakeTensorRT:
     """A recording stand-in for the parts of ``tensorrt`` that build_engine and refit_engine call,
@@ -510,8 +593,9 @@ class FakeTensorRT:
                 return True
 
             def get_error(self, i):
-                return types.SimpleNamespace(desc=lambda: "Unsupported operator Foo", node_name=lambda: "node_7",
-                                             node_operator=lambda: "Foo")
+                return types.SimpleNamespace(
+                    desc=lambda: "Unsupported operator Foo", node_name=lambda: "node_7", node_operator=lambda: "Foo"
+                )
 
         class Cache:
             def serialize(self):
@@ -609,7 +693,7 @@ class FakeTensorRT:
 @pytest.fixture
 def fake_tensorrt(monkeypatch):
     import export.tensorrt_build as build
-    import runners.tensorrt_backend as backend
+    import runners.backends.tensorrt_engine as backend
 
     def install(**options):
         fake = FakeTensorRT(**options)
@@ -625,9 +709,18 @@ def test_build_engine_control_flow(fake_tensorrt, tmp_path):
     fake = fake_tensorrt()
     onnx_path = export_mlp(mlp(0), tmp_path / "mlp.onnx")
     lines = []
-    plan = build_engine(EngineRequest(onnx_path, tmp_path / "out" / "mlp.plan", [MLP_PROFILE, MLP_PROFILE], "fp16",
-                                      refittable=True, workspace_bytes=1 << 30, timing_cache=tmp_path / "t.cache"),
-                        log=lines.append)
+    plan = build_engine(
+        EngineRequest(
+            onnx_path,
+            tmp_path / "out" / "mlp.plan",
+            [MLP_PROFILE, MLP_PROFILE],
+            "fp16",
+            refittable=True,
+            workspace_bytes=1 << 30,
+            timing_cache=tmp_path / "t.cache",
+        ),
+        log=lines.append,
+    )
     assert plan.read_bytes() == b"serialized-plan" and (tmp_path / "t.cache").read_bytes() == b"timing-cache"
     assert ("create_network", 0) in fake.calls  # fp32 graph + fp16: weakly typed, BuilderFlag.FP16
     assert [c[1] for c in fake.calls if c[0] == "set_flag"] == ["FP16", "REFIT"]
@@ -653,11 +746,15 @@ def test_build_engine_reports_parser_and_builder_errors(fake_tensorrt, tmp_path)
     assert not request.engine_path.exists()
     fake_tensorrt()
     with pytest.raises(ValueError, match=r"profile 0 names \['y'\]"):
-        build_engine(EngineRequest(onnx_path, tmp_path / "mlp.plan", [{**MLP_PROFILE, "y": ((1,), (1,), (1,))}], "fp32"),
-                     log=lambda _: None)
+        build_engine(
+            EngineRequest(onnx_path, tmp_path / "mlp.plan", [{**MLP_PROFILE, "y": ((1,), (1,), (1,))}], "fp32"),
+            log=lambda _: None,
+        )
     with pytest.raises(ValueError, match="dimension 1 is fixed at 16"):
-        build_engine(EngineRequest(onnx_path, tmp_path / "mlp.plan", [{"x": ((1, 8), (1, 16), (1, 32))}], "fp32"),
-                     log=lambda _: None)
+        build_engine(
+            EngineRequest(onnx_path, tmp_path / "mlp.plan", [{"x": ((1, 8), (1, 16), (1, 32))}], "fp32"),
+            log=lambda _: None,
+        )
     with pytest.raises(FileNotFoundError):
         build_engine(EngineRequest(tmp_path / "missing.onnx", tmp_path / "mlp.plan", [MLP_PROFILE]), log=lambda _: None)
     fake_tensorrt(weak=())  # TensorRT 11: no weak typing

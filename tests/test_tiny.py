@@ -1,4 +1,4 @@
-"""Tests for runners/tiny.py: the tiny FLUX.1 model loads through the real diffusers path."""
+"""Tests for runners/pipeline/tiny.py: the tiny FLUX.1 model loads through the real diffusers path."""
 
 from __future__ import annotations
 
@@ -12,13 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from runners.pipeline.tiny import MARKER_NAME, TINY_FORMAT_VERSION, ensure_tiny_model, write_tiny_model
 from tests.conftest import REPO as ROOT
-from runners.tiny import (
-    MARKER_NAME,
-    TINY_FORMAT_VERSION,
-    ensure_tiny_model,
-    write_tiny_model,
-)
 
 PROMPT = "A photo of a red cat on the sea, café!"
 
@@ -151,7 +146,7 @@ def test_cli_writes_loadable_folder(tmp_path):
     target = tmp_path / "cli-model"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run(
-        [sys.executable, "-m", "runners.tiny", str(target)],
+        [sys.executable, "-m", "runners.pipeline.tiny", str(target)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -29,22 +29,31 @@ APP = "fal-ai/flux-lora/inpainting"
 
 @contextmanager
 def triton_server(tmp: Path, **env_overrides: str):
-    """``python -m runners.triton_server`` on free ports, ready (/v2/health/ready 200) when yielded.
+    """``python -m runners.worker.triton_server`` on free ports, ready (/v2/health/ready 200) when yielded.
     Yields (http URL, metrics URL, process); stopped with SIGTERM to the Python process (which must
     stop tritonserver itself), SIGKILL to the group after 60 s."""
     if not TRITON_PYTHON.exists():
         pytest.fail("no .venv-triton: run `make venv-triton` (make test builds it)")
     http, grpc, metrics = free_port(), free_port(), free_port()
     env = {
-        **os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp / "cache"),
-        "FLUX_TRITON_HTTP_PORT": str(http), "FLUX_TRITON_GRPC_PORT": str(grpc),
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "XDG_CACHE_HOME": str(tmp / "cache"),
+        "FLUX_TRITON_HTTP_PORT": str(http),
+        "FLUX_TRITON_GRPC_PORT": str(grpc),
         "FLUX_TRITON_METRICS_PORT": str(metrics),
         **env_overrides,
     }
     log_path = tmp / f"triton-{http}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([str(TRITON_PYTHON), "-m", "runners.triton_server"], cwd=REPO, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [str(TRITON_PYTHON), "-m", "runners.worker.triton_server"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{http}"
     try:
         wait_until_ready(f"{base}/v2/health/ready", process, log_path, "triton server")
@@ -64,21 +73,32 @@ def triton_server(tmp: Path, **env_overrides: str):
 
 
 def data_uri(image) -> str:
-    from runners.images import encode_lossless
+    from runners.protocol.images import encode_lossless
 
     return "data:image/png;base64," + base64.b64encode(encode_lossless(image)).decode()
 
 
 def body(seed: int, steps: int = 2, size: int = 64, **extra) -> dict:
     image, mask = scene(size, size, seed=seed)
-    return {"prompt": f"a test {seed}", "image_url": data_uri(image), "mask_url": data_uri(mask), "seed": seed,
-            "num_inference_steps": steps, "output_format": "png", "sync_mode": True, **extra}
+    return {
+        "prompt": f"a test {seed}",
+        "image_url": data_uri(image),
+        "mask_url": data_uri(mask),
+        "seed": seed,
+        "num_inference_steps": steps,
+        "output_format": "png",
+        "sync_mode": True,
+        **extra,
+    }
 
 
 def counter(metrics_url: str, name: str) -> float:
     text = httpx.get(metrics_url, timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and 'model="flux_inpaint"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and 'model="flux_inpaint"' in line
+    )
 
 
 def post_all(base: str, bodies: list[dict]) -> list[httpx.Response]:
@@ -94,14 +114,31 @@ def stack(tmp_path_factory):
     lora_dir = tmp / "loras"
     lora_dir.mkdir()
     (lora_dir / "broken.safetensors").write_bytes(b"not a safetensors file" * 10)
-    triton_env = {"FLUX_TRITON_MAX_BATCH_SIZE": "4", "FLUX_TRITON_PREFERRED_BATCH_SIZES": "2,4",
-                  "FLUX_TRITON_MAX_QUEUE_DELAY_MS": "200", "FLUX_TRITON_MAX_QUEUE_SIZE": "4",
-                  "FLUX_TRITON_EXIT_TIMEOUT_S": "2"}
+    triton_env = {
+        "FLUX_TRITON_MAX_BATCH_SIZE": "4",
+        "FLUX_TRITON_PREFERRED_BATCH_SIZES": "2,4",
+        "FLUX_TRITON_MAX_QUEUE_DELAY_MS": "200",
+        "FLUX_TRITON_MAX_QUEUE_SIZE": "4",
+        "FLUX_TRITON_EXIT_TIMEOUT_S": "2",
+    }
     with triton_server(tmp, **triton_env) as (triton_url, metrics_url, process):
-        with bentoml_server(tmp, FLUX_EXECUTOR="triton", FLUX_TRITON_URL=triton_url, FLUX_QUEUE_CONCURRENCY="32",
-                            FLUX_LORA_DIR=str(lora_dir), FLUX_LOG_FORMAT="text") as (front, front_log):
-            yield {"tmp": tmp, "triton": triton_url, "metrics": metrics_url, "process": process, "front": front,
-                   "front_log": front_log, "lora_dir": lora_dir}
+        with bentoml_server(
+            tmp,
+            FLUX_EXECUTOR="triton",
+            FLUX_TRITON_URL=triton_url,
+            FLUX_QUEUE_CONCURRENCY="32",
+            FLUX_LORA_DIR=str(lora_dir),
+            FLUX_LOG_FORMAT="text",
+        ) as (front, front_log):
+            yield {
+                "tmp": tmp,
+                "triton": triton_url,
+                "metrics": metrics_url,
+                "process": process,
+                "front": front,
+                "front_log": front_log,
+                "lora_dir": lora_dir,
+            }
 
 
 def test_tensor_contract_round_trip():
@@ -110,46 +147,69 @@ def test_tensor_contract_round_trip():
 
     from runners.config import ImageLimits
     from runners.errors import LoraLoadError
-    from runners.jobs import EncodedImage, JobResult, JobLora, prepare_job
-    from runners.progress import LogLine
-    from runners.schema import InpaintRequest
-    from runners.triton_executor import decode_tensor, encode_tensor
-    from runners.triton_tensors import INPUTS, job_tensors, result_tensors, tensors_job, tensors_result
+    from runners.front.preparation import prepare_job
+    from runners.front.triton_client import decode_tensor, encode_tensor
+    from runners.protocol.jobs import EncodedImage, JobLora, JobResult
+    from runners.protocol.progress import LogLine
+    from runners.protocol.schema import InpaintRequest
+    from runners.protocol.triton_tensors import INPUTS, job_tensors, result_tensors, tensors_job, tensors_result
 
     raw = body(5, guidance_scale=3.3, strength=0.7, num_images=2, enable_safety_checker=False, acceleration="regular")
     job = asyncio.run(prepare_job(InpaintRequest(**raw), ImageLimits(), "rid-1"))
-    job = job.model_copy(update={"loras": [JobLora(path="/x/a.safetensors", sha256="0" * 64, scale=0.5, name="a")],
-                                 "deadline": time.time() + 100})
+    job = job.model_copy(
+        update={
+            "loras": [JobLora(path="/x/a.safetensors", sha256="0" * 64, scale=0.5, name="a")],
+            "deadline": time.time() + 100,
+        }
+    )
     tensors = job_tensors(job)
-    wire = {spec.name: decode_tensor(encode_tensor(tensors[spec.name], spec.datatype), spec.datatype, [1, 1])
-            for spec in INPUTS}
+    wire = {
+        spec.name: decode_tensor(encode_tensor(tensors[spec.name], spec.datatype), spec.datatype, [1, 1])
+        for spec in INPUTS
+    }
     back = tensors_job(wire)
     assert back.model_dump(exclude={"preprocess_s", "request"}) == job.model_dump(exclude={"preprocess_s", "request"})
-    for field in ("prompt", "seed", "num_inference_steps", "guidance_scale", "strength", "num_images",
-                  "enable_safety_checker", "output_format", "acceleration"):
+    for field in (
+        "prompt",
+        "seed",
+        "num_inference_steps",
+        "guidance_scale",
+        "strength",
+        "num_images",
+        "enable_safety_checker",
+        "output_format",
+        "acceleration",
+    ):
         assert getattr(back.request, field) == getattr(job.request, field), field
 
     images = [EncodedImage(data=data, content_type="image/png", width=64, height=64) for data in (b"\x89P1", b"\x89P2")]
-    result = JobResult(request_id="rid-1", images=images,
-                       has_nsfw_concepts=[False, True], timings={"preprocess": 0.1, "inference": 1.5, "decode": 0.2},
-                       logs=[LogLine(message="step 1/2")])
+    result = JobResult(
+        request_id="rid-1",
+        images=images,
+        has_nsfw_concepts=[False, True],
+        timings={"preprocess": 0.1, "inference": 1.5, "decode": 0.2},
+        logs=[LogLine(message="step 1/2")],
+    )
     assert tensors_result(job, result_tensors(result, job.seed)) == result
     failed = JobResult.failed("rid-1", LoraLoadError(("loras", 0, "path"), "bad"))
     again = tensors_result(job, result_tensors(failed, job.seed))
     assert again.error == failed.error and again.error.status == 422
 
 
-@pytest.mark.parametrize(("failure", "error_type", "attempts"), [
-    (httpx.ConnectTimeout, "worker_unavailable", 2),  # never reached Triton: tried once more, then 503
-    (httpx.ReadTimeout, "request_timeout", 1),  # Triton has it and may still run it: 504, no second run
-])
+@pytest.mark.parametrize(
+    ("failure", "error_type", "attempts"),
+    [
+        (httpx.ConnectTimeout, "worker_unavailable", 2),  # never reached Triton: tried once more, then 503
+        (httpx.ReadTimeout, "request_timeout", 1),  # Triton has it and may still run it: 504, no second run
+    ],
+)
 def test_triton_timeouts_become_fal_errors_without_running_a_job_twice(failure, error_type, attempts):
     import asyncio
 
     from runners.config import ExecutorSettings
-    from runners.jobs import InpaintJob
-    from runners.schema import InpaintRequest
-    from runners.triton_executor import TritonClient
+    from runners.front.triton_client import TritonClient
+    from runners.protocol.jobs import InpaintJob
+    from runners.protocol.schema import InpaintRequest
 
     sent = []
 
@@ -159,26 +219,39 @@ def test_triton_timeouts_become_fal_errors_without_running_a_job_twice(failure, 
 
     client = TritonClient(ExecutorSettings(executor="triton"))
     client.http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    job = InpaintJob(request_id="r", request=InpaintRequest(prompt="p", image_url="-", mask_url="-"),
-                     width=64, height=64, seed=1, image_png=b"i", mask_png=b"m")
+    job = InpaintJob(
+        request_id="r",
+        request=InpaintRequest(prompt="p", image_url="-", mask_url="-"),
+        width=64,
+        height=64,
+        seed=1,
+        image_png=b"i",
+        mask_png=b"m",
+    )
     with pytest.raises(Exception) as error:
         asyncio.run(client._post(job, "http://triton/v2/models/m/infer", b"", {}))
     assert error.value.error_type == error_type and len(sent) == attempts
 
 
-@pytest.mark.parametrize(("status", "message", "error_type"), [
-    (503, "[request id: x] Exceeds maximum queue size", "queue_full"),
-    (503, "Request timeout expired", "queue_full"),
-    (400, "Server is not ready", "worker_unavailable"),
-    (500, "Failed to process the request(s) for model 'flux_inpaint_0_0', message: stub process is not healthy",
-     "worker_unavailable"),
-])
+@pytest.mark.parametrize(
+    ("status", "message", "error_type"),
+    [
+        (503, "[request id: x] Exceeds maximum queue size", "queue_full"),
+        (503, "Request timeout expired", "queue_full"),
+        (400, "Server is not ready", "worker_unavailable"),
+        (
+            500,
+            "Failed to process the request(s) for model 'flux_inpaint_0_0', message: stub process is not healthy",
+            "worker_unavailable",
+        ),
+    ],
+)
 def test_triton_refusals_become_fal_errors(status, message, error_type):
     """Triton's own answers (not a job's ERROR tensor): its queue policy's two rejections are 429s that
     fal clients retry; anything else is the model tier being unavailable (503), never a 500 that
     blames the request."""
     from runners.config import ExecutorSettings
-    from runners.triton_executor import TritonClient
+    from runners.front.triton_client import TritonClient
 
     client = TritonClient(ExecutorSettings(executor="triton"))
     error = client._error("r", httpx.Response(status, json={"error": message}))
@@ -259,8 +332,10 @@ def test_triton_stopping_under_load_fails_cleanly_and_readyz_goes_false(stack):
     assert httpx.get(f"{front}/readyz", timeout=5).status_code == 200
     with ThreadPoolExecutor(6) as pool:
         # Enough work that Triton's 2 s exit grace cannot finish it all, even on an idle machine.
-        futures = [pool.submit(httpx.post, f"{front}/{APP}", json=body(seed, steps=50, size=512), timeout=180)
-                   for seed in range(6)]
+        futures = [
+            pool.submit(httpx.post, f"{front}/{APP}", json=body(seed, steps=50, size=512), timeout=180)
+            for seed in range(6)
+        ]
         time.sleep(1.5)  # the first batch is running, the rest queued at Triton
         process.send_signal(signal.SIGTERM)
         responses = [future.result() for future in futures]
@@ -338,14 +413,15 @@ def test_k8s_component_is_valid_and_points_the_front_at_triton(tmp_path):
     import kubernetes_validate
 
     from runners.config import ExecutorSettings
-    from runners.triton_server import TritonServerSettings
+    from runners.worker.triton_server import TritonServerSettings
 
     objects = overlay_objects()
     for doc in objects.values():
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
     config = objects[("ConfigMap", "flux-inpaint-config")]["data"]
-    executor = ExecutorSettings(**{k.removeprefix("FLUX_").lower(): v for k, v in config.items()
-                                   if k in ("FLUX_EXECUTOR", "FLUX_TRITON_URL")})
+    executor = ExecutorSettings(
+        **{k.removeprefix("FLUX_").lower(): v for k, v in config.items() if k in ("FLUX_EXECUTOR", "FLUX_TRITON_URL")}
+    )
     assert executor.executor == "triton"
     service = objects[("Service", "flux-inpaint-triton")]
     host, port = executor.triton_url.removeprefix("http://").split(":")
@@ -364,14 +440,16 @@ def test_k8s_component_is_valid_and_points_the_front_at_triton(tmp_path):
     names = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= names.keys()
     env = {e["name"]: e.get("value") for e in container["env"]}
-    server = TritonServerSettings(**{k.removeprefix("FLUX_TRITON_").lower(): v for k, v in env.items()
-                                     if k.startswith("FLUX_TRITON_")})
+    server = TritonServerSettings(
+        **{k.removeprefix("FLUX_TRITON_").lower(): v for k, v in env.items() if k.startswith("FLUX_TRITON_")}
+    )
     assert (server.http_port, server.grpc_port, server.metrics_port) == (names["http"], names["grpc"], names["metrics"])
     assert server.address == "0.0.0.0"
     assert triton["spec"]["terminationGracePeriodSeconds"] > server.exit_timeout_s
     # The model on the GPU, the front without one; both mount the cache at the same path (LoRA files).
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in str(front["spec"]["containers"][0]["resources"])
+
     def cache_mount(pod: dict) -> str:
         return {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}["cache"]
 

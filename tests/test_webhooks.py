@@ -7,7 +7,7 @@ import time
 
 from runners.config import WebhookSettings
 from runners.fetch import FetchFailed, UrlRefused
-from runners.webhooks import deliver, webhook_body
+from runners.front.webhooks import deliver, webhook_body
 
 
 class FakeFetcher:
@@ -31,7 +31,13 @@ BODY = webhook_body("rid", {"images": []}, None)
 
 
 def test_body_shapes():
-    assert BODY == {"request_id": "rid", "gateway_request_id": "rid", "status": "OK", "payload": {"images": []}, "error": None}
+    assert BODY == {
+        "request_id": "rid",
+        "gateway_request_id": "rid",
+        "status": "OK",
+        "payload": {"images": []},
+        "error": None,
+    }
     failed = webhook_body("rid", None, {"detail": "broken", "error_type": "image_load_error"})
     assert failed["status"] == "ERROR" and failed["error"] == "broken"
     assert failed["payload"] == {"detail": "broken", "error_type": "image_load_error"}

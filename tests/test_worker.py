@@ -6,15 +6,20 @@ import threading
 
 import pytest
 
-import service
-from runners.inpaint import Inpainter
+from runners.config import load_settings
+from runners.front.executor import BentoWorkerClient
+from runners.pipeline.inpaint import Inpainter
+from runners.worker.model_worker import ModelWorker
 from tests.test_batch import job
 
-Worker = service.InpaintWorker.inner  # the plain class behind the BentoML service
+
+def Worker():  # noqa: N802 (stands for the class)
+    """What service.py's InpaintWorker wraps."""
+    return ModelWorker(load_settings())
 
 
 def call_inpaint(worker, jobs):
-    return service.InpaintWorker.apis["inpaint"].func(worker, jobs)
+    return worker.inpaint(jobs)
 
 
 @pytest.fixture
@@ -27,18 +32,18 @@ def gated_load(monkeypatch, tiny_model):
         release.wait(30)
         return tiny_model
 
-    monkeypatch.setattr("runners.model.load_model", load_model)
-    import runners.batch
+    monkeypatch.setattr("runners.pipeline.model.load_model", load_model)
+    import runners.worker.batch
 
-    real_run_jobs = runners.batch.run_jobs
+    real_run_jobs = runners.worker.batch.run_jobs
     watched = []  # the worker under test, to check its readiness during the warm-up
 
     def run_jobs(inpainter, jobs, board=None):
         if [j.request_id for j in jobs] == ["warm-up"]:
-            warmups.append(not any(w.__is_ready__() for w in watched))  # still unready while warming up
+            warmups.append(not any(w.ready.is_set() for w in watched))  # still unready while warming up
         return real_run_jobs(inpainter, jobs, board)
 
-    monkeypatch.setattr(runners.batch, "run_jobs", run_jobs)
+    monkeypatch.setattr(runners.worker.batch, "run_jobs", run_jobs)
     return release, warmups, watched
 
 
@@ -46,7 +51,7 @@ def test_not_ready_until_loaded_and_warmed(gated_load):
     release, warmups, watched = gated_load
     worker = Worker()
     watched.append(worker)
-    assert not worker.__is_ready__() and worker.__is_alive__()
+    assert not worker.ready.is_set() and worker.alive
     (result,) = call_inpaint(worker, [job("early")])
     assert result.error is not None and result.error.status == 503
     assert result.error.error_type == "model_not_ready"
@@ -61,13 +66,13 @@ def test_a_model_that_fails_to_load_says_why_and_is_not_alive(monkeypatch):
     def load_model(settings, lora_settings=None):
         raise OSError("black-forest-labs/FLUX.1-dev is not reachable (offline)")
 
-    monkeypatch.setattr("runners.model.load_model", load_model)
+    monkeypatch.setattr("runners.pipeline.model.load_model", load_model)
     worker = Worker()
     for _ in range(200):
         if worker.load_error:
             break
         threading.Event().wait(0.05)
-    assert not worker.__is_ready__() and not worker.__is_alive__()
+    assert not worker.ready.is_set() and not worker.alive
     (result,) = call_inpaint(worker, [job("x")])
     assert result.error.status == 503 and "not reachable" in str(result.error.detail)
 
@@ -91,9 +96,9 @@ def test_a_worker_call_whose_pooled_connection_was_closed_is_tried_once_more():
             return {"jobs": {}}
 
     once = FlakyWorker(failures=1)
-    assert asyncio.run(service.WorkerExecutor(once, None, None, None).progress(["a"])) == {}
+    assert asyncio.run(BentoWorkerClient(once).progress(["a"])) == {}
     assert once.calls == 2
     always = FlakyWorker(failures=5)
     with pytest.raises(WorkerUnavailable) as error:
-        asyncio.run(service.WorkerExecutor(always, None, None, None).progress(["a"]))
+        asyncio.run(BentoWorkerClient(always).progress(["a"]))
     assert error.value.status == 503 and always.calls == 2

@@ -20,10 +20,10 @@ def _patch(module) -> None:
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Patches runners.inpaint when something imports it (the worker does so lazily)."""
+    """Patches runners.pipeline.inpaint when something imports it (the worker does so lazily)."""
 
     def find_spec(self, name, path, target=None):
-        if name != "runners.inpaint":
+        if name != "runners.pipeline.inpaint":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

@@ -1,0 +1,98 @@
+"""The HTTP front's state, built from the settings: the fetcher, the output store, LoRA sources, the
+queue and the executor over the configured model tier. service.py creates one per front process."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import anyio.to_thread
+
+from runners.config import TINY_WARNING, Settings
+from runners.fetch import HostPolicy, SafeFetcher
+from runners.front.executor import BentoWorkerClient, Executor, ModelClient
+from runners.front.metrics import IN_FLIGHT, QUEUE_DEPTH, REQUESTS
+from runners.front.queue import Record, RequestQueue
+from runners.front.store import make_store
+from runners.front.webhooks import deliver, webhook_body
+from runners.lifecycle import drain_on_sigterm
+from runners.lora.sources import LoraSources
+
+log = logging.getLogger(__name__)
+STORE_SWEEP_EVERY_S = 60.0
+
+
+def model_client(settings: Settings, worker) -> ModelClient:
+    """The configured model tier (FLUX_EXECUTOR): the BentoML worker, or a Triton server."""
+    if settings.executor.executor == "triton":
+        from runners.front.triton_client import TritonClient
+
+        log.info("model tier: Triton at %s (model %s)", settings.executor.triton_url, settings.executor.triton_model)
+        return TritonClient(settings.executor)
+    return BentoWorkerClient(worker)
+
+
+class Front:
+    def __init__(self, settings: Settings, client: ModelClient) -> None:
+        self.settings = settings
+        if settings.model.is_tiny:
+            log.warning(TINY_WARNING)
+        if not settings.server.api_keys:
+            log.warning("FLUX_API_KEYS is not set: the API is open to anyone who can reach it")
+        self.client = client
+        self.fetcher = SafeFetcher(HostPolicy(settings.server.allow_private_hosts), settings.fetch)
+        self.store = make_store(settings.store, settings.model.cache_dir)
+        self.last_sweep = time.monotonic()
+        sources = (
+            LoraSources(settings.lora, self.fetcher, settings.model.cache_dir)
+            if settings.lora.max_per_request
+            else None
+        )
+        executor = Executor(client, settings, self.fetcher, self.store, sources, settings.model.label)
+        concurrency = settings.queue.concurrency or 2 * settings.batching.max_size
+        self.queue = RequestQueue(
+            settings.queue,
+            concurrency,
+            executor,
+            on_finish=self._finished,
+            request_timeout_s=settings.server.request_timeout_s,
+            on_change=self._gauge,
+        )
+        self._gauge(self.queue)  # the gauges exist (at 0) from the first scrape on
+        if not drain_on_sigterm(self._drain, "front"):
+            log.warning("SIGTERM cannot be handled in this process: stopping will not drain the queue")
+
+    async def ready(self) -> bool:
+        if self.queue.draining:  # readiness goes false on SIGTERM, so traffic moves elsewhere
+            return False
+        return await self.client.ready()
+
+    async def _drain(self) -> None:
+        await self.queue.drain(self.settings.server.drain_timeout_s)
+        with contextlib.suppress(Exception):  # the worker served the drain; now it may go too
+            await self.client.drained()
+
+    @staticmethod
+    def _gauge(queue: RequestQueue) -> None:
+        QUEUE_DEPTH.set(queue.waiting)
+        IN_FLIGHT.set(queue.in_flight)
+
+    async def _finished(self, record: Record) -> None:
+        REQUESTS.labels(outcome="success" if record.error is None else record.error.error_type).inc()
+        if record.webhook_url:
+            error = record.error.to_body() if record.error is not None else None
+            output = record.outcome.output if record.outcome is not None else None
+            await deliver(
+                self.fetcher, record.webhook_url, webhook_body(record.id, output, error), self.settings.webhook
+            )
+        if time.monotonic() - self.last_sweep > STORE_SWEEP_EVERY_S:  # expired outputs free their disk space
+            self.last_sweep = time.monotonic()
+            try:
+                await anyio.to_thread.run_sync(self.store.sweep)
+            except OSError:
+                log.exception("could not sweep expired outputs")
+
+    async def stop(self) -> None:
+        await self.queue.stop()
+        await self.client.close()

@@ -1,0 +1,113 @@
+"""Images in and out, treating every input byte as hostile (shared/security.md).
+
+Inputs: ``data:`` URIs only (http(s) fetching arrives with the fal API work), decoded by Pillow
+restricted to PNG/JPEG/WEBP, with the pixel budget checked from the header *before* decoding,
+decompression bombs as errors, tiny images refused, EXIF orientation applied, and alpha flattened
+onto black on purpose (so a transparent area of a mask means "keep").
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from runners.errors import ImageLoadError
+from runners.protocol.schema import SIZE_MULTIPLE
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int
+    max_bytes: int
+
+
+def data_uri_bytes(uri: str, field: str, max_bytes: int) -> bytes:
+    """The payload of a base64 ``data:`` URI, refusing other schemes and oversized payloads."""
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme in ("http", "https"):
+        raise ImageLoadError(field, "http(s) URLs are not fetched by this server version; send a data: URI")
+    if scheme != "data":
+        raise ImageLoadError(field, "must be a data: URI (data:image/png;base64,...)")
+    header, sep, payload = uri.partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        raise ImageLoadError(field, "data: URI must be base64-encoded (data:<type>;base64,<data>)")
+    # Refuse before decoding: base64 is 4 characters per 3 bytes.
+    if len(payload) > (max_bytes * 4) // 3 + 4:
+        raise ImageLoadError(field, f"image is larger than this server's limit of {max_bytes} bytes")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageLoadError(field, "data: URI payload is not valid base64") from None
+    if len(data) > max_bytes:  # the length check above lets up to 3 bytes past
+        raise ImageLoadError(field, f"image is larger than this server's limit of {max_bytes} bytes")
+    return data
+
+
+def open_image(data: bytes, field: str, limits: DecodeLimits) -> Image.Image:
+    """Decode untrusted bytes into an upright image, or raise ``ImageLoadError`` naming ``field``."""
+    if len(data) > limits.max_bytes:
+        raise ImageLoadError(field, f"image is larger than this server's limit of {limits.max_bytes} bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        except UnidentifiedImageError:
+            raise ImageLoadError(field, "not a PNG, JPEG or WEBP image") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageLoadError(field, "image is too large to decode safely") from None
+        except Exception:
+            raise ImageLoadError(field, "image could not be read") from None
+        width, height = image.size  # from the header; nothing decoded yet
+        # Pillow's own bomb check only raises while our warning filter holds, and catch_warnings is
+        # process-wide: another thread leaving it can drop the filter mid-decode. Check it here too.
+        max_pixels = min(limits.max_pixels, Image.MAX_IMAGE_PIXELS or limits.max_pixels)
+        if width * height > max_pixels:
+            raise ImageLoadError(field, f"image of {width}x{height} is over this server's limit of {max_pixels} pixels")
+        if width < SIZE_MULTIPLE or height < SIZE_MULTIPLE:
+            raise ImageLoadError(
+                field, f"image of {width}x{height} is too small: each side must be at least {SIZE_MULTIPLE} pixels"
+            )
+        try:
+            image.load()
+            return ImageOps.exif_transpose(image)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageLoadError(field, "image is too large to decode safely") from None
+        except Exception:
+            raise ImageLoadError(field, "image data is corrupt or truncated") from None
+
+
+_WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale PNG
+
+
+def flatten(image: Image.Image, mode: str) -> Image.Image:
+    """Convert to ``mode`` ("RGB" or "L"), compositing any transparency onto black."""
+    if image.mode in _WIDE_GRAY_MODES:
+        # Pillow's convert() clips 16-bit values at 255 instead of scaling them (and ignores a tRNS key).
+        wide = image.convert("I")
+        gray = wide.point([value >> 8 for value in range(65536)], "L")
+        key = image.info.get("transparency")
+        if isinstance(key, int):
+            alpha = wide.point([0 if value == key else 255 for value in range(65536)], "L")
+            gray = Image.merge("LA", (gray, alpha))
+        image = gray
+    # A tRNS colour key (L, RGB, 1 or P PNGs) is transparency too, as in PNGs optimisers write from RGBA.
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert(mode)
+
+
+def decode_image_bytes(data: bytes, field: str, mode: str, limits: DecodeLimits) -> Image.Image:
+    return flatten(open_image(data, field, limits), mode)
+
+
+def decode_image_uri(uri: str, field: str, mode: str, limits: DecodeLimits) -> Image.Image:
+    return decode_image_bytes(data_uri_bytes(uri, field, limits.max_bytes), field, mode, limits)

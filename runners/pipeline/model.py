@@ -1,0 +1,207 @@
+"""Loading the served model: a hub id, a diffusers-layout folder, or the embedded tiny model.
+
+All three go through ``FluxInpaintPipeline.from_pretrained``: the tiny model is written to disk
+once and loaded back by the same code that loads FLUX.1-dev, so the loading path is tested here.
+The pipeline object is kept for what it owns (tokenizers, text encoders, image processors and
+the scheduler's config); the denoising loop itself lives in ``runners.pipeline.inpaint``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runners.backends.eager import TorchTransformer, TorchVae
+from runners.backends.interfaces import TransformerBackend, VaeBackend
+from runners.config import DEFAULT_SAFETY_CHECKER, TINY_WARNING, LoraSettings, ModelSettings
+from runners.pipeline.safety import SafetyChecker
+
+log = logging.getLogger(__name__)
+
+RANDOM_WARNING = "SERVING %s: THE FULL-SIZE ARCHITECTURE WITH RANDOM WEIGHTS, for measuring speed: outputs are noise."
+
+
+@dataclass
+class FluxModel:
+    """Everything the inpainting loop needs, behind the backend interfaces."""
+
+    pipeline: Any  # diffusers.FluxInpaintPipeline: text encoding, image processors, scheduler config
+    transformer: TransformerBackend
+    vae: VaeBackend
+    safety_checker: SafetyChecker | None
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+    source: str
+    is_tiny: bool
+    max_sequence_length: int
+    lora_layers: dict | None = None  # LoraLinear modules by path, when per-request LoRAs are on
+    adapters: Any = None  # runners.lora.adapters.AdapterCache
+    fuse_uniform_loras: bool = False  # fuse a batch's LoRAs when all its requests share one set
+    fused_loras: list = field(default_factory=list)  # (sha256, scale) merged at start-up: part of an export's identity
+    lora_pad_to: int | None = None  # fixed LoRA rank per layer (compiled transformer: shapes never change)
+    backend: str = "torch"
+
+
+def resolve_source(settings: ModelSettings) -> tuple[str, str | None]:
+    """(what to pass to from_pretrained, the safety checker's source)."""
+    if settings.is_tiny:
+        from runners.pipeline.tiny import ensure_tiny_model
+
+        folder = ensure_tiny_model(Path(settings.cache_dir))
+        return str(folder), settings.safety_checker or str(folder / "safety_checker")
+    return settings.model, settings.safety_checker or DEFAULT_SAFETY_CHECKER
+
+
+def load_model(settings: ModelSettings, lora_settings: LoraSettings | None = None) -> FluxModel:
+    import torch
+    from diffusers import FluxInpaintPipeline
+
+    device = torch.device(settings.resolved_device())
+    dtype = settings.resolved_dtype(device.type)
+    started = time.perf_counter()
+    if settings.random_architecture:
+        from runners.pipeline.random_model import build_random_model
+
+        source = settings.model
+        log.warning(RANDOM_WARNING, source)
+        pipeline, checker, feature_extractor = build_random_model(settings.random_architecture, device, dtype)
+        safety_checker = SafetyChecker(checker, feature_extractor, device, dtype)
+    else:
+        source, checker_source = resolve_source(settings)
+        if settings.is_tiny:
+            log.warning(TINY_WARNING)
+        log.info("loading model %s on %s as %s", source, device, dtype)
+        pipeline = FluxInpaintPipeline.from_pretrained(source, torch_dtype=dtype)
+        pipeline.to(device)
+        safety_checker = SafetyChecker.load(checker_source, device, dtype) if checker_source else None
+    pipeline.set_progress_bar_config(disable=True)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        getattr(pipeline, name).eval().requires_grad_(False)
+    log.info("model loaded in %.1f s", time.perf_counter() - started)
+    lora_settings = lora_settings or LoraSettings(max_per_request=0)
+    fused = (
+        fuse_configured_loras(pipeline.transformer, lora_settings, settings.cache_dir) if lora_settings.fused else []
+    )
+    lora_layers = adapters = None
+    if lora_settings.max_per_request > 0:
+        from runners.lora.adapters import AdapterCache, enable_lora
+
+        lora_layers = enable_lora(pipeline.transformer)
+        adapters = AdapterCache(pipeline.transformer, lora_settings.memory_max_bytes, lora_settings.max_rank)
+    return FluxModel(
+        pipeline=pipeline,
+        transformer=TorchTransformer(pipeline.transformer),
+        vae=TorchVae(pipeline.vae),
+        safety_checker=safety_checker,
+        device=device,
+        dtype=dtype,
+        source=source,
+        is_tiny=settings.is_tiny,
+        max_sequence_length=settings.max_sequence_length,
+        lora_layers=lora_layers,
+        adapters=adapters,
+        fuse_uniform_loras=lora_settings.fuse_uniform_batches,
+        fused_loras=fused,
+    )
+
+
+def attach_backend(model: FluxModel, settings) -> None:
+    """Put the configured backend (FLUX_BACKEND) behind the loop's interfaces, or refuse at start
+    with a message saying what to change. ``settings``: runners.config.Settings."""
+    choice = settings.backend.backend
+    model.backend = choice
+    if choice == "torch":
+        return
+    if choice == "compile":
+        import torch
+
+        model.transformer = TorchTransformer(torch.compile(model.pipeline.transformer, dynamic=True))
+        if model.lora_layers is not None:
+            # Fixed shapes for the LoRA path, so swapping adapters never recompiles; a batch whose
+            # LoRAs need more rank than this runs its requests one by one.
+            model.lora_pad_to = settings.lora.max_rank * settings.lora.max_per_request
+        return
+    if model.lora_layers is not None:
+        raise RuntimeError(
+            f"FLUX_BACKEND={choice} runs exported graphs whose weights are fixed, so per-request LoRAs cannot be "
+            "applied: set FLUX_LORA_MAX_PER_REQUEST=0 (LoRAs named in FLUX_FUSED_LORAS are exported fused into the "
+            "graphs), or use FLUX_BACKEND=torch or compile"
+        )
+    from runners.backends.artifacts import find_onnx, find_tensorrt
+
+    onnx = find_onnx(model, settings)
+    if choice == "onnxruntime":
+        from runners.backends.onnx_runtime import OnnxTransformer, OnnxVae
+
+        model.transformer = OnnxTransformer(
+            onnx.file("transformer"), model.pipeline.transformer.config, model.device, model.dtype
+        )
+        model.vae = OnnxVae(onnx.file("vae_encoder"), onnx.file("vae_decoder"), model.vae, model.device, model.dtype)
+    else:
+        from runners.backends.tensorrt_engine import TensorRTEngine, TensorRTTransformer, TensorRTVae
+
+        engines = find_tensorrt(model, settings, onnx)
+        config = model.pipeline.transformer.config
+        model.transformer = TensorRTTransformer(
+            TensorRTEngine(engines.file("transformer")), config.in_channels, bool(config.guidance_embeds)
+        )
+        model.vae = TensorRTVae(
+            TensorRTEngine(engines.file("vae_encoder")),
+            TensorRTEngine(engines.file("vae_decoder")),
+            model.vae.latent_channels,
+            model.vae.scale_factor,
+            model.vae.scaling_factor,
+            model.vae.shift_factor,
+        )
+    log.info("backend %s from %s", choice, onnx.path)
+
+
+def parse_fused_entry(entry: str) -> tuple[str, float]:
+    """``path:scale`` (scale optional). The scale is after the last colon, so URLs keep theirs."""
+    path, sep, scale = entry.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return entry, 1.0
+
+
+def fuse_configured_loras(transformer, lora_settings: LoraSettings, cache_dir: Path) -> list[tuple[str, float]]:
+    """FLUX_FUSED_LORAS: merged into the base weights once, before anything is served.
+    Returns (sha256, scale) of each, which names any export made from these weights."""
+    import asyncio
+
+    import torch
+
+    from runners.config import FetchSettings, ServerSettings
+    from runners.fetch import HostPolicy, SafeFetcher
+    from runners.lora.adapters import Adapter, fuse
+    from runners.lora.formats import load_lora
+    from runners.lora.sources import LoraSources
+
+    sources = LoraSources(
+        lora_settings, SafeFetcher(HostPolicy(ServerSettings().allow_private_hosts), FetchSettings()), cache_dir
+    )
+    layers = {name: m for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    parameter = next(transformer.parameters())
+    fused = []
+    for entry in lora_settings.fused:
+        path, scale = parse_fused_entry(entry)
+        file = asyncio.run(sources.resolve(path))
+        weights = load_lora(file.path, transformer, lora_settings.max_rank)
+        for layer in weights.layers.values():
+            layer.down, layer.up = layer.down.to(parameter.device), layer.up.to(parameter.device)
+        fuse(layers, [(Adapter(file.sha256, file.source, weights.layers, weights.format), scale)], keep_originals=False)
+        log.info(
+            "fused LoRA %s (scale %g, %s, %d layers) into the base weights",
+            file.source,
+            scale,
+            weights.format,
+            len(weights.layers),
+        )
+        fused.append((file.sha256, scale))
+    return fused

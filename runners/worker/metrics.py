@@ -1,0 +1,26 @@
+"""The model worker's Prometheus series (``flux_lora_cache`` is shared: runners/metrics.py)."""
+
+from __future__ import annotations
+
+import bentoml
+
+from runners.metrics import LORA_CACHE  # noqa: F401 (re-exported: both tiers count into it)
+
+BATCH_SIZE = bentoml.metrics.Histogram(
+    name="flux_batch_size",
+    documentation="Requests handed to the model worker in one adaptive batch",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+)
+DENOISE_SECONDS = bentoml.metrics.Histogram(
+    name="flux_denoise_seconds",
+    documentation="Seconds spent in the denoising loop per batch",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128),
+)
+STEP_SECONDS = bentoml.metrics.Histogram(
+    name="flux_step_seconds",
+    documentation="Seconds per denoising step of a batch (one transformer forward and the update)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8),
+)
+LORA_LOAD_SECONDS = bentoml.metrics.Counter(
+    name="flux_lora_load_seconds", documentation="Seconds spent reading and checking LoRA files into adapters"
+)
