@@ -6,7 +6,7 @@ PORT ?= 3000
 HOST ?= 127.0.0.1
 BIN := $(VENV)/bin
 
-.PHONY: venv serve lint test tiny bento bento-tensorrt clean
+.PHONY: venv serve lint test tiny bento bento-tensorrt clean configuration-docs
 
 venv: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ lint: venv
 
 test: venv venv-triton lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Regenerate docs/configuration.md from the settings' docstrings (tests/test_configuration_docs.py checks it).
+configuration-docs: venv
+	$(BIN)/python docs/write_configuration.py
 
 # Write the tiny random-weight model to a folder: make tiny DIR=/tmp/tiny-flux
 tiny: venv

@@ -26,6 +26,7 @@ DEFAULT_SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
 
 
 def _default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/flux-inpaint``, or ``~/.cache/flux-inpaint`` without ``XDG_CACHE_HOME``"""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "flux-inpaint"
 
@@ -36,7 +37,15 @@ def _comma_separated(value):
     return value
 
 
-class ModelSettings(BaseSettings):
+class SettingsGroup(BaseSettings):
+    """The settings of one concern, read from the environment. The string literal under each field
+    is its documentation (``use_attribute_docstrings``): pydantic keeps it as the field's
+    description, and docs/configuration.md is generated from it (docs/write_configuration.py)."""
+
+    model_config = SettingsConfigDict(extra="ignore", use_attribute_docstrings=True)
+
+
+class ModelSettings(SettingsGroup):
     """Which model is served, and on what device and precision."""
 
     model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore")
@@ -60,7 +69,8 @@ class ModelSettings(BaseSettings):
     """T5 tokens per prompt. FLUX.1-dev was trained with 512; longer prompts are truncated."""
 
     cache_dir: Path = Field(default_factory=_default_cache_dir)
-    """Where the tiny model (and later engines and LoRAs) are written."""
+    """Where this server writes what it makes: the tiny model, exported artifacts (``engines/``), downloaded
+    LoRAs (``loras/``) and stored outputs (``outputs/``), unless their own settings say otherwise."""
 
     warmup: bool = True
     """Run one inference before reporting ready, so the first user request pays no warm-up."""
@@ -101,7 +111,7 @@ class ModelSettings(BaseSettings):
         return hashlib.sha256(self.model.encode()).hexdigest()[:12]
 
 
-class BackendSettings(BaseSettings):
+class BackendSettings(SettingsGroup):
     """What runs the transformer and the VAE, and the exported artifacts it runs from."""
 
     model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore")
@@ -112,15 +122,17 @@ class BackendSettings(BaseSettings):
     engine_dir: Path | None = None
     """Where exported artifacts live. Unset: ``<FLUX_CACHE_DIR>/engines``."""
     export_precision: Literal["fp32", "fp16", "bf16", "fp8"] = "bf16"
-    """TensorRT engine precision (ONNX graphs are exported in fp32; ONNX Runtime runs them so)."""
+    """TensorRT engine precision (fp8 needs compute capability 8.9 or above). ONNX graphs are exported in
+    fp32, and ONNX Runtime runs them so."""
     export_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["1024x1024", "512x512", "768x1024", "1024x768", "576x1024", "1024x576"], max_length=32
     )
-    """Pixel sizes (WxH) the TensorRT optimisation profiles cover: fal's presets by default."""
+    """Pixel sizes ``WIDTHxHEIGHT`` (multiples of 16, from 16 to 14142) the TensorRT optimisation profiles
+    cover: fal's presets by default."""
     export_batch_sizes: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [1, 4], min_length=1, max_length=16
     )
-    """Batch sizes the profiles cover (their range is min..max)."""
+    """Batch sizes (each from 1 to 64) the TensorRT profiles cover: their range is min..max."""
 
     @field_validator("export_sizes", mode="before")
     @classmethod
@@ -152,7 +164,7 @@ class BackendSettings(BaseSettings):
         return [(int(s.split("x")[1]), int(s.split("x")[0])) for s in self.export_sizes]
 
 
-class BatchingSettings(BaseSettings):
+class BatchingSettings(SettingsGroup):
     """BentoML adaptive batching of the worker's batchable API."""
 
     model_config = SettingsConfigDict(env_prefix="FLUX_BATCH_", extra="ignore")
@@ -166,11 +178,12 @@ class BatchingSettings(BaseSettings):
     answered 503. Image generation takes seconds per request, so this is minutes, not ms."""
 
     timeout_s: float = Field(900.0, ge=10.0, le=7200.0)
-    """Worker-side timeout of one batch call."""
+    """Timeout of one call from the front to the BentoML worker. Must be at least ``FLUX_REQUEST_TIMEOUT_S``
+    plus the 30 s grace the queue gives a running request (checked at start)."""
 
 
-class ImageLimits(BaseSettings):
-    """Bounds on images a request may send or ask for (see shared/security.md)."""
+class ImageLimits(SettingsGroup):
+    """Bounds on images a request may send or ask for (docs/security.md)."""
 
     model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore")
 
@@ -187,7 +200,7 @@ class ImageLimits(BaseSettings):
     """Largest HTTP request body; two max-size images as base64 fit under the default."""
 
 
-class ServerSettings(BaseSettings):
+class ServerSettings(SettingsGroup):
     """Who may call, what the server calls itself, and which private hosts it may fetch from."""
 
     model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore")
@@ -199,7 +212,8 @@ class ServerSettings(BaseSettings):
     """Base URL clients reach this server at (for status/response/file URLs); unset: the request's host."""
 
     allow_private_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list, max_length=1000)
-    """Comma-separated host names or CIDRs that URL fetching may reach although not public (dev, tests)."""
+    """Comma-separated host names, IP addresses or CIDRs that URL fetching may reach although not public
+    (development, tests); every other private, loopback or link-local address is refused."""
 
     request_timeout_s: float = Field(600.0, ge=1.0, le=7200.0)
     """Deadline of one request from its arrival: past it the denoising loop drops the request at the
@@ -208,25 +222,28 @@ class ServerSettings(BaseSettings):
     """On SIGTERM: how long accepted requests may take to finish before they are failed (503) to
     their callers and webhooks. Keep Kubernetes' terminationGracePeriodSeconds above it."""
     log_format: Literal["json", "text"] = "json"
-    """``json``: one JSON object per log event, with the request id (for log pipelines)."""
+    """``json``: one JSON object per log event, with the request id (for log pipelines). ``text``: one
+    ``time level logger: message [request_id=...]`` line per event. BentoML's own logs keep BentoML's format."""
 
     _split = field_validator("api_keys", "allow_private_hosts", mode="before")(_comma_separated)
 
 
-class FetchSettings(BaseSettings):
-    """Limits on fetching image URLs and delivering webhooks (see shared/security.md)."""
+class FetchSettings(SettingsGroup):
+    """Limits on every outgoing request: image URLs, LoRA URLs and webhooks (docs/security.md)."""
 
     model_config = SettingsConfigDict(env_prefix="FLUX_FETCH_", extra="ignore")
 
     connect_timeout_s: float = Field(5.0, ge=0.1, le=60.0)
+    """Longest wait for a TCP (and TLS) connection to one checked address."""
     read_timeout_s: float = Field(15.0, ge=0.1, le=300.0)
     """Longest silence while reading a response."""
     total_timeout_s: float = Field(30.0, ge=0.5, le=600.0)
     """Whole fetch, redirects included."""
     max_redirects: int = Field(3, ge=0, le=10)
+    """Redirects followed, each hop's address checked again (0: a redirect is an error)."""
 
 
-class StoreSettings(BaseSettings):
+class StoreSettings(SettingsGroup):
     """Where output images are kept when a request does not ask for ``sync_mode``."""
 
     model_config = SettingsConfigDict(env_prefix="FLUX_STORE_", extra="ignore")
@@ -239,7 +256,7 @@ class StoreSettings(BaseSettings):
     """Files older than this are deleted and their URLs answer 404."""
 
 
-class QueueSettings(BaseSettings):
+class QueueSettings(SettingsGroup):
     """The request queue in the HTTP front (sync and queue routes share it)."""
 
     model_config = SettingsConfigDict(env_prefix="FLUX_QUEUE_", extra="ignore")
@@ -259,7 +276,7 @@ class QueueSettings(BaseSettings):
     """Most finished requests kept (the oldest are forgotten first)."""
 
 
-class LoraSettings(BaseSettings):
+class LoraSettings(SettingsGroup):
     """Per-request LoRAs (hot-swapped as low-rank deltas) and LoRAs fused at start-up."""
 
     # populate_by_name: ``fused`` is read from FLUX_FUSED_LORAS but can still be given by name in code.
@@ -285,21 +302,25 @@ class LoraSettings(BaseSettings):
     fused: Annotated[list[str], NoDecode] = Field(
         default_factory=list, max_length=64, validation_alias="FLUX_FUSED_LORAS"
     )
-    """``FLUX_FUSED_LORAS``: comma-separated ``path:scale`` (scale optional, default 1) merged into the
-    base weights once at start-up."""
+    """Comma-separated ``path:scale`` (scale optional, default 1), each path in any form a request may
+    use (docs/loras.md), merged into the base weights once at start-up."""
 
     _split = field_validator("fused", mode="before")(_comma_separated)
 
 
-class WebhookSettings(BaseSettings):
+class WebhookSettings(SettingsGroup):
+    """Delivery of ``fal_webhook`` callbacks, retried with exponential backoff (1 s, 2 s, 4 s ...)."""
+
     model_config = SettingsConfigDict(env_prefix="FLUX_WEBHOOK_", extra="ignore")
 
     attempts: int = Field(5, ge=1, le=20)
+    """Most delivery attempts; a 2xx answer ends them, and so does an answer that retrying cannot change
+    (400, 401, 403, 404, 405, 410, 413, 422)."""
     total_timeout_s: float = Field(120.0, ge=1.0, le=3600.0)
     """Give up delivering after this long, retries included."""
 
 
-class AccelerationSettings(BaseSettings):
+class AccelerationSettings(SettingsGroup):
     """What a request with ``acceleration: "regular"`` gets (``"none"`` always runs the full model).
     Each optimisation has its own switch, so a benchmark can ablate it (benchmarks/loop.py)."""
 
@@ -325,8 +346,8 @@ class AccelerationSettings(BaseSettings):
     full fp32 precision. No effect on the CPU."""
 
 
-class ExecutorSettings(BaseSettings):
-    """Where the front's requests run: the in-process BentoML worker, or a Triton server (runners/triton_*.py)."""
+class ExecutorSettings(SettingsGroup):
+    """Where the front's requests run: the in-process BentoML worker, or a Triton server (docs/triton.md)."""
 
     model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore")
 
@@ -336,9 +357,13 @@ class ExecutorSettings(BaseSettings):
     triton_url: str = Field("http://127.0.0.1:8000", pattern=r"^https?://[^\s/]+/?$", max_length=2048)
     """KServe v2 HTTP endpoint of the Triton tier."""
     triton_model: str = Field("flux_inpaint", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Name of the model on the Triton server. The Triton server reads the same variable, so one value names
+    the model on both sides."""
     triton_connect_timeout_s: float = Field(5.0, ge=0.1, le=60.0)
+    """Longest wait for a connection to the Triton server."""
     triton_timeout_s: float = Field(900.0, ge=1.0, le=7200.0)
-    """One inference call, Triton's queueing included."""
+    """One inference call, Triton's queueing included. Must be at least ``FLUX_REQUEST_TIMEOUT_S`` plus the
+    30 s grace the queue gives a running request (checked at start)."""
     triton_ready_cache_s: float = Field(1.0, ge=0.0, le=60.0)
     """How long the front's /readyz reuses Triton's last /v2/health/ready answer."""
 

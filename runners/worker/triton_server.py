@@ -26,9 +26,9 @@ import time
 from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from runners.config import load_settings
+from runners.config import SettingsGroup, load_settings
 from runners.errors import InpaintError, InvalidField
 from runners.protocol.jobs import InpaintJob, JobResult
 from runners.protocol.triton_tensors import (
@@ -44,8 +44,10 @@ from runners.protocol.triton_tensors import (
 log = logging.getLogger("runners.worker.triton_server")
 
 
-class TritonServerSettings(BaseSettings):
-    """The Triton process: its ports, and Triton's batching and queue policy for the model."""
+class TritonServerSettings(SettingsGroup):
+    """Read by the Triton process only (``python -m runners.worker.triton_server``): its ports, and Triton's
+    batching and queue policy for the model. That process reads every other group too (the model, the
+    backend, LoRAs, acceleration), as the in-process worker does."""
 
     model_config = SettingsConfigDict(env_prefix="FLUX_TRITON_", extra="ignore")
 
@@ -54,14 +56,16 @@ class TritonServerSettings(BaseSettings):
     http_port: int = Field(8000, ge=1, le=65535)
     """KServe v2 HTTP: what the front calls (FLUX_TRITON_URL), and /v2/health/ready."""
     grpc_port: int = Field(8001, ge=1, le=65535)
+    """KServe v2 gRPC (the front does not use it; Triton always opens it)."""
     metrics_port: int = Field(8002, ge=1, le=65535)
     """Prometheus /metrics: nv_inference_count (requests) against nv_inference_exec_count (batches)."""
     model: str = Field(MODEL_NAME, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    """Name the model is served under (the front's FLUX_TRITON_MODEL)."""
+    """Name the model is served under; the front reads the same variable to call it."""
     max_batch_size: int = Field(4, ge=1, le=64)
     """Most requests Triton hands the model in one execution."""
     preferred_batch_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [2, 4], max_length=8)
-    """Batch sizes the dynamic batcher forms without waiting further (each at most max_batch_size)."""
+    """Batch sizes (each from 1 to ``FLUX_TRITON_MAX_BATCH_SIZE``) the dynamic batcher forms without
+    waiting further."""
     max_queue_delay_ms: float = Field(100.0, ge=0.0, le=60_000.0)
     """How long the batcher holds a request to gather a preferred batch. Generation takes seconds,
     so a tenth of a second costs little and lets concurrent requests share a loop."""
@@ -72,6 +76,7 @@ class TritonServerSettings(BaseSettings):
     exit_timeout_s: int = Field(30, ge=0, le=3600)
     """On SIGTERM: how long Triton lets in-flight executions finish."""
     log_verbose: int = Field(0, ge=0, le=4)
+    """Triton's own ``--log-verbose`` level (0: off; higher: more of Triton's internals)."""
 
     @field_validator("preferred_batch_sizes", mode="before")
     @classmethod
