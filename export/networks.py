@@ -2,14 +2,14 @@
 shapes an engine must accept for the configured sizes (as NVIDIA's TensorRT diffusion demo keeps
 per-model classes, minus everything that is not the contract).
 
-The three networks are exactly what ``runners.backends`` calls, so an exported graph can stand in
+The three networks are exactly what the loop calls through ``runners.backends.interfaces``, so an exported graph can stand in
 for ``TransformerBackend.__call__``, ``VaeBackend.encode`` and ``VaeBackend.decode``:
 
 - ``transformer``: packed latents and conditioning -> velocity (``FluxTransformer2DModel``);
 - ``vae_encoder``: images in [-1, 1] -> latent-distribution moments (mean, log-variance);
 - ``vae_decoder``: unscaled latents -> images (the loop applies ``scaling_factor`` / ``shift_factor``).
 
-Sizes are (height, width) in pixels, as ``ExportSettings.pixel_sizes()`` gives them. One image
+Sizes are (height, width) in pixels, as ``BackendSettings.pixel_sizes()`` gives them (``FLUX_EXPORT_SIZES``). One image
 token covers 16 x 16 pixels (8x VAE, then FLUX's 2x2 patches); one latent cell 8 x 8.
 
 Per-request LoRAs are not part of any graph: they are applied as per-sample deltas by the eager
@@ -50,7 +50,7 @@ def vae_module(model: Any) -> torch.nn.Module:
 
 
 def vae_scale_factor(vae: torch.nn.Module) -> int:
-    """Pixels per latent cell: 8 for FLUX (as ``runners.backends.TorchVae`` computes it)."""
+    """Pixels per latent cell: 8 for FLUX (as ``runners.backends.eager.TorchVae`` computes it)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 

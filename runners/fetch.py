@@ -1,9 +1,9 @@
-"""The one way this server reaches out to a URL a user gave it (image URLs, later LoRA files, webhooks).
+"""The one way this server reaches out to a URL a user gave it: image URLs, LoRA files, webhooks.
 
 A URL from a request is an SSRF vector (BentoML CVE-2025-54381, TorchServe "ShellTorch", vLLM
 CVE-2025-6242): it can point at cloud metadata (169.254.169.254), at localhost admin ports, or at
 a public host that redirects or re-resolves to either. So every hop is checked the same way
-(see shared/security.md, "Fetching URLs"):
+(docs/security.md, "Fetching URLs"):
 
 - http/https only, a host, no ``user:pass@``;
 - the host is resolved once and *every* address must be public (or explicitly allowed);

@@ -1,4 +1,4 @@
-"""Bad input under load changes nothing for the normal requests (shared/security.md, issue 7).
+"""Bad input under load changes nothing for the normal requests (docs/security.md, issue 7).
 
 One real ``bentoml serve``: first each normal request alone on the quiet server (the baseline), then
 the same normal requests again, all at once, interleaved with every hostile case of the security
@@ -37,7 +37,7 @@ MAX_LORAS = 4
 REQUEST_TIMEOUT_S = 180.0
 NORMAL_SEEDS = (11, 22, 33, 44)
 NORMAL_REPEATS = 2  # each normal request runs this many times in the mix
-# A request batched with others may differ from itself run alone by float rounding: README ("Seeds")
+# A request batched with others may differ from itself run alone by float rounding: docs/api.md ("Seeds")
 # bounds it at 2 levels of 255. Hostile requests never reach the model, proven separately below.
 BATCH_ROUNDING = 2
 

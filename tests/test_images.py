@@ -1,5 +1,5 @@
 """Tests for runners/front/images.py and runners/front/preparation.py: the hostile-image cases of
-shared/security.md. Every refusal must be an ``ImageLoadError`` naming the field, with status 422."""
+docs/security.md. Every refusal must be an ``ImageLoadError`` naming the field, with status 422."""
 
 from __future__ import annotations
 

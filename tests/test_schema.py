@@ -1,4 +1,4 @@
-"""Tests for runners/protocol/schema.py: every validation rule of ``InpaintRequest`` (shared/fal-contract.md),
+"""Tests for runners/protocol/schema.py: every validation rule of ``InpaintRequest`` (docs/fal-contract.md),
 the fal-shaped 422 body its errors become, and ``output_size``."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""fal's HTTP routes over the request queue, as fal's clients expect them (shared/fal-contract.md).
+"""fal's HTTP routes over the request queue, as fal's clients expect them (docs/fal-contract.md).
 
 One ``FalApi`` builds the Starlette app that service.py mounts on the BentoML front: auth, body
 parsing and validation, the sync and queue routes, status bodies and the status stream, results,

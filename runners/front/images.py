@@ -1,9 +1,10 @@
-"""Images in and out, treating every input byte as hostile (shared/security.md).
+"""Decoding the images a request sends, treating every input byte as hostile (docs/security.md).
 
-Inputs: ``data:`` URIs only (http(s) fetching arrives with the fal API work), decoded by Pillow
-restricted to PNG/JPEG/WEBP, with the pixel budget checked from the header *before* decoding,
-decompression bombs as errors, tiny images refused, EXIF orientation applied, and alpha flattened
-onto black on purpose (so a transparent area of a mask means "keep").
+The bytes come from a ``data:`` URI (decoded here) or from an http(s) URL fetched by
+``runners.fetch.SafeFetcher`` (runners/front/preparation.py chooses). Whatever their source, they are
+decoded by Pillow restricted to PNG/JPEG/WEBP, with the pixel budget checked from the header *before*
+decoding, decompression bombs as errors, tiny images refused, EXIF orientation applied, and alpha
+flattened onto black on purpose (so a transparent area of a mask means "keep").
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def data_uri_bytes(uri: str, field: str, max_bytes: int) -> bytes:
     """The payload of a base64 ``data:`` URI, refusing other schemes and oversized payloads."""
     scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
     if scheme in ("http", "https"):
-        raise ImageLoadError(field, "http(s) URLs are not fetched by this server version; send a data: URI")
+        raise ImageLoadError(field, "only data: URIs are decoded here; http(s) URLs go through the URL fetcher")
     if scheme != "data":
         raise ImageLoadError(field, "must be a data: URI (data:image/png;base64,...)")
     header, sep, payload = uri.partition(",")

@@ -2,7 +2,7 @@
 
 The HTTP front resolves every LoRA path before the request reaches the model worker (a separate
 process on the same disk), so the worker only opens files under directories we control and never
-touches the network. Accepted forms (shared/security.md, "Fetching URLs" and "LoRA files"):
+touches the network. Accepted forms (docs/security.md, "Fetching URLs" and "LoRA files"):
 
 - ``https://`` / ``http://`` URLs, fetched through ``SafeFetcher`` (address checks, redirects
   re-checked, byte cap) and stored by content hash as ``<cache_dir>/loras/<sha256>.safetensors``:

@@ -1,11 +1,11 @@
 """The FLUX.1 inpainting loop, top to bottom, for one group of same-size requests.
 
-It computes what diffusers' ``FluxInpaintPipeline`` computes (tests/test_parity.py holds it to
-that), reorganised around per-sample state: every image being denoised is a ``Sample`` that carries
-its own prompt embeddings, guidance, mask, noise, sigma schedule and step counter. A denoising step
+It computes what diffusers' ``FluxInpaintPipeline`` computes (tests/test_loop.py,
+``test_matches_diffusers_flux_inpaint_pipeline``, holds it to that), reorganised around per-sample
+state: every image being denoised is a ``Sample`` that carries its own prompt embeddings, guidance, mask, noise, sigma schedule and step counter. A denoising step
 stacks whatever samples are still active into one transformer batch and advances each by its own
-sigmas. Requests with different step counts or strengths therefore share a batch, and the same
-state is what lets a request join a running batch at a step boundary later.
+sigmas. Requests with different step counts or strengths therefore share a batch, and one request
+can leave it at any step boundary (cancelled, or past its deadline) without disturbing the others.
 
 Steps:
  1. encode prompts (CLIP pooled + T5 sequence), once per distinct prompt;

@@ -1,5 +1,5 @@
 """The fal wire contract of ``fal-ai/flux-lora/inpainting``: one pydantic model for the input,
-one for the output (see shared/fal-contract.md). No torch here: the HTTP front imports it.
+one for the output (docs/fal-contract.md). No torch here: the HTTP front imports it.
 """
 
 from __future__ import annotations
