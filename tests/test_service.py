@@ -152,9 +152,13 @@ def test_lora_names_need_a_lora_directory_and_the_count_is_capped(server):
     response = post(server, {**EXAMPLE, "loras": [{"path": "style.safetensors", "scale": 0.8}]})
     assert response.status_code == 422 and response.json()["error_type"] == "lora_load_error"
     assert response.json()["detail"][0]["loc"] == ["body", "loras", 0, "path"]
-    too_many = post(server, {**EXAMPLE, "loras": [{"path": f"https://example.com/{i}.safetensors"} for i in range(5)]})
+    too_many_loras = [{"path": f"https://example.com/{i}.safetensors"} for i in range(5)]
+    too_many = post(server, {**EXAMPLE, "loras": too_many_loras})
     assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"] == ["body", "loras"]
     assert "at most 4" in too_many.json()["detail"][0]["msg"]
+    # The queue route refuses it at submit (422 now), not after accepting it (202, then a failed status).
+    queued = httpx.post(server[0] + "/queue" + ROUTE, json={**EXAMPLE, "loras": too_many_loras}, timeout=60)
+    assert queued.status_code == 422 and queued.json()["detail"][0]["loc"] == ["body", "loras"]
 
 
 def test_body_over_the_limit_gets_413(server):

@@ -53,7 +53,6 @@ class Executor:
                 record.id,
                 self.fetcher,
                 self.sources,
-                self.settings.lora.max_per_request,
                 deadline=record.deadline,
             )
         finally:

@@ -146,6 +146,7 @@ class FalApi:
             fal_request = InpaintRequest.model_validate_json(bytes(body))
         except ValidationError as exc:
             raise RequestInvalid(exc.errors()) from None
+        # The one check of the LoRA count: here, so that a queued request over it is refused at submit.
         if len(fal_request.loras) > self.settings.lora.max_per_request:
             raise InvalidField(
                 "loras", f"at most {self.settings.lora.max_per_request} LoRAs per request on this server"

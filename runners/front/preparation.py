@@ -40,10 +40,9 @@ async def load_image_bytes(uri: str, field: str, max_bytes: int, fetcher: SafeFe
         raise ImageLoadError(field, f"could not fetch the image: {exc}") from None
 
 
-async def resolve_loras(request: InpaintRequest, sources: LoraSources | None, max_per_request: int) -> list[JobLora]:
-    """Each requested LoRA as a local file (downloaded and cached when it is a URL)."""
-    if len(request.loras) > max_per_request:
-        raise InvalidField("loras", f"at most {max_per_request} LoRAs per request on this server")
+async def resolve_loras(request: InpaintRequest, sources: LoraSources | None) -> list[JobLora]:
+    """Each requested LoRA as a local file (downloaded and cached when it is a URL). Their number was
+    checked against ``FLUX_LORA_MAX_PER_REQUEST`` when the request was admitted (fal_http)."""
     if request.loras and sources is None:
         raise InvalidField("loras", "this server does not take per-request LoRAs")
     resolved = []
@@ -62,13 +61,12 @@ async def prepare_job(
     request_id: str,
     fetcher: SafeFetcher | None = None,
     sources: LoraSources | None = None,
-    max_loras: int = 0,
     deadline: float | None = None,
 ) -> InpaintJob:
     """Front side: fetch, decode and check the images and LoRAs, settle size and seed.
     Raises ``InpaintError``."""
     started = time.perf_counter()
-    loras = await resolve_loras(request, sources, max_loras)
+    loras = await resolve_loras(request, sources)
     image_bytes, mask_bytes = await asyncio.gather(
         load_image_bytes(request.image_url, "image_url", limits.max_input_bytes, fetcher),
         load_image_bytes(request.mask_url, "mask_url", limits.max_input_bytes, fetcher),
