@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from export.build import onnx_artifact, tensorrt_artifact
     from runners.backends.artifacts import ArtifactError
     from runners.config import load_settings
+    from runners.fetch import SafeFetcher
     from runners.pipeline.model import load_model
 
     started = time.perf_counter()
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     progress(f"loading {settings.model.model} ...")
     # Per-request LoRAs have no place in an export; LoRAs in FLUX_FUSED_LORAS are fused into it.
-    model = load_model(settings.model, settings.lora.model_copy(update={"max_per_request": 0}))
+    lora = settings.lora.model_copy(update={"max_per_request": 0})
+    model = load_model(settings.model, lora, fetcher=SafeFetcher.for_settings(settings))
     try:
         onnx, hit = onnx_artifact(model, settings, build=not args.verify, tolerance=args.tolerance, progress=progress)
         progress(f"ONNX artifact {onnx.path} ({'cache hit' if hit else 'built'})")

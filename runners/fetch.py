@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import httpx
 
-from runners.config import FetchSettings
+from runners.config import FetchSettings, Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
@@ -144,6 +144,11 @@ class SafeFetcher:
         self.policy = policy
         self.settings = settings
         self.resolver = resolver or _system_resolve
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> SafeFetcher:
+        """The fetcher a process's settings describe: ``FLUX_ALLOW_PRIVATE_HOSTS`` and ``FLUX_FETCH_*``."""
+        return cls(HostPolicy(settings.server.allow_private_hosts), settings.fetch)
 
     async def _pin(self, url: httpx.URL) -> tuple[httpx.URL, dict[str, str], dict]:
         """Check one hop and return (URL aimed at the checked IP, headers, request extensions)."""

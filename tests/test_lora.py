@@ -10,13 +10,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from runners.config import LoraSettings, ModelSettings
+from runners.config import FetchSettings, LoraSettings, ModelSettings
+from runners.fetch import HostPolicy, SafeFetcher
 from runners.lora.adapters import AdapterCache, activate, deactivate, fuse, set_rows, unfuse
+from runners.lora.sources import LoraSourceError
 from runners.pipeline.inpaint import Inpainter
 from runners.pipeline.model import load_model
 from runners.protocol.jobs import JobLora
 from runners.worker.batch import run_jobs
-from tests.conftest import pixels, scene
+from tests.conftest import LocalHandler, local_http_server, pixels, scene
 from tests.test_batch import decoded, job
 
 TARGETS = [
@@ -215,13 +217,36 @@ def test_fused_at_load_equals_deltas(tiny_dir, loras, lora_model):
         model=str(tiny_dir), max_sequence_length=32, safety_checker=str(tiny_dir / "safety_checker")
     )
     lora_dir = Path(loras["style"].path).parent  # FLUX_LORA_DIR, and FLUX_FUSED_LORAS=style.safetensors:0.6
-    fused_model = load_model(settings, LoraSettings(max_per_request=0, dir=lora_dir, fused=["style.safetensors:0.6"]))
+    fused = LoraSettings(max_per_request=0, dir=lora_dir, fused=["style.safetensors:0.6"])
+    fused_model = load_model(settings, fused, fetcher=SafeFetcher(HostPolicy([]), FetchSettings()))
     name = TARGETS[1]
     fused_weight = dict(fused_model.pipeline.transformer.named_modules())[name].weight
     base = lora_model.lora_layers[name].weight
     layer = lora_model.adapters.get(Path(loras["style"].path), loras["style"].sha256, "style").layers[name]
     assert torch.allclose(fused_weight, base + 0.6 * layer.multiplier * layer.up @ layer.down, atol=1e-6)
     assert fused_model.lora_layers is None  # no per-request path when LoRAs are off
+
+
+def test_a_fused_lora_url_is_fetched_under_the_callers_settings(tiny_dir, loras, tmp_path, monkeypatch):
+    """FLUX_FUSED_LORAS by URL goes through the fetcher the caller built from its own settings: the
+    model loader reads no settings of its own from the environment."""
+    body = Path(loras["style"].path).read_bytes()
+
+    class Serves(LocalHandler):
+        def do_GET(self):
+            self.send(200, body, "application/octet-stream")
+
+    settings = ModelSettings(
+        model=str(tiny_dir), max_sequence_length=32, safety_checker=str(tiny_dir / "safety_checker"), cache_dir=tmp_path
+    )
+    monkeypatch.delenv("FLUX_ALLOW_PRIVATE_HOSTS", raising=False)  # the environment would refuse 127.0.0.1
+    with local_http_server(Serves) as url:
+        lora = LoraSettings(max_per_request=0, fused=[f"{url}/style.safetensors:0.6"], max_file_bytes=len(body) + 1)
+        allowed = SafeFetcher(HostPolicy(["127.0.0.1"]), FetchSettings())
+        model = load_model(settings, lora, fetcher=allowed)
+        assert model.fused_loras == [(loras["style"].sha256, 0.6)]
+        with pytest.raises(LoraSourceError, match="loopback"):
+            load_model(settings, lora, fetcher=SafeFetcher(HostPolicy([]), FetchSettings()))
 
 
 def test_swapping_adapters_does_not_recompile(lora_model, loras, tmp_path, shapes):

@@ -28,7 +28,7 @@ def gated_load(monkeypatch, tiny_model):
     release = threading.Event()
     warmups = []
 
-    def load_model(settings, lora_settings=None):
+    def load_model(settings, lora_settings=None, fetcher=None):
         release.wait(30)
         return tiny_model
 
@@ -63,7 +63,7 @@ def test_not_ready_until_loaded_and_warmed(gated_load):
 
 
 def test_a_model_that_fails_to_load_says_why_and_is_not_alive(monkeypatch):
-    def load_model(settings, lora_settings=None):
+    def load_model(settings, lora_settings=None, fetcher=None):
         raise OSError("black-forest-labs/FLUX.1-dev is not reachable (offline)")
 
     monkeypatch.setattr("runners.pipeline.model.load_model", load_model)

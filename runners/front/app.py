@@ -10,7 +10,7 @@ import time
 import anyio.to_thread
 
 from runners.config import TINY_WARNING, Settings
-from runners.fetch import HostPolicy, SafeFetcher
+from runners.fetch import SafeFetcher
 from runners.front.executor import BentoWorkerClient, Executor, ModelClient
 from runners.front.metrics import IN_FLIGHT, QUEUE_DEPTH, REQUESTS
 from runners.front.queue import Record, RequestQueue
@@ -41,7 +41,7 @@ class Front:
         if not settings.server.api_keys:
             log.warning("FLUX_API_KEYS is not set: the API is open to anyone who can reach it")
         self.client = client
-        self.fetcher = SafeFetcher(HostPolicy(settings.server.allow_private_hosts), settings.fetch)
+        self.fetcher = SafeFetcher.for_settings(settings)
         self.store = make_store(settings.store, settings.model.cache_dir)
         self.last_sweep = time.monotonic()
         sources = (

@@ -12,12 +12,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runners.backends.eager import TorchTransformer, TorchVae
 from runners.backends.interfaces import TransformerBackend, VaeBackend
 from runners.config import DEFAULT_SAFETY_CHECKER, TINY_WARNING, LoraSettings, ModelSettings
 from runners.pipeline.safety import SafetyChecker
+
+if TYPE_CHECKING:
+    from runners.fetch import SafeFetcher
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,12 @@ def resolve_source(settings: ModelSettings) -> tuple[str, str | None]:
     return settings.model, settings.safety_checker or DEFAULT_SAFETY_CHECKER
 
 
-def load_model(settings: ModelSettings, lora_settings: LoraSettings | None = None) -> FluxModel:
+def load_model(
+    settings: ModelSettings, lora_settings: LoraSettings | None = None, fetcher: SafeFetcher | None = None
+) -> FluxModel:
+    """The model ``settings`` name, with ``lora_settings``' LoRAs fused into it (``FLUX_FUSED_LORAS``,
+    fetched with ``fetcher``: the caller's, built from its own settings) and per-request LoRAs
+    enabled when ``max_per_request`` allows them."""
     import torch
     from diffusers import FluxInpaintPipeline
 
@@ -83,7 +91,9 @@ def load_model(settings: ModelSettings, lora_settings: LoraSettings | None = Non
     log.info("model loaded in %.1f s", time.perf_counter() - started)
     lora_settings = lora_settings or LoraSettings(max_per_request=0)
     fused = (
-        fuse_configured_loras(pipeline.transformer, lora_settings, settings.cache_dir) if lora_settings.fused else []
+        fuse_configured_loras(pipeline.transformer, lora_settings, settings.cache_dir, fetcher)
+        if lora_settings.fused
+        else []
     )
     lora_layers = adapters = None
     if lora_settings.max_per_request > 0:
@@ -170,22 +180,23 @@ def parse_fused_entry(entry: str) -> tuple[str, float]:
     return entry, 1.0
 
 
-def fuse_configured_loras(transformer, lora_settings: LoraSettings, cache_dir: Path) -> list[tuple[str, float]]:
-    """FLUX_FUSED_LORAS: merged into the base weights once, before anything is served.
-    Returns (sha256, scale) of each, which names any export made from these weights."""
+def fuse_configured_loras(
+    transformer, lora_settings: LoraSettings, cache_dir: Path, fetcher: SafeFetcher | None
+) -> list[tuple[str, float]]:
+    """FLUX_FUSED_LORAS: merged into the base weights once, before anything is served, each found as a
+    request's LoRA would be (a URL through ``fetcher``). Returns (sha256, scale) of each, which names
+    any export made from these weights."""
     import asyncio
 
     import torch
 
-    from runners.config import FetchSettings, ServerSettings
-    from runners.fetch import HostPolicy, SafeFetcher
     from runners.lora.adapters import Adapter, fuse
     from runners.lora.formats import load_lora
     from runners.lora.sources import LoraSources
 
-    sources = LoraSources(
-        lora_settings, SafeFetcher(HostPolicy(ServerSettings().allow_private_hosts), FetchSettings()), cache_dir
-    )
+    if fetcher is None:
+        raise ValueError("fusing FLUX_FUSED_LORAS needs the process's URL fetcher (SafeFetcher.for_settings)")
+    sources = LoraSources(lora_settings, fetcher, cache_dir)
     layers = {name: m for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     parameter = next(transformer.parameters())
     fused = []

@@ -175,11 +175,12 @@ def load_inpainter(settings) -> Inpainter:
     on its backend, and warmed up by one small inference so the first request pays no warm-up."""
     from PIL import Image
 
+    from runners.fetch import SafeFetcher
     from runners.pipeline.model import attach_backend, load_model
     from runners.protocol.images import encode_lossless
     from runners.protocol.schema import InpaintRequest
 
-    model = load_model(settings.model, settings.lora)
+    model = load_model(settings.model, settings.lora, fetcher=SafeFetcher.for_settings(settings))
     attach_backend(model, settings)
     inpainter = Inpainter(model, settings.acceleration)
     if settings.model.warmup:
