@@ -6,6 +6,12 @@ one request, ``request_id``. The id comes from the ``extra={"request_id": ...}``
 failing that, from ``REQUEST_ID``, a context variable the front sets in the task serving a request
 (asyncio copies context variables into the tasks it starts, so nothing needs threading through).
 BentoML's own loggers (access log, server life cycle) keep BentoML's format.
+
+Every module logs to ``logging.getLogger(__name__)``: the ``logger`` field then says which module
+wrote an event (``runners.front.queue``), one tier's events can be kept or silenced by its package
+(``runners.worker``), and configuring the one ``runners`` logger covers them all. The Triton
+server spells its name out: its process is ``python -m runners.worker.triton_server``, where
+``__name__`` is ``"__main__"``. tests/test_logs.py holds every module to this.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import logging
 from datetime import datetime, timezone
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
-OUR_LOGGERS = ("flux_inpaint", "runners")
+OUR_LOGGERS = ("runners",)
 # Attributes every LogRecord has: anything else on a record came from ``extra=`` and is a field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 

@@ -6,8 +6,10 @@ import asyncio
 import io
 import json
 import logging
+import re
 
-from runners.logs import REQUEST_ID, JsonFormatter, TextFormatter, configure_logging
+from runners.logs import OUR_LOGGERS, REQUEST_ID, JsonFormatter, TextFormatter, configure_logging
+from tests.conftest import REPO
 
 
 def emit(formatter, message, *args, **kwargs) -> str:
@@ -51,8 +53,22 @@ def test_text_format_names_the_request_too():
 def test_configuring_twice_does_not_double_lines():
     configure_logging("json")
     configure_logging("json")
-    for name in ("flux_inpaint", "runners"):
+    for name in OUR_LOGGERS:
         assert [h.get_name() for h in logging.getLogger(name).handlers].count("flux-inpaint") == 1
+
+
+def test_every_module_logs_under_the_configured_logger():
+    """One naming scheme: getLogger(__name__), or a module's own dotted name spelled out, so that
+    configure_logging's loggers are the parents of every logger the server writes to."""
+    configured = tuple(f"{name}." for name in OUR_LOGGERS)
+    for path in sorted((REPO / "runners").rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        for argument in re.findall(r"logging\.getLogger\(([^)]*)\)", path.read_text()):
+            if path.name == "logs.py" and argument == "name":
+                continue  # configure_logging itself
+            name = module if argument == "__name__" else argument.strip("\"'")
+            assert name == module and name.startswith(configured), f"{path}: getLogger({argument})"
 
 
 def test_a_text_line_cannot_be_split_by_what_a_client_sent():

@@ -30,7 +30,7 @@ from runners.front.openapi import openapi_document
 from runners.front.queue import Record, Status
 from runners.protocol.schema import InpaintRequest
 
-log = logging.getLogger("flux_inpaint")
+log = logging.getLogger(__name__)
 APP_ID = "fal-ai/flux-lora/inpainting"
 REQUESTS_PATH = "queue/fal-ai/flux-lora/requests"  # fal: status/result/cancel under owner/alias only
 

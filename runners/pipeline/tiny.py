@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Bump whenever the written layout or weights change: it names the cache folder.
 TINY_FORMAT_VERSION = 1
@@ -195,7 +195,7 @@ def write_tiny_model(directory: Path) -> Path:
 
     directory = Path(directory)
     if _is_complete(directory):
-        logger.info("tiny model already present at %s", directory)
+        log.info("tiny model already present at %s", directory)
         return directory
     if directory.is_dir() and any(directory.iterdir()):  # never clobber someone else's files
         raise FileExistsError(f"{directory} exists and is not a complete tiny model")
@@ -205,7 +205,7 @@ def write_tiny_model(directory: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the model folder should be readable by others
     try:
-        logger.info("building tiny FLUX.1 model (format v%d)", TINY_FORMAT_VERSION)
+        log.info("building tiny FLUX.1 model (format v%d)", TINY_FORMAT_VERSION)
         parts = build_tiny_components()
         checker, processor = parts.pop("safety_checker"), parts.pop("feature_extractor")
         FluxInpaintPipeline(**parts).save_pretrained(tmp, safe_serialization=True)
@@ -218,9 +218,9 @@ def write_tiny_model(directory: Path) -> Path:
         except OSError:
             if not _is_complete(directory):
                 raise FileExistsError(f"{directory} exists and is not a complete tiny model") from None
-            logger.info("another process wrote %s first; discarding our copy", directory)
+            log.info("another process wrote %s first; discarding our copy", directory)
         else:
-            logger.info("wrote tiny model to %s", directory)
+            log.info("wrote tiny model to %s", directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
     return directory

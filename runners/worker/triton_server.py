@@ -30,6 +30,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from runners.config import SettingsGroup, load_settings
 from runners.errors import InpaintError, InvalidField
+from runners.logs import configure_logging
 from runners.protocol.jobs import InpaintJob, JobResult
 from runners.protocol.triton_tensors import (
     CONTRACT_VERSION,
@@ -41,6 +42,7 @@ from runners.protocol.triton_tensors import (
     tensors_job,
 )
 
+# Named as __name__ would be on import: run with ``python -m`` this module's __name__ is "__main__".
 log = logging.getLogger("runners.worker.triton_server")
 
 
@@ -149,15 +151,18 @@ def triton_model_config(server: TritonServerSettings):
     )
 
 
-def load_inpainter():
+def load_inpainter(settings):
     """The model through the same code as the in-process worker: load, backend, warm-up."""
     from runners.worker.batch import load_inpainter as load
 
-    return load(load_settings())
+    return load(settings)
 
 
 def main() -> None:
+    # PyTriton's and Triton's own lines as plain text; ours as FLUX_LOG_FORMAT says, as in the BentoML processes.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    settings = load_settings()
+    configure_logging(settings.server.log_format)
     server = TritonServerSettings()
     # The Python backend stub is linked against libpython3.x: with a pyenv (or any non-system)
     # interpreter it must find this interpreter's library first, not the system's.
@@ -170,7 +175,7 @@ def main() -> None:
     from pytriton.model_config import Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    model = TritonModel(load_inpainter())
+    model = TritonModel(load_inpainter(settings))
     config = TritonConfig(
         http_address=server.address,
         http_port=server.http_port,
