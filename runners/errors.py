@@ -57,6 +57,16 @@ class LoraLoadError(InvalidField):
     error_type = "lora_load_error"
 
 
+class RequestNotFound(InpaintError):
+    """A status, result or cancel for a request id the queue does not know (or no longer keeps)."""
+
+    status = 404
+    error_type = "request_not_found"
+
+    def __init__(self) -> None:
+        super().__init__("no such request (unknown, or its result has expired)")
+
+
 class RequestTooLarge(InpaintError):
     status = 413
     error_type = "request_too_large"

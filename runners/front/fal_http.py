@@ -24,10 +24,18 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Match, Route
 
 from runners.config import Settings
-from runners.errors import ClientDisconnected, InpaintError, InvalidField, RequestInvalid, RequestTooLarge
+from runners.errors import (
+    ClientDisconnected,
+    InpaintError,
+    InvalidField,
+    RequestInvalid,
+    RequestNotFound,
+    RequestTooLarge,
+)
 from runners.fetch import UrlRefused
 from runners.front.openapi import openapi_document
 from runners.front.queue import Record, Status
+from runners.protocol.images import SUFFIX_CONTENT_TYPES
 from runners.protocol.schema import InpaintRequest
 
 log = logging.getLogger(__name__)
@@ -43,14 +51,6 @@ def error_response(status: int, body: dict, request_id: str | None = None) -> JS
     if status in (429, 503):
         headers["Retry-After"] = "5"
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-class RequestNotFound(InpaintError):
-    status = 404
-    error_type = "request_not_found"
-
-    def __init__(self) -> None:
-        super().__init__("no such request (unknown, or its result has expired)")
 
 
 class FalApi:
@@ -293,5 +293,5 @@ class FalApi:
         path = self.context().store.open(request.path_params["name"])
         if path is None:
             return error_response(404, {"detail": "no such file (unknown or expired)", "error_type": "file_not_found"})
-        media_type = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}[path.suffix.lstrip(".")]
+        media_type = SUFFIX_CONTENT_TYPES.get(path.suffix.lstrip("."), "application/octet-stream")
         return FileResponse(path, media_type=media_type, headers={"cache-control": "private, max-age=3600"})

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from runners.protocol.images import SUFFIX_CONTENT_TYPES
 from runners.protocol.progress import LogLine
 from runners.protocol.schema import InpaintOutput, InpaintRequest
 
@@ -256,7 +257,7 @@ def openapi_document(app_id: str, requests_path: str) -> dict[str, Any]:
                             "description": "the image",
                             "content": {
                                 media: {"schema": {"type": "string", "contentMediaType": media}}
-                                for media in ("image/jpeg", "image/png", "image/webp")
+                                for media in SUFFIX_CONTENT_TYPES.values()
                             },
                         },
                         **_errors(404),

@@ -8,8 +8,10 @@ import io
 
 from PIL import Image
 
-CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}  # by output_format
 FILE_SUFFIXES = {"jpeg": "jpg", "png": "png"}
+# A stored output file's suffix -> its content type (the file route serves it so).
+SUFFIX_CONTENT_TYPES = {FILE_SUFFIXES[fmt]: CONTENT_TYPES[fmt] for fmt in CONTENT_TYPES}
 
 
 def encode_image(image: Image.Image, output_format: str) -> bytes:
