@@ -263,7 +263,7 @@ class RequestQueue:
         record.status = Status.COMPLETED
         record.outcome, record.error = outcome, error
         # Kept for status and result only: drop the input images (data URIs can be tens of MB).
-        record.request = record.request.model_copy(update={"image_url": "-", "mask_url": "-"})
+        record.request = record.request.without_images()
         if outcome is not None:
             record.worker_logs = outcome.logs
         record.front_logs.append(

@@ -84,6 +84,11 @@ class InpaintRequest(BaseModel):
             return IMAGE_SIZE_PRESETS[self.image_size]
         return self.image_size.width, self.image_size.height
 
+    def without_images(self) -> InpaintRequest:
+        """This request with ``"-"`` for its image and mask URLs: what is kept once they are decoded
+        (a data URI can be tens of MB, and a URL may carry a token)."""
+        return self.model_copy(update={"image_url": "-", "mask_url": "-"})
+
 
 def output_size(request: InpaintRequest, input_size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
     """The (width, height) the model will produce: rounded DOWN to a multiple of 16 (as diffusers'
