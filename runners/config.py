@@ -229,7 +229,7 @@ class ServerSettings(SettingsGroup):
 
 
 class FetchSettings(SettingsGroup):
-    """Limits on every outgoing request: image URLs, LoRA URLs and webhooks (docs/security.md)."""
+    """Limits on fetching the URLs a request or an operator gives: images, LoRAs, webhooks (docs/security.md)."""
 
     model_config = SettingsConfigDict(env_prefix="FLUX_FETCH_", extra="ignore")
 
