@@ -139,6 +139,8 @@ def test_prediction_runs_what_fits_and_skips_what_does_not(tmp_path, tiny_model)
     assert math.isclose(device.predicted_s(cold), 1.1 * (SMOKE.repeats + 1) * 10.0 * 2)
     compiled = Point("compile", "512", 1)  # no compile measured: torch's rate plus the compile allowance
     assert math.isclose(device.predicted_s(compiled), 1.1 * (SMOKE.repeats + 1) * 10.0 + SMOKE.compile_allowance_s)
+    device.compile_seconds.append(5.0)  # once a compile was measured, the longest one stands in for it
+    assert math.isclose(device.predicted_s(compiled), 1.1 * (SMOKE.repeats + 1) * 10.0 + 5.0)
     assert device.predicted_s(ServedPath()) == SMOKE.served_estimate_s
 
     big = Point("torch", "1024", 2, accelerations=("none", "regular"))  # predicted ~150 s

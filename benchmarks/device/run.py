@@ -112,7 +112,7 @@ class Profile:
     lora_rank: int
     repeats: int
     budget_s: float
-    compile_allowance_s: float  # predicted cost of a first compile at a shape, before any was seen
+    compile_allowance_s: float  # predicted cost of a compile at a new shape, until one was measured
     lora_setup_allowance_s: float  # making and loading the synthetic LoRAs, once
     served_estimate_s: float  # server start, model build, warm-up, the burst, the drain
     served_size: str  # for python -m benchmarks load --sizes
@@ -249,6 +249,7 @@ class DeviceRun:
         self.out: Path = args.out
         self.history: list[tuple[str, float, float]] = []  # (backend, FLOPs per run, seconds per run)
         self.warmed: set[tuple] = set()
+        self.compile_seconds: list[float] = []  # each first compiled run at a shape, less a steady run
         self.variants: dict[tuple[str, bool], object] = {}  # (backend, LoRA layers on) -> model variant
         self.loras: dict | None = None
         self.smoke = args.smoke
@@ -380,8 +381,8 @@ class DeviceRun:
         warmed = self.warm_key(item) in self.warmed
         runs = self.profile.repeats * len(item.accelerations) + (0 if warmed else 1)
         extra = 0.0
-        if item.backend == "compile" and not warmed:
-            extra += self.profile.compile_allowance_s
+        if item.backend == "compile" and not warmed:  # the longest compile seen, or the allowance before any
+            extra += max(self.compile_seconds, default=self.profile.compile_allowance_s)
         if item.lora_mode != "none" and self.loras is None:
             extra += self.profile.lora_setup_allowance_s
         return 1.1 * runs * near_seconds * flops / near_flops + extra
@@ -478,6 +479,8 @@ class DeviceRun:
                 fraction_of_measured_matmul=cell["achieved_tflops"] / measured if measured else None,
             )
             self.history.append((point.backend, cell["transformer_tflop"] * 1e12, cell["median_s"]))
+            if cell["compile_s"] is not None:
+                self.compile_seconds.append(cell["compile_s"])
         self.results["cells"] += cells
 
     def run_served(self) -> None:
