@@ -22,8 +22,8 @@ def smoke_env(cache_dir: Path) -> dict:
     return {**os.environ, "FLUX_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def results_in(out: Path) -> tuple[dict, str]:
-    (json_file,) = out.glob("loop-*-device.json")
+def results_in(out: Path, suffix: str = "device") -> tuple[dict, str]:
+    (json_file,) = out.glob(f"loop-*-{suffix}.json")
     assert set(json_file.name) <= SAFE_NAME  # the device tool brings back no other names
     return json.loads(json_file.read_text()), json_file.with_suffix(".md").read_text()
 
@@ -197,8 +197,9 @@ def test_served_path_serves_the_model_and_drives_a_short_burst(tmp_path, cache_d
         timeout=900,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    results, markdown = results_in(out)
+    results, markdown = results_in(out, "device-served")  # apart from a full run's files
     assert [i["status"] for i in results["items"]] == ["ran"], results["items"]
+    assert results["model_build_s"] is None and results["cells"] == []  # only the server builds one
     served = results["served"]
     assert served["startup_s"] > 0 and served["levels"][0]["succeeded"] >= 1
     assert served["levels"][0]["error_rate"] == 0 and served["levels"][0]["megapixels_per_s"] > 0

@@ -258,7 +258,8 @@ class DeviceRun:
 
     # --- the model and its variants -------------------------------------------------------------
 
-    def build(self) -> None:
+    def build(self, load: bool = True) -> None:
+        """The environment and the results' frame, then (``load``: the plan measures points) the model."""
         from runners.config import AccelerationSettings, LoraSettings, ModelSettings
         from runners.pipeline.model import load_model
 
@@ -306,8 +307,12 @@ class DeviceRun:
             "items": [],  # every item of the plan taken: ran, not run (with the reason) or failed
             "served": None,
         }
-        self.name = safe_name(f"loop-{Path(profile.model).name}-{env['gpu'] or platform.machine()}-device")
+        where = env["gpu"] or platform.machine()
+        self.name = safe_name(f"loop-{Path(profile.model).name}-{where}-device{'' if load else '-served'}")
         self.save()
+        if not load:  # the served path alone: its server builds its own model
+            self.results["status"] = "running"
+            return
         built = time.perf_counter()
         self.model = load_model(self.model_settings, LoraSettings(max_per_request=0))
         if torch.cuda.is_available():
@@ -641,6 +646,11 @@ def summary(results: dict) -> list[str]:
             f"| {c['item']} | {c['acceleration']} | {c['seconds_per_image']:.3f} | {c['megapixels_per_s']:.3f} | "
             f"{of_peak} | {memory} | {c['cost_per_mp']:.5f} | {compiled} |"
         )
+    for level in (results["served"] or {}).get("levels") or []:
+        lines.append(
+            f"served, concurrency {level['concurrency']}: {level['succeeded']}/{level['requests']} ok, "
+            f"{level['images_per_s']:.3f} images/s, p50 {level['p50_s']} s, mean batch {level['mean_batch_size']}"
+        )
     not_run = [i["item"] for i in results["items"] if i.get("status") != "ran"]
     lines.append(f"\nstatus: {results['status']}; not run or failed: {', '.join(not_run) or 'none'}")
     return lines
@@ -672,7 +682,7 @@ def main(argv: list[str] | None = None) -> dict:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     run = DeviceRun(profile, args, started)
     try:
-        run.build()
+        run.build(load=any(isinstance(item, Point) for item in plan))
         run.save()
         run.walk(plan)
         cut = any(i.get("status") == "not run" for i in run.results["items"])
