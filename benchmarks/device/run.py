@@ -177,6 +177,8 @@ def safe_name(text: str) -> str:
 
 
 def nvidia_smi() -> dict:
+    """The driver (torch does not report it), and the card's clock and power limits as it is set."""
+    fields = ("driver", "max_sm_clock", "power_limit")
     try:
         answer = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit", "--format=csv,noheader"],
@@ -184,11 +186,11 @@ def nvidia_smi() -> dict:
             text=True,
             timeout=30,
             check=True,
-        ).stdout.splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return {"driver": None}
-    driver, clock, power = (part.strip() for part in answer.split(","))
-    return {"driver": driver, "max_sm_clock": clock, "power_limit": power}
+        ).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        answer = []
+    values = [part.strip() for part in answer[0].split(",")] if answer else []
+    return {field: value for field, value in zip(fields, values)} | {"driver": values[0] if values else None}
 
 
 def matmul_tflops() -> float | None:
