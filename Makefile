@@ -6,7 +6,7 @@ PORT ?= 3000
 HOST ?= 127.0.0.1
 BIN := $(VENV)/bin
 
-.PHONY: venv serve lint test tiny bento bento-tensorrt clean configuration-docs
+.PHONY: venv serve lint test tiny bento bento-tensorrt device-wheels clean configuration-docs
 
 venv: $(VENV)/.installed
 
@@ -59,6 +59,16 @@ bento: venv
 # The same with TensorRT added to the image (deploy/bentofile.tensorrt.yaml).
 bento-tensorrt: venv
 	HF_HUB_OFFLINE=1 $(BIN)/bentoml build -f deploy/bentofile.tensorrt.yaml .
+
+# The wheels the GPU device machine's image lacks (benchmarks/device/wheels.txt), for its Python 3.12
+# on manylinux x86_64, into the ignored .whl/ that the device run carries (docs/benchmarks.md,
+# "Performance"); the check then holds them to the pins, the image and the 64 MiB the tool sends.
+DEVICE_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+device-wheels: venv
+	rm -rf .whl
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(DEVICE_PLATFORMS)) -d .whl -r benchmarks/device/wheels.txt
+	$(BIN)/python -m benchmarks.device.wheels .whl
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache

@@ -1,5 +1,6 @@
 """python -m benchmarks <command>: ``run`` measures the inpainting loop directly (benchmarks/loop.py);
-``load`` drives a running server over HTTP (benchmarks/load.py); ``report`` plots the results.
+``load`` drives a running server over HTTP (benchmarks/load.py); ``report`` plots the results;
+``device`` is the prepared GPU run (benchmarks/device/run.py, started by benchmarks/device/run.sh).
 LoRA costs have their own module: ``python -m benchmarks.lora``."""
 
 from __future__ import annotations
@@ -8,7 +9,12 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    commands = {"run": "benchmarks.loop", "load": "benchmarks.load", "report": "benchmarks.report"}
+    commands = {
+        "run": "benchmarks.loop",
+        "load": "benchmarks.load",
+        "report": "benchmarks.report",
+        "device": "benchmarks.device.run",
+    }
     if not argv or argv[0] not in commands:
         print(f"usage: python -m benchmarks {{{','.join(commands)}}} [--help]\n\n{__doc__}", file=sys.stderr)
         return 2

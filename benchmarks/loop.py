@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     import argparse
 
     from runners.config import AccelerationSettings, LoraSettings, ModelSettings
-    from runners.pipeline.inpaint import Inpainter, plan_schedule
+    from runners.pipeline.inpaint import Inpainter
     from runners.pipeline.model import load_model
     from runners.protocol.schema import IMAGE_SIZE_PRESETS
 
@@ -246,7 +246,6 @@ def main(argv: list[str] | None = None) -> dict:
     variants = [("none", None)] if "none" in accelerations else []
     if "regular" in accelerations:
         variants += [("regular", float(t)) for t in args.accel_thresholds.split(",")]
-    config = model.pipeline.transformer.config
     peak = device_peak_tflops(args.peak_tflops)
     sizes = [IMAGE_SIZE_PRESETS.get(s) or tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     results = {
@@ -282,74 +281,73 @@ def main(argv: list[str] | None = None) -> dict:
             batch_sizes,
             lora_modes,
         )
-        for (width, height), steps, strength, batch, lora_mode in matrix:
-            backend_model.fuse_uniform_loras = lora_mode == "fused"
-            reference = None
-            measured = run_cells(
-                [
-                    (
-                        inpainters[(name, threshold)],
-                        cell_requests(width, height, steps, strength, batch, name, loras[lora_mode]),
-                    )
-                    for name, threshold in variants
-                ],
-                args.repeats,
-                args.warmup,
-            )
-            for (acceleration, threshold), (seconds, denoise, peak_memory, outputs) in zip(variants, measured):
-                ran = len(
-                    plan_schedule(model.pipeline.scheduler.config, steps, strength, (width // 16) * (height // 16))[0]
-                )
-                skipped = sum(r.steps_skipped for r in outputs) / (batch * ran)
-                cell = measure(
-                    config,
-                    args,
-                    peak,
-                    width,
-                    height,
-                    steps,
-                    strength,
-                    batch,
-                    ran,
-                    seconds,
-                    denoise,
-                    peak_memory,
-                    skipped,
-                )
-                inpainter = inpainters[(acceleration, threshold)]
-                cell.update(
-                    backend=backend,
-                    lora_mode=lora_mode,
-                    acceleration=acceleration,
-                    threshold=threshold,
-                    first_block_cache=acceleration == "regular" and inpainter.first_block_cache,
-                    tf32=acceleration == "regular" and inpainter.tf32,
-                )
-                images = [image for r in outputs for image in r.images]
-                if acceleration == "none":
-                    reference = (cell, images)
-                elif reference is not None:
-                    cell["speedup_vs_none"] = reference[0]["median_s"] / cell["median_s"]
-                    cell["denoise_speedup_vs_none"] = reference[0]["denoise_median_s"] / cell["denoise_median_s"]
-                    # best run against best run: on a shared machine the least disturbed estimate
-                    cell["best_speedup_vs_none"] = reference[0]["min_s"] / cell["min_s"]
-                    cell["best_denoise_speedup_vs_none"] = reference[0]["denoise_min_s"] / cell["denoise_min_s"]
-                    cell.update(deviation(reference[1], images))
-                results["cells"].append(cell)
-                print(
-                    f"{backend} {width}x{height} steps {ran}/{steps} batch {batch} lora {lora_mode} {acceleration}"
-                    f"{f' @{threshold:g}' if threshold is not None else ''}: {cell['seconds_per_image']:.3f} s/image, "
-                    f"{cell['megapixels_per_s']:.3f} MP/s, ${cell['cost_per_mp']:.5f}/MP"
-                    + (
-                        f", {cell['speedup_vs_none']:.2f}x vs none, {skipped:.0%} steps skipped, "
-                        f"mean abs error {cell['mean_abs_error']:.2f}"
-                        if "speedup_vs_none" in cell
-                        else ""
-                    ),
-                    flush=True,
-                )
+        for point in matrix:
+            results["cells"] += point_cells(backend_model, backend, inpainters, variants, loras, point, args, peak)
     write(results, args.out)
     return results
+
+
+def point_cells(model, backend: str, inpainters: dict, variants: list, loras: dict, point: tuple, args, peak) -> list:
+    """The cells of one matrix point: ``point`` is (size, steps, strength, batch, LoRA mode), one cell
+    per acceleration variant, run interleaved (``run_cells``), each ``regular`` cell compared with the
+    ``none`` cell before it. ``args``: repeats, warmup, max_sequence_length, dollars_per_hour."""
+    from runners.pipeline.inpaint import plan_schedule
+
+    (width, height), steps, strength, batch, lora_mode = point
+    config = model.pipeline.transformer.config
+    model.fuse_uniform_loras = lora_mode == "fused"
+    reference = None
+    measured = run_cells(
+        [
+            (
+                inpainters[(name, threshold)],
+                cell_requests(width, height, steps, strength, batch, name, loras[lora_mode]),
+            )
+            for name, threshold in variants
+        ],
+        args.repeats,
+        args.warmup,
+    )
+    cells = []
+    for (acceleration, threshold), (seconds, denoise, peak_memory, outputs) in zip(variants, measured):
+        ran = len(plan_schedule(model.pipeline.scheduler.config, steps, strength, (width // 16) * (height // 16))[0])
+        skipped = sum(r.steps_skipped for r in outputs) / (batch * ran)
+        cell = measure(
+            config, args, peak, width, height, steps, strength, batch, ran, seconds, denoise, peak_memory, skipped
+        )
+        inpainter = inpainters[(acceleration, threshold)]
+        cell.update(
+            backend=backend,
+            lora_mode=lora_mode,
+            acceleration=acceleration,
+            threshold=threshold,
+            first_block_cache=acceleration == "regular" and inpainter.first_block_cache,
+            tf32=acceleration == "regular" and inpainter.tf32,
+        )
+        images = [image for r in outputs for image in r.images]
+        if acceleration == "none":
+            reference = (cell, images)
+        elif reference is not None:
+            cell["speedup_vs_none"] = reference[0]["median_s"] / cell["median_s"]
+            cell["denoise_speedup_vs_none"] = reference[0]["denoise_median_s"] / cell["denoise_median_s"]
+            # best run against best run: on a shared machine the least disturbed estimate
+            cell["best_speedup_vs_none"] = reference[0]["min_s"] / cell["min_s"]
+            cell["best_denoise_speedup_vs_none"] = reference[0]["denoise_min_s"] / cell["denoise_min_s"]
+            cell.update(deviation(reference[1], images))
+        cells.append(cell)
+        print(
+            f"{backend} {width}x{height} steps {ran}/{steps} batch {batch} lora {lora_mode} {acceleration}"
+            f"{f' @{threshold:g}' if threshold is not None else ''}: {cell['seconds_per_image']:.3f} s/image, "
+            f"{cell['megapixels_per_s']:.3f} MP/s, ${cell['cost_per_mp']:.5f}/MP"
+            + (
+                f", {cell['speedup_vs_none']:.2f}x vs none, {skipped:.0%} steps skipped, "
+                f"mean abs error {cell['mean_abs_error']:.2f}"
+                if "speedup_vs_none" in cell
+                else ""
+            ),
+            flush=True,
+        )
+    return cells
 
 
 def measure(config, args, peak, width, height, steps, strength, batch, ran, seconds, denoise, peak_memory, skipped):
@@ -387,10 +385,11 @@ def measure(config, args, peak, width, height, steps, strength, batch, ran, seco
     }
 
 
-def write(results: dict, out: Path) -> None:
+def write(results: dict, out: Path, name: str | None = None) -> None:
+    """``<name>.json`` and ``<name>.md`` in ``out``; ``name`` by default from the model, backends and device."""
     out.mkdir(parents=True, exist_ok=True)
     where = (results["gpu"] or results["cpu"]).replace(" ", "-")
-    name = f"loop-{Path(results['model']).name}-{results['backend'].replace(',', '+')}-{where}"
+    name = name or f"loop-{Path(results['model']).name}-{results['backend'].replace(',', '+')}-{where}"
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))
     switches = results["acceleration_switches"]
     lines = [
