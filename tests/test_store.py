@@ -37,6 +37,7 @@ def test_round_trip(tmp_path):
         assert name.endswith("." + suffix)
         path = store.open(name)
         assert path is not None and path.read_bytes() == data
+        assert store.url(name, "http://host:3000/") == f"http://host:3000/files/{name}"  # the file route
 
 
 def test_names_unique_and_unguessable(tmp_path):

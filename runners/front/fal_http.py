@@ -28,6 +28,7 @@ from runners.errors import ClientDisconnected, InpaintError, InvalidField, Reque
 from runners.fetch import UrlRefused
 from runners.front.openapi import openapi_document
 from runners.front.queue import Record, Status
+from runners.front.store import CONTENT_TYPES
 from runners.protocol.schema import InpaintRequest
 
 log = logging.getLogger("flux_inpaint")
@@ -292,5 +293,5 @@ class FalApi:
         path = self.context().store.open(request.path_params["name"])
         if path is None:
             return error_response(404, {"detail": "no such file (unknown or expired)", "error_type": "file_not_found"})
-        media_type = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}[path.suffix.lstrip(".")]
+        media_type = CONTENT_TYPES[path.suffix.lstrip(".")]
         return FileResponse(path, media_type=media_type, headers={"cache-control": "private, max-age=3600"})
