@@ -279,6 +279,9 @@ class QueueSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FLUX_QUEUE_", extra="ignore")
 
+    url: str | None = Field(None, pattern=r"^rediss?://\S+$", max_length=2048)
+    """``redis://`` or ``rediss://`` (TLS) URL of the Redis the fleet's shared queue lives in (the
+    Redis queue reads it; deploy/k8s/fleet). Unset: the in-process queue of one server."""
     max_length: int = Field(256, ge=1, le=100_000)
     """Requests waiting for the model (not yet in flight); past it new ones get 429 with Retry-After
     (the fal clients retry)."""
