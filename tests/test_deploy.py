@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import textwrap
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -488,3 +489,17 @@ def test_fleet_renders_the_same_with_kustomize(tmp_path):
         f"{image['newName']}:{image['newTag']}"
     )
     assert by_key == expected
+
+
+def test_the_managed_redis_overlay_of_the_readme_drops_the_statefulset(tmp_path):
+    """deploy/README.md's overlay for a managed Redis, rendered by kustomize: the fleet without its Redis."""
+    if not shutil.which("kubectl"):
+        pytest.skip("no kubectl here")
+    readme = (REPO / "deploy" / "README.md").read_text()
+    block = re.search(r"Remove the Component's Redis.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    relative = os.path.relpath(REPO / "deploy", tmp_path)
+    overlay = f"resources: [{relative}/k8s]\ncomponents: [{relative}/k8s/fleet]\n" + textwrap.dedent(block)
+    (tmp_path / "kustomization.yaml").write_text(overlay)
+    rendered = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, check=True)
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(rendered.stdout)}
+    assert kinds == set(fleet_objects()) - {("StatefulSet", "flux-inpaint-redis"), ("Service", "flux-inpaint-redis")}
