@@ -50,6 +50,9 @@ def s3_client(settings: StoreSettings):
         connect_timeout=settings.timeout_s,
         read_timeout=settings.timeout_s,
         retries={"mode": "standard"},
+        # One connection per thread that may put at once (anyio's default thread limit), so busy
+        # replicas reuse connections instead of opening and dropping extra ones.
+        max_pool_connections=40,
         # SigV4 everywhere: the only signature R2 and newer S3 regions take, and presigned URLs
         # in it carry their lifetime (X-Amz-Expires).
         signature_version="s3v4",
