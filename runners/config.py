@@ -247,6 +247,10 @@ class StoreSettings(BaseSettings):
     """The S3 API's endpoint, for S3-compatible stores: MinIO (``http://minio:9000``), Cloudflare R2
     (``https://<account>.r2.cloudflarestorage.com``), GCS's interoperability API
     (``https://storage.googleapis.com``). Unset: AWS S3 for the region."""
+    presign_endpoint_url: str | None = Field(None, pattern=r"^https?://[^\s/]+/?$", max_length=2048)
+    """The endpoint presigned URLs name, when clients reach the store elsewhere than this server
+    does (an in-cluster MinIO behind an ingress). Signing is local: the server need not reach it.
+    Unset: FLUX_STORE_ENDPOINT_URL."""
     public_base_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$", max_length=2048)
     """With FLUX_STORE_URL: image URLs are this plus the object key (a CDN or a public-read bucket)
     instead of presigned GETs. The objects must then be readable there without a signature."""

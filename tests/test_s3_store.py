@@ -104,6 +104,17 @@ def test_presigned_url_lives_as_long_as_the_retention(endpoint, bucket):
         assert query["X-Amz-Credential"][0].startswith(f"{ACCESS_KEY}/")
 
 
+def test_presigned_urls_can_name_the_endpoint_clients_reach(endpoint, bucket):
+    """An in-cluster store behind an ingress: the server puts through one address, clients fetch from
+    another (here the same moto under the name localhost)."""
+    outside = endpoint.replace("127.0.0.1", "localhost")
+    store = s3_store(endpoint, bucket, presign_endpoint_url=outside)
+    data = os.urandom(300)
+    url = store.url(store.put(data, "png"), "http://ignored/")
+    assert url.startswith(f"{outside}/{bucket}/outputs/run-1/")
+    assert httpx.get(url, timeout=30).content == data
+
+
 def test_retention_past_what_a_presigned_url_can_live_is_refused(monkeypatch):
     monkeypatch.setenv("FLUX_STORE_URL", "s3://bucket-name/outputs")
     monkeypatch.setenv("FLUX_STORE_TTL_S", str(PRESIGNED_URL_MAX_S + 1))

@@ -6,7 +6,8 @@ itself, so an output outlives the replica that made it and any replica's URL wor
 * Objects are ``<prefix>/<name>``, with the directory store's unguessable names and the image's
   content type, so the bucket answers the GET with the right ``Content-Type``.
 * URLs are presigned GETs valid for the retention (FLUX_STORE_TTL_S), signed once at ``put``:
-  a result fetched later carries the same URL, valid until its object expires. Or, with
+  a result fetched later carries the same URL, valid until its object expires. They name
+  FLUX_STORE_PRESIGN_ENDPOINT_URL when clients reach the store at another address. Or, with
   FLUX_STORE_PUBLIC_BASE_URL (a CDN, a public-read bucket), that base plus the key.
 * Expiry belongs to the bucket: a lifecycle rule on the prefix (docs/storage.md). ``sweep`` also
   deletes our expired objects (names we write, nothing else under the prefix), so a bucket without
@@ -42,7 +43,7 @@ def split_url(url: str) -> tuple[str, str]:
     return bucket, f"{prefix}/" if prefix else ""
 
 
-def s3_client(settings: StoreSettings):
+def s3_client(settings: StoreSettings, endpoint_url: str | None):
     import boto3
     from botocore.config import Config
 
@@ -57,7 +58,7 @@ def s3_client(settings: StoreSettings):
         # in it carry their lifetime (X-Amz-Expires).
         signature_version="s3v4",
     )
-    return boto3.session.Session().client("s3", endpoint_url=settings.endpoint_url, config=config)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
 def failure_reason(exc: Exception) -> str:
@@ -79,7 +80,11 @@ class S3Store:
         self.ttl_s = settings.ttl_s
         self.public_base_url = settings.public_base_url.rstrip("/") + "/" if settings.public_base_url else None
         self._clock = clock
-        self.client = s3_client(settings)
+        self.client = s3_client(settings, settings.endpoint_url)
+        # Presigned URLs name the host they are signed for: the one clients reach, if it differs.
+        self.signer = (
+            s3_client(settings, settings.presign_endpoint_url) if settings.presign_endpoint_url else self.client
+        )
         log.info(
             "outputs go to s3://%s/%s at %s; URLs: %s",
             self.bucket,
@@ -110,7 +115,7 @@ class S3Store:
         if self.public_base_url:
             return self.public_base_url + quote(key)
         try:  # signing is local (no call to S3), but needs credentials
-            return self.client.generate_presigned_url(
+            return self.signer.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.ttl_s
             )
         except BotoCoreError as exc:
