@@ -46,8 +46,8 @@ TEMP_PREFIX = ".tmp-"
 @runtime_checkable
 class OutputStore(Protocol):
     def put(self, data: bytes, suffix: str) -> str:
-        """Keep ``data``; return the new file's name. Raises ``StorageUnavailable`` when the store
-        cannot be reached (that request fails with 503)."""
+        """Keep ``data``; return the new file's name. A bucket that cannot be reached raises
+        ``StorageUnavailable`` (that request fails with 503)."""
 
     def url(self, name: str, base_url: str) -> str:
         """Where a client fetches the file ``put`` named; ``base_url`` is this server's."""
