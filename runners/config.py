@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TINY_MODEL = "tiny"
@@ -243,17 +243,56 @@ class FetchSettings(SettingsGroup):
     """Redirects followed, each hop's address checked again (0: a redirect is an error)."""
 
 
+# The longest a SigV4 presigned URL may live (S3's limit; MinIO, R2 and GCS keep it).
+PRESIGNED_URL_MAX_S = 7 * 86_400
+
+
 class StoreSettings(SettingsGroup):
-    """Where output images are kept when a request does not ask for ``sync_mode``."""
+    """Where output images are kept when a request does not ask for ``sync_mode``: a local directory
+    (the default), or an S3-compatible bucket (docs/storage.md)."""
 
     model_config = SettingsConfigDict(env_prefix="FLUX_STORE_", extra="ignore")
 
+    url: str | None = Field(
+        None, pattern=r"^s3://[a-z0-9][a-z0-9._-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?$", max_length=600
+    )
+    """``s3://bucket/prefix``: keep outputs as objects under that prefix, through boto3 (credentials
+    from boto3's usual chain: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_SHARED_CREDENTIALS_FILE``, a workload identity; region from ``AWS_REGION``). Unset: the
+    directory store (FLUX_STORE_DIR)."""
+    endpoint_url: str | None = Field(None, pattern=r"^https?://[^\s/]+/?$", max_length=2048)
+    """The S3 API's endpoint, for S3-compatible stores: MinIO (``http://minio:9000``), Cloudflare R2
+    (``https://<account>.r2.cloudflarestorage.com``), GCS's interoperability API
+    (``https://storage.googleapis.com``). Unset: AWS S3 for the region."""
+    presign_endpoint_url: str | None = Field(None, pattern=r"^https?://[^\s/]+/?$", max_length=2048)
+    """The endpoint presigned URLs name, when clients reach the store elsewhere than this server
+    does (an in-cluster MinIO behind an ingress). Signing is local: the server need not reach it.
+    Unset: FLUX_STORE_ENDPOINT_URL."""
+    public_base_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$", max_length=2048)
+    """With FLUX_STORE_URL: image URLs are this plus the object key (a CDN or a public-read bucket)
+    instead of presigned GETs. The objects must then be readable there without a signature."""
+    timeout_s: float = Field(10.0, ge=1.0, le=120.0)
+    """With FLUX_STORE_URL: connect and read timeout of one call to object storage (boto3 retries
+    failed calls up to 3 times in all); a put that still fails fails its request with 503."""
+    sweep: bool = True
+    """Delete expired outputs about once a minute. With FLUX_STORE_URL each replica lists the prefix
+    to do it: once a bucket lifecycle rule expires the objects (docs/storage.md), turn this off."""
     dir: Path | None = None
-    """Unset: ``<FLUX_CACHE_DIR>/outputs``."""
+    """The directory store's folder. Unset: ``<FLUX_CACHE_DIR>/outputs``. Not used with FLUX_STORE_URL."""
     max_bytes: int = Field(10 * 1024**3, ge=1024**2, le=10 * 1024**4)
-    """Size budget: past it the oldest files are deleted."""
+    """The directory store's size budget: past it the oldest files are deleted (a bucket has none)."""
     ttl_s: int = Field(86_400, ge=60, le=30 * 86_400)
-    """Files older than this are deleted and their URLs answer 404."""
+    """Retention: files older than this are deleted and their URLs answer 404. With FLUX_STORE_URL,
+    presigned URLs live this long (7 days at most, S3's limit, unless FLUX_STORE_PUBLIC_BASE_URL)."""
+
+    @model_validator(mode="after")
+    def _presigned_urls_can_live_that_long(self):
+        if self.url and not self.public_base_url and self.ttl_s > PRESIGNED_URL_MAX_S:
+            raise ValueError(
+                f"FLUX_STORE_TTL_S={self.ttl_s} is longer than a presigned S3 URL may live "
+                f"({PRESIGNED_URL_MAX_S} s, 7 days): lower it, or set FLUX_STORE_PUBLIC_BASE_URL"
+            )
+        return self
 
 
 class QueueSettings(SettingsGroup):
@@ -261,6 +300,9 @@ class QueueSettings(SettingsGroup):
 
     model_config = SettingsConfigDict(env_prefix="FLUX_QUEUE_", extra="ignore")
 
+    url: str | None = Field(None, pattern=r"^rediss?://\S+$", max_length=2048)
+    """``redis://`` or ``rediss://`` (TLS) URL of the Redis the fleet's shared queue lives in (the
+    Redis queue reads it; deploy/k8s/fleet). Unset: the in-process queue of one server."""
     max_length: int = Field(256, ge=1, le=100_000)
     """Requests waiting for the model (not yet in flight); past it new ones get 429 with Retry-After
     (the fal clients retry)."""

@@ -116,6 +116,14 @@ class WorkerUnavailable(InpaintError):
     error_type = "worker_unavailable"
 
 
+class StorageUnavailable(InpaintError):
+    """The output store could not keep an image (object storage unreachable, credentials refused, no
+    such bucket): this request fails, nothing else does. ``sync_mode`` needs no store."""
+
+    status = 503
+    error_type = "storage_unavailable"
+
+
 class RequestCancelled(InpaintError):
     """Cancelled by its caller. 400, not 409: fal's client retries 408/409/429."""
 

@@ -171,3 +171,31 @@ def local_http_server(handler: type[BaseHTTPRequestHandler]):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@contextmanager
+def moto_s3_server(tmp: Path, **env_overrides: str):
+    """moto's standalone server (a real S3 API over HTTP, ``moto_server``) on a free loopback port,
+    ready when yielded; yields its endpoint URL. ``INITIAL_NO_AUTH_ACTION_COUNT=N`` makes it check
+    request signatures after its first N calls (by default it accepts any credentials)."""
+    port = free_port()
+    log_path = tmp / f"moto-{port}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            env={**os.environ, **env_overrides},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(f"{endpoint}/moto-api/data.json", process, log_path, "moto_server", timeout_s=120)
+        yield endpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+import textwrap
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
+import jsonpatch
 import kubernetes_validate
 import pytest
 import yaml
@@ -299,5 +304,202 @@ def test_metrics_export_what_the_hpa_and_adapter_ask_for(server):
     (metric,) = applied()["HorizontalPodAutoscaler"]["spec"]["metrics"]
     assert metric["pods"]["metric"]["name"] in exported
     rules = yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
-    for rule in rules:
+    external = yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-values.yaml").read_text())["rules"]["external"]
+    for rule in rules + external:
         assert rule["seriesQuery"].split("{")[0] in exported
+
+
+# --- deploy/k8s/fleet: the Component that shares one queue (Redis) and one bucket ---------------
+
+FLEET = K8S / "fleet"
+
+
+def fleet_component() -> dict:
+    component = yaml.safe_load((FLEET / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    return component
+
+
+def fleet_objects() -> dict[tuple[str, str], dict]:
+    """What `kubectl apply -k` of the base plus the fleet Component creates, by (kind, name): the
+    Component's resources, and its JSON patches applied with the jsonpatch library (so this needs no
+    kustomize binary; test_fleet_renders_the_same_with_kustomize checks the two agree where kubectl is)."""
+    objects = {(doc["kind"], doc["metadata"]["name"]): doc for doc in applied().values()}
+    component = fleet_component()
+    for name in component["resources"]:
+        for doc in yaml.safe_load_all((FLEET / name).read_text()):
+            key = (doc["kind"], doc["metadata"]["name"])
+            assert key not in objects, key
+            objects[key] = doc
+    for patch in component["patches"]:
+        key = (patch["target"]["kind"], patch["target"]["name"])
+        assert key in objects, f"the patch {patch['path']} targets nothing in the base"
+        objects[key] = jsonpatch.apply_patch(objects[key], yaml.safe_load((FLEET / patch["path"]).read_text()))
+    return objects
+
+
+def fleet_container() -> dict:
+    (server,) = fleet_objects()[("Deployment", "flux-inpaint")]["spec"]["template"]["spec"]["containers"]
+    return server
+
+
+def fleet_env() -> dict[str, str | None]:
+    objects = fleet_objects()
+    env: dict[str, str | None] = dict(objects[("ConfigMap", "flux-inpaint-config")]["data"])
+    for item in fleet_container()["env"]:
+        env[item["name"]] = item.get("value")
+    return env
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_fleet_objects_are_valid_kubernetes(version):
+    """Every object the base plus the Component create, patched ones included, and the Secret example."""
+    for doc in fleet_objects().values():
+        kubernetes_validate.validate(doc, version, strict=True)
+    kubernetes_validate.validate(yaml.safe_load((FLEET / "secret.example.yaml").read_text()), version, strict=True)
+
+
+def test_fleet_component_lists_every_file():
+    component = fleet_component()
+    listed = component["resources"] + [patch["path"] for patch in component["patches"]]
+    assert len(listed) == len(set(listed))
+    on_disk = sorted(
+        p.name for p in FLEET.glob("*.yaml") if p.name != "kustomization.yaml" and not p.name.endswith(".example.yaml")
+    )
+    assert sorted(listed) == on_disk
+
+
+def test_fleet_env_names_are_real_settings():
+    known = setting_env_names()
+    names = set(fleet_env())
+    for path in FLEET.glob("*.yaml"):  # and the settings the comments tell an operator to add
+        names |= set(re.findall(r"\b(FLUX_[A-Z0-9_]+)\b", path.read_text()))
+    unknown = sorted(name for name in names if name.startswith("FLUX_") and name not in known)
+    assert not unknown, f"not settings of runners.config: {unknown}"
+    assert {"FLUX_QUEUE_URL", "FLUX_STORE_URL", "FLUX_STORE_SWEEP"} <= names
+
+
+def test_fleet_settings_pass_the_settings_checks(monkeypatch):
+    """The ConfigMap's values and the Secret example's (the shape an operator fills in) load."""
+    for name in list(os.environ):
+        if name.startswith("FLUX_"):
+            monkeypatch.delenv(name)
+    secret = yaml.safe_load((FLEET / "secret.example.yaml").read_text())["stringData"]
+    for item in fleet_container()["env"]:
+        ref = item.get("valueFrom", {}).get("secretKeyRef", {})
+        if ref.get("name") == secret_name():
+            monkeypatch.setenv(item["name"], secret[ref["key"]].replace("REPLACE-WITH-YOUR-BUCKET", "my-bucket"))
+    for name, value in fleet_env().items():
+        if name.startswith("FLUX_") and value is not None:
+            monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.store.url == "s3://my-bucket/flux/outputs" and settings.store.sweep is False
+    assert settings.queue.url.startswith("redis://")
+
+
+def secret_name() -> str:
+    return yaml.safe_load((FLEET / "secret.example.yaml").read_text())["metadata"]["name"]
+
+
+def test_fleet_secret_and_redis_are_wired():
+    objects = fleet_objects()
+    secret = yaml.safe_load((FLEET / "secret.example.yaml").read_text())
+    refs = {item["name"]: item["valueFrom"]["secretKeyRef"] for item in fleet_container()["env"] if "valueFrom" in item}
+    for name in ("FLUX_QUEUE_URL", "FLUX_STORE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert refs[name]["name"] == secret["metadata"]["name"] and refs[name]["key"] in secret["stringData"], name
+    assert not refs["FLUX_QUEUE_URL"].get("optional"), "no Secret must mean no start, not a replica on its own"
+    assert refs["AWS_ACCESS_KEY_ID"]["optional"], "a workload identity needs no keys"
+
+    redis = objects[("StatefulSet", "flux-inpaint-redis")]
+    service = objects[("Service", redis["spec"]["serviceName"])]
+    assert service["spec"]["clusterIP"] == "None"  # the governing Service of a StatefulSet is headless
+    pod = redis["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert redis["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    # The front's Service, PDB and HPA never take the Redis pod for a server, nor the reverse.
+    front = objects[("Deployment", "flux-inpaint")]["spec"]["template"]["metadata"]["labels"]
+    for selector in (
+        objects[("Service", "flux-inpaint")]["spec"]["selector"],
+        objects[("PodDisruptionBudget", "flux-inpaint")]["spec"]["selector"]["matchLabels"],
+    ):
+        assert not selector.items() <= pod["metadata"]["labels"].items()
+    assert not service["spec"]["selector"].items() <= front.items()
+
+    # The queue URL of the example points at this Redis: its Service, its port, its password.
+    queue_url = urlsplit(secret["stringData"]["queue-url"])
+    (redis_container,) = pod["spec"]["containers"]
+    (port,) = redis_container["ports"]
+    assert queue_url.hostname == service["metadata"]["name"]
+    assert queue_url.port == port["containerPort"] == service["spec"]["ports"][0]["port"]
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    assert queue_url.password == secret["stringData"]["redis-password"]
+    args = redis_container["args"]
+
+    def arg(flag: str) -> str:
+        return args[args.index(flag) + 1]
+
+    env = {item["name"]: item["valueFrom"]["secretKeyRef"] for item in redis_container["env"]}
+    assert arg("--requirepass") == "$(REDIS_PASSWORD)" and env["REDIS_PASSWORD"]["key"] == "redis-password"
+    assert int(arg("--port")) == port["containerPort"]
+    # AOF on the volume: accepted requests survive a Redis restart; no eviction of a queue's keys.
+    assert arg("--appendonly") == "yes" and arg("--appendfsync") in ("everysec", "always")
+    assert arg("--maxmemory-policy") == "noeviction"
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in redis_container["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == arg("--dir")
+    assert redis_container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_fleet_service_drops_client_ip_affinity():
+    service = fleet_objects()[("Service", "flux-inpaint")]["spec"]
+    assert service["sessionAffinity"] == "None" and "sessionAffinityConfig" not in service
+    assert applied()["Service"]["spec"]["sessionAffinity"] == "ClientIP"  # the base keeps it
+
+
+def test_fleet_hpa_scales_on_the_fleet_wide_depth_without_multiplying_it():
+    """Every replica reports the fleet's depth: a Pods metric would sum N copies of it. An External
+    metric with an AverageValue target is divided by the target alone, whatever the replica count."""
+    metrics = fleet_objects()[("HorizontalPodAutoscaler", "flux-inpaint")]["spec"]["metrics"]
+    depth = next(m for m in metrics if m["type"] == "External")["external"]
+    assert depth["target"]["type"] == "AverageValue" and float(depth["target"]["averageValue"]) > 0
+    assert not [m for m in metrics if m["type"] == "Pods" and m["pods"]["metric"]["name"] == "flux_queue_depth"]
+    rules = yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-values.yaml").read_text())["rules"]
+    external = {rule["name"]["as"]: rule for rule in rules["external"]}
+    rule = external[depth["metric"]["name"]]
+    assert rule["seriesQuery"].startswith("flux_queue_depth{")
+    assert re.fullmatch(rule["name"]["matches"], "flux_queue_depth")
+    assert rule["metricsQuery"].startswith("max by"), "one value for the fleet, not a sum of the replicas' copies"
+    assert "pod" not in rule["resources"]["overrides"]
+    # The per-pod in-flight metric holds busy replicas; the adapter serves it as a Pods metric.
+    (in_flight,) = [m["pods"] for m in metrics if m["type"] == "Pods"]
+    assert in_flight["metric"]["name"] in {rule["name"]["as"] for rule in rules["custom"]}
+
+
+def test_fleet_renders_the_same_with_kustomize(tmp_path):
+    if not shutil.which("kubectl"):
+        pytest.skip("no kubectl here: the offline rendering above is what is checked")
+    relative = os.path.relpath(REPO / "deploy", tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(f"resources: [{relative}/k8s]\ncomponents: [{relative}/k8s/fleet]\n")
+    rendered = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, check=True)
+    by_key = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(rendered.stdout)}
+    expected = fleet_objects()
+    (image,) = kustomization()["images"]  # the one thing kustomize adds: the base's image rewrite
+    expected[("Deployment", "flux-inpaint")]["spec"]["template"]["spec"]["containers"][0]["image"] = (
+        f"{image['newName']}:{image['newTag']}"
+    )
+    assert by_key == expected
+
+
+def test_the_managed_redis_overlay_of_the_readme_drops_the_statefulset(tmp_path):
+    """deploy/README.md's overlay for a managed Redis, rendered by kustomize: the fleet without its Redis."""
+    if not shutil.which("kubectl"):
+        pytest.skip("no kubectl here")
+    readme = (REPO / "deploy" / "README.md").read_text()
+    block = re.search(r"Remove the Component's Redis.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    relative = os.path.relpath(REPO / "deploy", tmp_path)
+    overlay = f"resources: [{relative}/k8s]\ncomponents: [{relative}/k8s/fleet]\n" + textwrap.dedent(block)
+    (tmp_path / "kustomization.yaml").write_text(overlay)
+    rendered = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, check=True)
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(rendered.stdout)}
+    assert kinds == set(fleet_objects()) - {("StatefulSet", "flux-inpaint-redis"), ("Service", "flux-inpaint-redis")}

@@ -86,11 +86,11 @@ class Front:
             await deliver(
                 self.fetcher, record.webhook_url, webhook_body(record.id, output, error), self.settings.webhook
             )
-        if time.monotonic() - self.last_sweep > STORE_SWEEP_EVERY_S:  # expired outputs free their disk space
-            self.last_sweep = time.monotonic()
+        if self.settings.store.sweep and time.monotonic() - self.last_sweep > STORE_SWEEP_EVERY_S:
+            self.last_sweep = time.monotonic()  # expired outputs free their space
             try:
                 await anyio.to_thread.run_sync(self.store.sweep)
-            except OSError:
+            except Exception:  # a disk or bucket error; the request itself is done
                 log.exception("could not sweep expired outputs")
 
     async def stop(self) -> None:

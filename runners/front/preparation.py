@@ -98,15 +98,16 @@ def decode_job(
 def fal_output(
     job: InpaintJob, result: JobResult, total_s: float, store: OutputStore | None, base_url: str
 ) -> InpaintOutput:
-    """Front side: the fal response body for a successful job. Images are stored and served from
-    ``{base_url}files/<name>``, or returned as data URIs with ``sync_mode`` (or without a store)."""
+    """Front side: the fal response body for a successful job. Images are stored and served
+    at the store's URL (``{base_url}files/<name>``, or the bucket's), or returned as data URIs with
+    ``sync_mode`` (or without a store)."""
     suffix = FILE_SUFFIXES[job.request.output_format]
     images = []
     for index, image in enumerate(result.images):
         if job.request.sync_mode or store is None:
             url = to_data_uri(image.data, image.content_type)
         else:
-            url = f"{base_url}files/{store.put(image.data, suffix)}"
+            url = store.url(store.put(image.data, suffix), base_url)
         images.append(
             FalImage(
                 url=url,

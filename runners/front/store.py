@@ -1,8 +1,12 @@
 """Where output images live when a request does not ask for ``sync_mode``.
 
-fal answers with CDN URLs; we answer with URLs of our own file route, ``GET /files/{name}``,
-backed by an ``OutputStore``. The route and the queue only see the three-method protocol, so a
-cluster can swap the local directory for an object store (S3, GCS) without touching them.
+fal answers with CDN URLs. The queue and the file route only see the ``OutputStore`` protocol, and
+``make_store`` picks one of two (FLUX_STORE_URL, docs/storage.md):
+
+* ``DirectoryStore`` (the default, below): a local directory, whose URLs are our own file route,
+  ``GET /files/{name}``.
+* ``S3Store`` (runners/front/s3_store.py): objects in an S3-compatible bucket, whose URLs are
+  presigned GETs (or a public base URL), so any replica's outputs are reachable from anywhere.
 
 ``DirectoryStore`` keeps files in one flat directory:
 
@@ -29,10 +33,11 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from runners.config import StoreSettings
+from runners.protocol.images import SUFFIX_CONTENT_TYPES
 
-SUFFIXES = frozenset({"jpg", "png", "webp"})
+SUFFIXES = frozenset(SUFFIX_CONTENT_TYPES)
 # token_urlsafe(24) is 32 characters of [A-Za-z0-9_-]; no dot, slash, backslash or NUL can pass.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{32}\.(?:jpg|png|webp)")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{32}\.(?:jpg|png)")
 # Starts with a dot, so it can never match NAME_PATTERN and never be served.
 TEMP_PREFIX = ".tmp-"
 
@@ -41,13 +46,25 @@ TEMP_PREFIX = ".tmp-"
 @runtime_checkable
 class OutputStore(Protocol):
     def put(self, data: bytes, suffix: str) -> str:
-        """Keep ``data``; return the new file's name."""
+        """Keep ``data``; return the new file's name. A bucket that cannot be reached raises
+        ``StorageUnavailable`` (that request fails with 503)."""
+
+    def url(self, name: str, base_url: str) -> str:
+        """Where a client fetches the file ``put`` named; ``base_url`` is this server's."""
 
     def open(self, name: str) -> Path | None:
-        """The file's path, or None if the name is unknown, expired or invalid."""
+        """The file's path for ``GET /files/{name}``, or None if the name is unknown, expired,
+        invalid, or not served by this server."""
 
     def sweep(self) -> int:
         """Delete expired files; return how many."""
+
+
+def new_name(suffix: str) -> str:
+    """A fresh, unguessable file name (the only access control of an output's URL)."""
+    if suffix not in SUFFIXES:
+        raise ValueError(f"suffix must be one of {sorted(SUFFIXES)}, not {suffix!r}")
+    return f"{secrets.token_urlsafe(24)}.{suffix}"
 
 
 class DirectoryStore:
@@ -88,13 +105,11 @@ class DirectoryStore:
                     self._total += st.st_size
 
     def put(self, data: bytes, suffix: str) -> str:
-        if suffix not in SUFFIXES:
-            raise ValueError(f"suffix must be one of {sorted(SUFFIXES)}, not {suffix!r}")
+        name = new_name(suffix)
         size = len(data)
         if size > self.max_bytes:
             # Checked before writing: evicting everything would still not make room.
             raise ValueError(f"output of {size} bytes exceeds the store budget of {self.max_bytes} bytes")
-        name = f"{secrets.token_urlsafe(24)}.{suffix}"
         now = self._clock()
         # The write happens outside the lock: only the bookkeeping below is serialised.
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.directory)
@@ -113,6 +128,9 @@ class DirectoryStore:
             self._total += size
             self._evict_over_budget(keep=name)
         return name
+
+    def url(self, name: str, base_url: str) -> str:
+        return f"{base_url}files/{name}"
 
     def _evict_over_budget(self, keep: str | None) -> None:
         # Caller holds _lock. A linear min per eviction: a put usually evicts at most a file or
@@ -163,4 +181,9 @@ class DirectoryStore:
 
 
 def make_store(settings: StoreSettings, cache_dir: Path) -> OutputStore:
+    """The configured store: a bucket when FLUX_STORE_URL is set, else the local directory."""
+    if settings.url:
+        from runners.front.s3_store import S3Store
+
+        return S3Store(settings)
     return DirectoryStore(settings.dir or Path(cache_dir) / "outputs", settings.max_bytes, settings.ttl_s)
