@@ -26,6 +26,7 @@ from starlette.routing import Match, Route
 from runners.config import Settings
 from runners.errors import ClientDisconnected, InpaintError, InvalidField, RequestInvalid, RequestTooLarge
 from runners.fetch import UrlRefused
+from runners.front import playground
 from runners.front.openapi import openapi_document
 from runners.front.queue import Record, Status
 from runners.protocol.schema import InpaintRequest
@@ -72,6 +73,8 @@ class FalApi:
             Route(f"{requests}/cancel", self.guarded(self.cancel), methods=["PUT"]),
             Route("/files/{name}", self.stored_file, methods=["GET"]),
             Route("/openapi.json", self.openapi, methods=["GET"]),
+            Route("/", playground.index, methods=["GET"]),  # the playground page (playground.py), open
+            Route("/playground/{name}", playground.asset, methods=["GET"]),
         ]
         # BentoML's mount only takes paths one of our routes matches; other paths under fal's prefixes
         # (a request id holding '/', say) would get its plain-text 404. These answer in fal's shape.
