@@ -17,6 +17,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -30,6 +33,8 @@ from tests.conftest import REPO, bentoml_server
 
 KEY = "playground-key"
 IMAGE = REPO / "examples" / "image.png"
+EXAMPLE = json.loads((REPO / "examples" / "request.json").read_text())
+SLOW = {**EXAMPLE, "sync_mode": False, "image_size": "square_hd", "num_inference_steps": 50, "strength": 1.0}
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 WAIT_S = 240  # generous: a loaded 2-core machine runs the tiny model slowly
 pytestmark = pytest.mark.skipif(
@@ -40,7 +45,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with bentoml_server(tmp_path_factory.mktemp("playground"), FLUX_API_KEYS=KEY) as (base, _):
+    # One request at the model and one waiting, at most: a third gets 429 (test_a_full_queue_says_retry).
+    env = {"FLUX_API_KEYS": KEY, "FLUX_QUEUE_CONCURRENCY": "1", "FLUX_QUEUE_MAX_LENGTH": "1"}
+    with bentoml_server(tmp_path_factory.mktemp("playground"), **env) as (base, _):
         yield base
 
 
@@ -274,6 +281,77 @@ def test_a_painted_run_sends_the_stroke_as_the_mask_and_shows_the_result(browser
     screenshot.write_bytes(base64.b64decode(data["data"]))
 
 
+def test_copy_as_snippets_run_against_this_server(browser, server, tmp_path):
+    """The page's curl, Python and JavaScript for the run above, run as a person would paste them:
+    in a folder holding the uploaded image.png and the page's mask.png download, with FAL_KEY set."""
+    (tmp_path / "image.png").write_bytes(IMAGE.read_bytes())
+    mask = browser.find("#mask-download").get_attribute("href")
+    (tmp_path / "mask.png").write_bytes(base64.b64decode(mask.partition(",")[2]))
+    (tmp_path / "node_modules").symlink_to(REPO / "tests" / "js" / "node_modules")
+    snippets = {}
+    for lang in ("curl", "python", "javascript"):
+        browser.find(f'.snippet-tab[data-lang="{lang}"]').click()
+        snippets[lang] = browser.text("#snippet")
+    assert all(server in text for text in snippets.values())
+    commands = {
+        "curl": ["bash", "-c", snippets["curl"]],
+        "python": [sys.executable, "-c", snippets["python"]],
+        "javascript": [shutil.which("node"), "--input-type=module", "-e", snippets["javascript"]],
+    }
+    env = {**os.environ, "FAL_KEY": KEY}
+    for lang, command in commands.items():
+        if command[0] is None:
+            pytest.fail("node is needed for the JavaScript snippet")
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=WAIT_S)
+        assert done.returncode == 0, (lang, done.stdout[-2000:], done.stderr[-2000:])
+        assert re.search(rf"{re.escape(server)}/files/[\w-]+\.jpg", done.stdout), (lang, done.stdout[-2000:])
+        if lang == "curl":
+            output = json.loads(done.stdout)
+            assert output["seed"] == 7 and output["images"][0]["width"] == 256
+
+
+def test_the_image_by_drop_paste_and_url(browser, server):
+    file_in = (
+        "const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));"
+        "const data = new DataTransfer(); data.items.add(new File([bytes], 'house.png', {type: 'image/png'}));"
+    )
+    png = base64.b64encode(IMAGE.read_bytes()).decode()
+    events = {
+        "drop": "document.querySelector('#stage').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}))",
+        "paste": "document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}))",
+    }
+    for name, event in events.items():
+        browser.open()
+        browser.js(file_in + event, png)
+        browser.wait_for("!document.querySelector('#mask-canvas').hidden")
+        assert browser.js(
+            "return [document.querySelector('#mask-canvas').width, document.querySelector('#mask-canvas').height]"
+        ) == [256, 256]
+        assert "house.png (256×256" in browser.text('.field[data-field="image_url"]'), name
+
+    # a URL on this server: previewed and painted on; sent as the URL
+    output = httpx.post(
+        f"{server}/{APP_ID}",
+        json={**EXAMPLE, "num_inference_steps": 1, "sync_mode": False},
+        headers={"Authorization": f"Key {KEY}"},
+        timeout=WAIT_S,
+    ).json()
+    own = output["images"][0]["url"]
+    browser.open()
+    browser.set_value("#image-url", own)
+    browser.find("#image-url-use").click()
+    browser.wait_for("!document.querySelector('#mask-canvas').hidden")
+    assert own in browser.text('.field[data-field="image_url"]')
+    # another host's URL: the server fetches it, the page does not (no preview, so the mask is uploaded)
+    browser.set_value("#image-url", "https://example.com/house.png")
+    browser.find("#image-url-use").click()
+    browser.wait_for("document.querySelector('#stage-note').textContent.includes('example.com')")
+    assert browser.js("return document.querySelector('#mask-canvas').hidden")
+    browser.find("#mask-file").send_keys(str(REPO / "examples" / "mask.png"))
+    browser.wait_for("document.querySelector('.field[data-field=\"mask_url\"]').textContent.includes('uploaded mask')")
+    assert "https://example.com/house.png" in browser.text("#snippet")
+
+
 def test_the_mask_tools_undo_clear_and_invert(browser):
     browser.open()
     browser.upload_image()
@@ -308,6 +386,22 @@ def test_a_bad_value_shows_the_servers_422(browser):
     assert "less than or equal to 50" in browser.text('.field[data-field="num_inference_steps"] .field-error')
 
 
+def test_a_lora_that_cannot_be_loaded_is_named_on_its_row(browser):
+    browser.open()
+    browser.upload_image()
+    browser.stroke((64, 64), (128, 128))
+    browser.set_value("#field-prompt", "x")
+    browser.set_value("#field-num_inference_steps", "1")
+    browser.find(".add-row").click()
+    browser.set_value("#field-loras-0-path", "no-such-lora")
+    browser.set_value("#field-loras-0-scale", "0.5")
+    assert '"loras": [{"path": "no-such-lora", "scale": 0.5}]' in browser.text("#snippet")
+    browser.submit()
+    assert browser.wait_until_finished() == "Failed"
+    assert "loras.0.path" in browser.text("#error"), browser.text("#error")
+    assert "invalid" in browser.find('.field[data-field="loras.0.path"]').get_attribute("class")
+
+
 def test_cancel_of_a_long_request_shows_it_cancelled(browser):
     browser.open()
     browser.upload_image()
@@ -322,6 +416,34 @@ def test_cancel_of_a_long_request_shows_it_cancelled(browser):
     assert browser.wait_until_finished() == "Cancelled", browser.text("#error")
     assert "request_cancelled" in browser.text("#error") and "cancelled" in browser.text("#error")
     assert 0 < browser.js("return document.querySelector('#progress').value") < 1
+
+
+def test_a_full_queue_says_retry(browser, server):
+    headers = {"Authorization": f"Key {KEY}"}
+    queue = f"{server}/queue/{APP_ID}"
+
+    def status(request: dict) -> str:
+        return httpx.get(request["status_url"], headers=headers, timeout=60).json()["status"]
+
+    started = [httpx.post(queue, json=SLOW, headers=headers, timeout=60).json()]
+    try:
+        while status(started[0]) == "IN_QUEUE":  # at the model: the next one waits, and fills the queue
+            time.sleep(0.2)
+        started.append(httpx.post(queue, json=SLOW, headers=headers, timeout=60).json())
+        browser.open()
+        browser.upload_image()
+        browser.stroke((64, 64), (128, 128))
+        browser.set_value("#field-prompt", "x")
+        browser.submit()
+        assert browser.wait_until_finished() == "Failed"
+        error = browser.text("#error")
+        assert "429 queue_full" in error and "Retry in 5 seconds" in error, error
+    finally:
+        for request in started:
+            httpx.put(request["cancel_url"], headers=headers, timeout=60)
+        for request in started:
+            while status(request) != "COMPLETED":
+                time.sleep(0.5)
 
 
 def test_a_missing_key_shows_the_401(browser):

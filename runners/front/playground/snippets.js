@@ -15,7 +15,7 @@ function curl(server, appId, parts) {
   // An unquoted heredoc: $(base64 ...) runs, and \ $ ` in the JSON are escaped to stay literal.
   const body = parts
     .map(([name, value]) => {
-      const json = value && value.file ? `"data:${mediaType(value.file)};base64,$(base64 -w0 ${shellWord(value.file)})"` : escapeHeredoc(toJson(value));
+      const json = value && value.file ? `"data:${mediaType(value.file)};base64,$(base64 -w0 ${shellWord(value.file)})"` : escapeHeredoc(inlineJson(value));
       return `  ${JSON.stringify(name)}: ${json}`;
     })
     .join(",\n");
@@ -56,7 +56,7 @@ function python(server, appId, parts) {
 function javascript(server, appId, parts) {
   const anyFile = parts.some(([, value]) => value && value.file);
   const lines = parts.map(([name, value]) => {
-    const js = value && value.file ? `dataUri(${JSON.stringify(value.file)})` : toJson(value);
+    const js = value && value.file ? `dataUri(${JSON.stringify(value.file)})` : inlineJson(value);
     return `    ${/^[A-Za-z_$][\w$]*$/.test(name) ? name : JSON.stringify(name)}: ${js},`;
   });
   return [
@@ -85,6 +85,15 @@ function javascript(server, appId, parts) {
     "});",
     "console.log(result.data.images[0].url);",
   ].join("\n");
+}
+
+// JSON on one line, spaced as people write it: {"path": "x", "scale": 0.5}
+function inlineJson(value) {
+  if (Array.isArray(value)) return `[${value.map(inlineJson).join(", ")}]`;
+  if (value !== null && typeof value === "object") {
+    return `{${Object.entries(value).map(([k, v]) => `${JSON.stringify(k)}: ${inlineJson(v)}`).join(", ")}}`;
+  }
+  return toJson(value);
 }
 
 function mediaType(file) {
