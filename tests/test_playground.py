@@ -73,8 +73,11 @@ class Browser:
         ):
             options.add_argument(flag)
         options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-        options.add_experimental_option("prefs", {"download.default_directory": str(download_dir)})
         self.driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+        self.downloads = download_dir
+        self.driver.execute_cdp_cmd(
+            "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(download_dir)}
+        )
         self.driver.set_script_timeout(60)
         self.base = base
         self.requests: list[dict] = []
@@ -101,6 +104,12 @@ class Browser:
         return WebDriverWait(self.driver, timeout, poll_frequency=0.2).until(
             lambda d: d.execute_script(f"return {condition}")
         )
+
+    def wait_for_file(self, path: Path, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not (path.is_file() and path.stat().st_size > 0):
+            assert time.monotonic() < deadline, f"{path.name} was not downloaded"
+            time.sleep(0.2)
 
     def find(self, css: str):
         from selenium.webdriver.common.by import By
@@ -240,7 +249,7 @@ def test_the_form_shows_every_field_of_the_schema(browser, server):
 def test_a_painted_run_sends_the_stroke_as_the_mask_and_shows_the_result(browser, server, tmp_path):
     browser.open()
     browser.upload_image()
-    start, end, brush = (64, 100), (192, 160), 24
+    start, end, brush = (56, 206), (200, 216), 24  # across the lawn, where the example's shed goes
     browser.stroke(start, end)
     browser.set_value("#field-prompt", "a small wooden garden shed on the lawn")
     browser.set_value("#field-num_inference_steps", "3")
@@ -261,6 +270,10 @@ def test_a_painted_run_sends_the_stroke_as_the_mask_and_shows_the_result(browser
     assert "total" in browser.text("#result .timings")
     download = browser.find("#result a.download")
     assert download.get_attribute("download").endswith(".jpg") and "/files/" in download.get_attribute("href")
+    download.click()  # the browser saves the stored image, byte for byte
+    saved = browser.downloads / download.get_attribute("download")
+    browser.wait_for_file(saved)
+    assert saved.read_bytes() == httpx.get(download.get_attribute("href"), timeout=30).content
     assert "7" in browser.text("#history li.ok") and "3 steps" in browser.text("#history li.ok")
 
     (body,) = browser.sent_bodies(f"/queue/{APP_ID}")
@@ -273,12 +286,13 @@ def test_a_painted_run_sends_the_stroke_as_the_mask_and_shows_the_result(browser
     expected = capsule((256, 256), start, end, brush / 2)
     overlap = (sent & expected).sum() / (sent | expected).sum()
     assert overlap > 0.85, f"painted mask matches the stroke by IoU {overlap:.2f}"
-    assert not sent[:, :40].any() and not sent[:, 220:].any()  # nothing painted far from the stroke
+    assert not (sent & ~capsule((256, 256), start, end, brush / 2 + 3)).any()  # nothing painted off the stroke
 
     screenshot = Path(os.environ.get("PLAYGROUND_SCREENSHOT") or tmp_path / "playground.png")
     browser.js("window.scrollTo(0, 0)")
     data = browser.driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
-    screenshot.write_bytes(base64.b64decode(data["data"]))
+    shot = Image.open(io.BytesIO(base64.b64decode(data["data"]))).convert("RGB")
+    shot.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(screenshot, optimize=True)
 
 
 def test_copy_as_snippets_run_against_this_server(browser, server, tmp_path):
