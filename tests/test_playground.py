@@ -277,6 +277,10 @@ def test_a_painted_run_sends_the_stroke_as_the_mask_and_shows_the_result(browser
     assert "7" in browser.text("#history li.ok") and "3 steps" in browser.text("#history li.ok")
 
     (body,) = browser.sent_bodies(f"/queue/{APP_ID}")
+    # progress came from the status stream, not from polling the status route
+    asked = [urlsplit(r["request"]["url"]).path for r in browser.network()]
+    assert any(path.endswith("/status/stream") for path in asked), asked
+    assert not any(path.endswith("/status") for path in asked), asked
     assert body["num_inference_steps"] == 3 and body["seed"] == 7 and "strength" not in body  # defaults left out
     assert body["image_url"] == "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
     mask = decode_data_uri(body["mask_url"])
