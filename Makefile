@@ -40,7 +40,21 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: venv venv-triton lint
+# The playground's browser tests (tests/test_playground.py) drive Debian's Chromium and its driver,
+# installed here when missing (as root); the JavaScript client tests run @fal-ai/client from
+# tests/js, installed from its package-lock.json (npm's cache makes later installs work offline).
+.PHONY: browser js-client
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
+
+js-client: tests/js/node_modules/.package-lock.json
+
+tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json
+	cd tests/js && npm ci --prefer-offline --no-audit --no-fund
+	touch $@
+
+test: venv venv-triton lint browser js-client
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Regenerate docs/configuration.md from the settings' docstrings (tests/test_configuration_docs.py checks it).
@@ -71,4 +85,4 @@ device-wheels: venv
 	$(BIN)/python -m benchmarks.device.wheels .whl
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache tests/js/node_modules

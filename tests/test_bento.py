@@ -70,6 +70,7 @@ def test_holds_the_server_code_and_nothing_else(bento):
         if p.is_file() and p.suffix != ".pyc" and "__pycache__" not in p.parts
     }
     assert wanted <= src
+    assert {"runners/front/playground/index.html", "runners/front/playground/main.js"} <= src  # the page at /
     assert src - wanted <= {"bentofile.yaml"}, f"unexpected files in the Bento: {sorted(src - wanted)}"
     assert not any(
         part in {"tests", ".venv", "benchmarks", "__pycache__", ".pytest_cache", "deploy"}

@@ -33,6 +33,7 @@ from runners.errors import (
     RequestTooLarge,
 )
 from runners.fetch import UrlRefused
+from runners.front import playground
 from runners.front.openapi import openapi_document
 from runners.front.queue import Record, Status
 from runners.protocol.images import SUFFIX_CONTENT_TYPES
@@ -72,6 +73,8 @@ class FalApi:
             Route(f"{requests}/cancel", self.guarded(self.cancel), methods=["PUT"]),
             Route("/files/{name}", self.stored_file, methods=["GET"]),
             Route("/openapi.json", self.openapi, methods=["GET"]),
+            Route("/", playground.index, methods=["GET"]),  # the playground page (playground.py), open
+            Route("/playground/{name}", playground.asset, methods=["GET"]),
         ]
         # BentoML's mount only takes paths one of our routes matches; other paths under fal's prefixes
         # (a request id holding '/', say) would get its plain-text 404. These answer in fal's shape.

@@ -30,44 +30,60 @@ MAX_URL_CHARS = 100_000_000  # the body cap is the real limit; this keeps the ty
 
 
 class ImageSize(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     width: int = Field(512, gt=0, le=MAX_SIDE)
+    """Pixels; rounded down to a multiple of 16."""
     height: int = Field(512, gt=0, le=MAX_SIDE)
+    """Pixels; rounded down to a multiple of 16."""
 
 
 class LoraWeight(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     path: str = Field(min_length=1, max_length=4096)
     """URL, name in the local LoRA directory, or hub-style name."""
     scale: float = Field(1.0, ge=-4.0, le=4.0, allow_inf_nan=False)
+    """How strongly the LoRA is applied: 1 as trained, 0 not at all, negative against it."""
 
 
 class InpaintRequest(BaseModel):
     """Every input field of fal's endpoint, with fal's defaults and bounds.
 
     Unknown fields are ignored, as fal does, so clients written for newer fal versions still work.
+    Each field's docstring is its description in /openapi.json (and on the playground's form).
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    """What the repainted region should show."""
     image_url: str = Field(min_length=1, max_length=MAX_URL_CHARS)
+    """The image to inpaint: an http(s) URL or a base64 data URI (PNG, JPEG or WEBP)."""
     mask_url: str = Field(min_length=1, max_length=MAX_URL_CHARS)
-    """White = repaint, black = keep."""
+    """The mask, as a URL or data URI: white = repaint, black = keep; stretched to the output's size."""
     image_size: ImageSizePreset | ImageSize | None = None
     """Output size; unset means the input image's size, rounded down to a multiple of 16."""
     num_inference_steps: int = Field(28, ge=1, le=50)
+    """Denoising steps scheduled; `strength` decides how many of them run."""
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    """The same seed and inputs give the same image; unset draws one (the output says which)."""
     loras: list[LoraWeight] = Field(default_factory=list, max_length=16)
+    """LoRAs to apply, each a path (URL, local name or hub-style name) and a scale."""
     guidance_scale: float = Field(3.5, ge=0.0, le=35.0, allow_inf_nan=False)
+    """How closely to follow the prompt (FLUX.1-dev's embedded guidance, not CFG)."""
     strength: float = Field(0.85, ge=0.01, le=1.0, allow_inf_nan=False)
+    """How much the masked region may change: 1 repaints from noise, lower keeps more of the image."""
     sync_mode: bool = False
+    """Images come back inline as data URIs and are not stored on the server."""
     num_images: int = Field(1, ge=1, le=4)
+    """Images to make; image i uses seed + i."""
     enable_safety_checker: bool = True
+    """Check each output for NSFW content; a flagged image is blacked out."""
     output_format: Literal["jpeg", "png"] = "jpeg"
+    """The encoding of the output images."""
     acceleration: Literal["none", "regular"] = "none"
+    """`regular` is faster with slightly different images (first-block cache, TF32)."""
 
     @field_validator("prompt")
     @classmethod
