@@ -60,7 +60,7 @@ class InpaintRequest(BaseModel):
     """Output size; unset means the input image's size, rounded down to a multiple of 16."""
     num_inference_steps: int = Field(28, ge=1, le=50)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    loras: list[LoraWeight] = Field(default_factory=list, max_length=16)
+    loras: list[LoraWeight] = Field([], max_length=16)  # pydantic copies it per request; shown in the schema
     guidance_scale: float = Field(3.5, ge=0.0, le=35.0, allow_inf_nan=False)
     strength: float = Field(0.85, ge=0.01, le=1.0, allow_inf_nan=False)
     sync_mode: bool = False
