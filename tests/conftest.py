@@ -104,9 +104,10 @@ class Served(tuple):
 
 
 @contextmanager
-def bentoml_server(tmp: Path, **env_overrides: str):
+def bentoml_server(tmp: Path, while_starting=None, **env_overrides: str):
     """A real ``bentoml serve`` of service.py on a free port, ready (``/readyz`` 200) when yielded.
-    Yields a ``Served`` (base URL, log file path); stopped with SIGTERM (SIGKILL after 30 s) on exit."""
+    Yields a ``Served`` (base URL, log file path); stopped with SIGTERM (SIGKILL after 30 s) on exit.
+    ``while_starting(base URL)``, if given, runs once the process is started and before it is ready."""
     port = free_port()
     env = {
         **os.environ,
@@ -135,6 +136,8 @@ def bentoml_server(tmp: Path, **env_overrides: str):
         )
     base = f"http://127.0.0.1:{port}"
     try:
+        if while_starting is not None:
+            while_starting(base)
         wait_until_ready(f"{base}/readyz", process, log_path, "bentoml serve")
         served = Served((base, log_path))
         served.process = process

@@ -98,7 +98,9 @@ def test_skips_follow_the_rules_and_stay_close(tiny_model, inpainter):
     )
     error = np.abs(pixels(regular.images[0]) - pixels(none.images[0]))
     assert error.max() > 0  # skipping changed something ...
-    assert error.mean() < 4 and error.max() < 64  # ... but the image stays close (mean in 0..255)
+    # ... but the image stays close (levels of 255). Measured, 6 of 9 steps skipped, seeds 7..10:
+    # max 7-9 levels, mean 0.41-0.65; the bounds are about twice that.
+    assert error.mean() < 1.5 and error.max() <= 16
 
 
 def test_the_rules_alone():

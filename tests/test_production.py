@@ -52,20 +52,44 @@ def post(base: str, body: dict, timeout: float = 120) -> httpx.Response:
     return httpx.post(f"{base}/{APP}", json=body, timeout=timeout)
 
 
+WHILE_LOADING: list[httpx.Response] = []  # what a request got while the model was still loading
+
+
+def ask_while_loading(base: str) -> None:
+    """Send a request as soon as the front answers, while the worker's model is still loading
+    (FLUX_FAULT_LOAD_DELAY_S below); keep the first answer that is not a connection failure."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            WHILE_LOADING.append(post(base, QUICK, timeout=30))
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("production")
     env = {
+        "FLUX_FAULT_LOAD_DELAY_S": "30",
         "FLUX_BATCH_MAX_SIZE": "4",
         "FLUX_QUEUE_CONCURRENCY": "4",
         "FLUX_QUEUE_MAX_LENGTH": "6",
         "PYTHONPATH": FAULT_PATH,
     }
-    with bentoml_server(tmp, **env) as served:
+    with bentoml_server(tmp, while_starting=ask_while_loading, **env) as served:
         # BentoML's dispatcher learns its latency model from the first calls, one at a time.
         for seed in range(12):
             assert post(served[0], {**QUICK, "seed": seed}).status_code == 200
         yield served
+
+
+def test_a_request_while_the_model_loads_gets_503_model_not_ready_with_retry_after(server):
+    (answer,) = WHILE_LOADING
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error_type"] == "model_not_ready" and "still loading" in answer.json()["detail"]
+    assert int(answer.headers["retry-after"]) > 0
+    assert post(server[0], QUICK).status_code == 200  # and once loaded, the same request runs
 
 
 def test_overload_ends_every_request_cleanly_memory_stays_bounded_and_batches_form(server):

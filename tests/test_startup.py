@@ -13,6 +13,18 @@ from pathlib import Path
 from tests.conftest import REPO, free_port
 
 
+def stop_tree(process: subprocess.Popen) -> None:
+    """SIGTERM to ``bentoml serve`` (its arbiter stops its workers), then SIGKILL to whatever of the
+    tree is left: circus puts each worker in its own process group, so killpg alone leaks them."""
+    import psutil
+
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    process.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    for leftover in alive:
+        leftover.kill()
+
+
 def serve_until_it_exits(tmp: Path, timeout_s: float = 240, **env: str) -> tuple[int, str]:
     """Run ``bentoml serve`` as conftest's bentoml_server does; wait for it to end by itself."""
     environment = {
@@ -30,7 +42,7 @@ def serve_until_it_exits(tmp: Path, timeout_s: float = 240, **env: str) -> tuple
     try:
         output, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:  # the fault this file guards against: up, unready, forever
-        os.killpg(process.pid, signal.SIGKILL)
+        stop_tree(process)
         output, _ = process.communicate()
         raise AssertionError(f"bentoml serve still running after {timeout_s} s:\n{output.decode()[-3000:]}") from None
     return process.returncode, output.decode()

@@ -3,9 +3,11 @@ folder first on PYTHONPATH, and every Python process of ``bentoml serve`` import
 A request whose prompt contains ``FAULT_PROMPT`` makes the model raise inside the denoising loop,
 after its second step (the exception says so, for the test to find in the worker's log). One whose
 prompt contains ``SLOW_PROMPT`` takes at least ``SLOW_STEP_S`` per step: a long request whose length
-does not depend on how loaded the machine is (its real compute is the small part)."""
+does not depend on how loaded the machine is (its real compute is the small part). With
+``FLUX_FAULT_LOAD_DELAY_S`` set, loading the model takes that much longer (a model still loading)."""
 
 import importlib.abc
+import os
 import sys
 import time
 
@@ -32,6 +34,13 @@ def _patch(module) -> None:
         return run(self, requests, *args, on_step=step_then_raise, **kwargs)
 
     module.Inpainter.run = run_or_raise
+    init = module.Inpainter.__init__
+
+    def slow_init(self, *args, **kwargs):
+        time.sleep(float(os.environ.get("FLUX_FAULT_LOAD_DELAY_S", "0")))
+        init(self, *args, **kwargs)
+
+    module.Inpainter.__init__ = slow_init
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
