@@ -140,3 +140,32 @@ def test_a_job_past_its_deadline_leaves_the_loop_at_a_step_boundary_with_a_504(i
     assert results[0].error.status == 504
     assert seen_steps == ["step 1/6", "step 2/6"]  # the loop stopped, not just the caller's wait
     assert len(results[2].images) == 1
+
+
+def test_batching_changes_a_samples_transformer_output_only_in_its_low_bits(tiny_model):
+    """The measurement behind BATCH_ROUNDING_LEVELS (docs/api.md, "Seeds"): the same sample's
+    transformer output alone and in a batch of two differs by float rounding only (MKL's fp32
+    matmuls pick kernels by row count), orders of magnitude under one 8-bit level. Run with -s to
+    see the figures."""
+    import torch
+
+    transformer, config = tiny_model.pipeline.transformer, tiny_model.pipeline.transformer.config
+    generator = torch.Generator().manual_seed(0)
+    tokens = (48 // 16) * (64 // 16)
+    batch = dict(
+        hidden_states=torch.randn(2, tokens, config.in_channels, generator=generator),
+        encoder_hidden_states=torch.randn(2, 32, config.joint_attention_dim, generator=generator),
+        pooled_projections=torch.randn(2, config.pooled_projection_dim, generator=generator),
+        timestep=torch.tensor([0.5, 0.7]),
+        guidance=torch.tensor([3.5, 3.5]),
+        img_ids=torch.zeros(tokens, 3),
+        txt_ids=torch.zeros(32, 3),
+    )
+    alone = {k: v[:1] if k not in ("img_ids", "txt_ids") else v for k, v in batch.items()}
+    with torch.no_grad():
+        in_batch = transformer(**batch, return_dict=False)[0][:1]
+        by_itself = transformer(**alone, return_dict=False)[0]
+    difference = (in_batch - by_itself).abs().max().item()
+    scale = by_itself.abs().max().item()
+    print(f"\ntransformer output, batch of 2 against alone: max |difference| {difference:.3g} (scale {scale:.3g})")
+    assert difference <= 1e-5 * max(scale, 1.0)  # measured here: 4.8e-7 at scale ~3

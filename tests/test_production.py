@@ -71,7 +71,7 @@ def ask_while_loading(base: str) -> None:
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("production")
     env = {
-        "FLUX_FAULT_LOAD_DELAY_S": "30",
+        "FLUX_FAULT_LOAD_DELAY_S": "20",
         "FLUX_BATCH_MAX_SIZE": "4",
         "FLUX_QUEUE_CONCURRENCY": "4",
         "FLUX_QUEUE_MAX_LENGTH": "6",
