@@ -194,9 +194,8 @@ def test_faults_mixed_into_traffic_fail_alone(server):
 
 
 def test_a_request_past_its_deadline_stops_in_the_loop_answers_504_and_tells_its_webhook(tmp_path):
-    Webhooks.received = []
     env = {"FLUX_REQUEST_TIMEOUT_S": "6", "FLUX_ALLOW_PRIVATE_HOSTS": "127.0.0.1", "PYTHONPATH": FAULT_PATH}
-    with local_http_server(Webhooks) as hooks, bentoml_server(tmp_path, **env) as (base, log_path):
+    with local_http_server(LateWebhooks) as hooks, bentoml_server(tmp_path, **env) as (base, log_path):
         started = time.monotonic()
         response = post(base, LONG, timeout=60)
         answered = time.monotonic() - started
@@ -211,10 +210,10 @@ def test_a_request_past_its_deadline_stops_in_the_loop_answers_504_and_tells_its
         queued = httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": f"{hooks}/late"}, json=LONG, timeout=10)
         request_id = queued.json()["request_id"]
         deadline = time.monotonic() + 120
-        while not Webhooks.received and time.monotonic() < deadline:
+        while not LateWebhooks.received and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert [(h["request_id"], h["status"]) for h in Webhooks.received] == [(request_id, "ERROR")]
-        assert Webhooks.received[0]["payload"]["error_type"] == "request_timeout"
+        assert [(h["request_id"], h["status"]) for h in LateWebhooks.received] == [(request_id, "ERROR")]
+        assert LateWebhooks.received[0]["payload"]["error_type"] == "request_timeout"
 
 
 class Webhooks(LocalHandler):
@@ -222,6 +221,14 @@ class Webhooks(LocalHandler):
 
     def do_POST(self):
         Webhooks.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send(200, b"", "text/plain")
+
+
+class LateWebhooks(Webhooks):
+    received: list[dict] = []
+
+    def do_POST(self):
+        LateWebhooks.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
         self.send(200, b"", "text/plain")
 
 
