@@ -12,6 +12,8 @@ Two services, because fal's body is one flat JSON object while a BentoML batchab
 
 from __future__ import annotations
 
+import os
+
 import bentoml
 
 from runners.config import load_settings
@@ -22,6 +24,12 @@ from runners.logs import configure_logging
 from runners.protocol.jobs import InpaintJob, JobResult
 from runners.protocol.progress import ProgressReport
 from runners.worker.model_worker import ModelWorker
+
+# BentoML's own container setting (its Dockerfile sets it), here for every way the server starts: a
+# process that exits is not respawned, and the arbiter then stops the whole server with an error. A
+# worker whose model cannot load exits (runners/worker/model_worker.py), so `bentoml serve` ends
+# non-zero instead of serving unready forever, and Kubernetes restarts the pod.
+os.environ.setdefault("BENTOML_CONTAINERIZED", "true")
 
 SETTINGS = load_settings()  # every process reads the same environment; bad values fail here
 configure_logging(SETTINGS.server.log_format)  # ours: one JSON line per event (BentoML's keep theirs)

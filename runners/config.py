@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TINY_MODEL = "tiny"
@@ -63,7 +63,8 @@ class ModelSettings(SettingsGroup):
 
     safety_checker: str | None = Field(None, min_length=1, max_length=4096)
     """Hub id or folder of a ``StableDiffusionSafetyChecker``. Unset: the tiny model's own tiny
-    checker for ``tiny``, else ``CompVis/stable-diffusion-safety-checker``."""
+    checker for ``tiny``, a model folder's own ``safety_checker/`` when it has one, else
+    ``CompVis/stable-diffusion-safety-checker``."""
 
     max_sequence_length: int = Field(512, ge=16, le=512)
     """T5 tokens per prompt. FLUX.1-dev was trained with 512; longer prompts are truncated."""
@@ -427,8 +428,32 @@ class Settings(BaseSettings):
     acceleration: AccelerationSettings = Field(default_factory=AccelerationSettings)
 
 
+class SettingsError(ValueError):
+    """A ``FLUX_*`` value the server cannot run with; the message names the variable."""
+
+
+def variable_name(group: type[BaseSettings], field: str) -> str:
+    """The environment variable a settings field is read from (pydantic-settings' own rule: the
+    field's alias, else the group's prefix and the field's name, upper-cased)."""
+    info = group.model_fields.get(field)
+    if info is None:  # pydantic reports an aliased field by its alias, which is the variable
+        return field
+    if isinstance(info.validation_alias, str):
+        return info.validation_alias
+    return (group.model_config.get("env_prefix", "") + field).upper()
+
+
 def load_settings() -> Settings:
-    settings = Settings()
+    groups = {info.annotation.__name__: info.annotation for info in Settings.model_fields.values()}
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # raised by one group's own validation: exc.title is its class
+        group = groups.get(exc.title)
+        problems = [
+            f"{variable_name(group, str(error['loc'][0])) if group and error['loc'] else exc.title}: {error['msg']}"
+            for error in exc.errors()
+        ]  # never the values: some are secrets (FLUX_API_KEYS)
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None
     # A request may run until its deadline plus the queue's grace; the timeouts of the calls that
     # carry it must not cut it short first (they would answer a bare 504 and leave the work running).
     needed = settings.server.request_timeout_s + DEADLINE_GRACE_S
@@ -437,7 +462,7 @@ def load_settings() -> Settings:
         ("FLUX_TRITON_TIMEOUT_S", settings.executor.triton_timeout_s),
     ):
         if value < needed:
-            raise ValueError(
+            raise SettingsError(
                 f"{name}={value:g} must be at least FLUX_REQUEST_TIMEOUT_S + {DEADLINE_GRACE_S:g} = {needed:g}"
             )
     return settings

@@ -15,9 +15,20 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
+# After the drain, how long the server's own shutdown may take before the process exits anyway. Seen
+# needed: with the model worker gone (its model could not load) and /readyz being polled, as
+# Kubernetes does, the front's uvicorn shutdown never finished, and with it `bentoml serve`.
+SHUTDOWN_AFTER_DRAIN_S = 15.0
+
+
+def _exit_if_still_running(name: str) -> None:
+    log.warning("%s: shutdown not finished %g s after the drain; exiting now", name, SHUTDOWN_AFTER_DRAIN_S)
+    logging.shutdown()
+    os._exit(1)
 
 
 def drain_on_sigterm(drain: Callable[[], Awaitable[None]], name: str) -> bool:
@@ -46,6 +57,9 @@ def drain_on_sigterm(drain: Callable[[], Awaitable[None]], name: str) -> bool:
         except Exception:
             log.exception("%s: drain failed; exiting anyway", name)
         log.info("%s: drained; shutting down", name)
+        watchdog = threading.Timer(SHUTDOWN_AFTER_DRAIN_S, _exit_if_still_running, args=(name,))
+        watchdog.daemon = True
+        watchdog.start()
         exit_now(signum, frame)
 
     def on_sigterm(signum, frame) -> None:

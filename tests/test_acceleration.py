@@ -12,7 +12,7 @@ import torch
 from runners.config import AccelerationSettings, LoraSettings, ModelSettings
 from runners.pipeline.acceleration import FirstBlockCache, may_skip
 from runners.pipeline.inpaint import Inpainter, InpaintInputs
-from tests.conftest import pixels, scene
+from tests.conftest import BATCH_ROUNDING_LEVELS, pixels, scene
 
 ALWAYS = 10.0  # a threshold no relative change reaches: every step the rules allow is skipped
 
@@ -98,7 +98,9 @@ def test_skips_follow_the_rules_and_stay_close(tiny_model, inpainter):
     )
     error = np.abs(pixels(regular.images[0]) - pixels(none.images[0]))
     assert error.max() > 0  # skipping changed something ...
-    assert error.mean() < 4 and error.max() < 64  # ... but the image stays close (mean in 0..255)
+    # ... but the image stays close (levels of 255). Measured, 6 of 9 steps skipped, seeds 7..10:
+    # max 7-9 levels, mean 0.41-0.65; the bounds are about twice that.
+    assert error.mean() < 1.5 and error.max() <= 16
 
 
 def test_the_rules_alone():
@@ -129,8 +131,8 @@ def test_a_none_request_gets_its_own_image_in_a_mixed_batch(tiny_model, inpainte
         ]
     )
     assert mixed[0].steps_skipped == 0 and mixed[1].steps_skipped == regular_alone.steps_skipped == 6
-    assert np.abs(pixels(mixed[0].images[0]) - pixels(none_alone.images[0])).max() <= 1
-    assert np.abs(pixels(mixed[1].images[0]) - pixels(regular_alone.images[0])).max() <= 1
+    assert np.abs(pixels(mixed[0].images[0]) - pixels(none_alone.images[0])).max() <= BATCH_ROUNDING_LEVELS
+    assert np.abs(pixels(mixed[1].images[0]) - pixels(regular_alone.images[0])).max() <= BATCH_ROUNDING_LEVELS
 
 
 class RecordingTransformer:
@@ -238,7 +240,7 @@ def test_per_request_lora_deltas_follow_their_samples_into_the_sub_batch(lora_mo
     assert [r.steps_skipped for r in mixed] == [0, 6, 3, 0]  # 6 steps run: skip 1 2 3, full 4, last 5
     alone = [plain.run([group[0]])[0], fast.run([group[1]])[0], fast.run([group[2]])[0], plain.run([group[3]])[0]]
     for together, by_itself in zip(mixed, alone):
-        assert np.abs(pixels(together.images[0]) - pixels(by_itself.images[0])).max() <= 1
+        assert np.abs(pixels(together.images[0]) - pixels(by_itself.images[0])).max() <= BATCH_ROUNDING_LEVELS
     # and the LoRAs did change the images (else the test would prove nothing)
     assert np.abs(pixels(alone[0].images[0]) - pixels(plain.run([inputs(seed=1)])[0].images[0])).max() > 8
 

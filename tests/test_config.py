@@ -3,6 +3,8 @@ server at start-up with the variable's name, instead of failing strangely later.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 from pydantic import ValidationError
 
@@ -49,3 +51,97 @@ def test_call_timeouts_must_outlast_the_request_deadline(monkeypatch):
     monkeypatch.setenv("FLUX_BATCH_TIMEOUT_S", "1830")
     monkeypatch.setenv("FLUX_TRITON_TIMEOUT_S", "1830")
     assert load_settings().server.request_timeout_s == 1800
+
+
+def _outside_values(info) -> list[tuple[str, str]]:
+    """(environment value, pydantic's words for the bound it breaks) for each bound declared on a
+    field: read from the field's own metadata (ge/le, min/max length, pattern, Literal), never retyped."""
+    import math
+    import re
+    import typing
+
+    import annotated_types
+
+    annotation = info.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None: the bounds are on X
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    is_list = typing.get_origin(annotation) is list
+    default = info.get_default(call_default_factory=True)
+    item = str(default[0]) if is_list and default else "a"
+    cases = []
+    for bound in info.metadata:
+        if isinstance(bound, annotated_types.Ge):
+            below = bound.ge - 1 if annotation is int else math.nextafter(bound.ge, -math.inf)
+            cases.append((repr(below), "greater than or equal to"))
+        elif isinstance(bound, annotated_types.Le):
+            above = bound.le + 1 if annotation is int else math.nextafter(bound.le, math.inf)
+            cases.append((repr(above), "less than or equal to"))
+        elif isinstance(bound, annotated_types.MinLen) and bound.min_length > 0:
+            short = ",".join([item] * (bound.min_length - 1)) if is_list else "a" * (bound.min_length - 1)
+            cases.append((short, "at least"))
+        elif isinstance(bound, annotated_types.MaxLen):
+            if is_list:
+                cases.append((",".join([item] * (bound.max_length + 1)), "at most"))
+            else:  # as long as allowed plus one, in the field's own pattern when it has one
+                pattern = next(
+                    (getattr(m, "pattern", None) for m in info.metadata if getattr(m, "pattern", None)), None
+                )
+                long = "http://" + "a" * (bound.max_length + 1 - len("http://"))
+                if not (pattern and re.fullmatch(pattern, long)):
+                    long = "a" * (bound.max_length + 1)
+                cases.append((long, "at most"))
+        elif getattr(bound, "pattern", None):
+            cases.append(
+                (next(v for v in ("a b", "http://", "") if not re.fullmatch(bound.pattern, v)), "match pattern")
+            )
+    if typing.get_origin(annotation) is typing.Literal:
+        cases.append(("-".join(typing.get_args(annotation)) + "-not-a-choice", "Input should be"))
+    if annotation is bool:
+        cases.append(("maybe", "valid boolean"))
+    return cases
+
+
+def _every_field():
+    from runners.config import Settings, variable_name
+
+    for group_info in Settings.model_fields.values():
+        group = group_info.annotation
+        for name, info in group.model_fields.items():
+            yield group, name, info, variable_name(group, name)
+
+
+BOUNDED = [
+    pytest.param(variable, value, words, id=f"{variable}={value[:20]}")
+    for _group, _name, info, variable in _every_field()
+    for value, words in _outside_values(info)
+]
+
+
+@pytest.mark.parametrize("variable, value, words", BOUNDED)
+def test_every_settings_field_refuses_a_value_just_outside_its_bounds_by_name(monkeypatch, variable, value, words):
+    from runners.config import SettingsError, load_settings
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert f"{variable}: " in str(error.value) and words in str(error.value), str(error.value)
+
+
+def test_every_field_has_bounds_or_is_a_path():
+    """A field the test above cannot reach must be one that has nothing to bound (a folder)."""
+    unbounded = [
+        variable
+        for _group, _name, info, variable in _every_field()
+        if not _outside_values(info) and "Path" not in str(info.annotation)
+    ]
+    assert unbounded == []
+    assert len(BOUNDED) > 60  # every group contributed
+
+
+@pytest.mark.parametrize("variable, value", [("FLUX_EXPORT_SIZES", "1024x1000"), ("FLUX_EXPORT_BATCH_SIZES", "1,65")])
+def test_bounds_checked_by_validators_name_the_variable_too(monkeypatch, variable, value):
+    from runners.config import SettingsError, load_settings
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=f"{variable}: "):
+        load_settings()

@@ -167,6 +167,18 @@ def test_onnxruntime_backend_images_match_torch(export_env, exported, tiny_dir):
     got = Inpainter(onnx_model).run([request, InpaintInputs(**{**request.__dict__, "seed": 6})])[0].images[0]
     assert np.abs(pixels(got) - pixels(expected)).max() <= 2  # stated tolerance: 2 levels of 255
 
+    # acceleration "regular" on the real ONNX Runtime transformer: one graph, no first-block cache, so
+    # it runs as "none" (docs/benchmarks.md), even with a threshold that would skip every step it may.
+    from runners.config import AccelerationSettings
+
+    alone = Inpainter(onnx_model).run([request])[0].images[0]
+    eager_skips = Inpainter(torch_model, AccelerationSettings(threshold=10.0))
+    regular_request = InpaintInputs(**{**request.__dict__, "acceleration": "regular"})
+    assert eager_skips.run([regular_request])[0].steps_skipped > 0  # the same settings do skip on torch
+    regular = Inpainter(onnx_model, AccelerationSettings(threshold=10.0)).run([regular_request])[0]
+    assert regular.steps_skipped == 0
+    assert np.array_equal(pixels(regular.images[0]), pixels(alone))
+
 
 def test_backends_refuse_what_they_cannot_do(export_env, exported):
     from pathlib import Path

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import LocalHandler, bentoml_server, local_http_server, scene
+from tests.conftest import BATCH_ROUNDING_LEVELS, LocalHandler, bentoml_server, local_http_server, scene
 
 KEY = "hostile-key"
 ROUTE = "/fal-ai/flux-lora/inpainting"
@@ -37,9 +37,10 @@ MAX_LORAS = 4
 REQUEST_TIMEOUT_S = 180.0
 NORMAL_SEEDS = (11, 22, 33, 44)
 NORMAL_REPEATS = 2  # each normal request runs this many times in the mix
-# A request batched with others may differ from itself run alone by float rounding: docs/api.md ("Seeds")
-# bounds it at 2 levels of 255. Hostile requests never reach the model, proven separately below.
-BATCH_ROUNDING = 2
+# A request batched with others may differ from itself run alone by float rounding (PNG outputs:
+# conftest's BATCH_ROUNDING_LEVELS, docs/api.md "Seeds"). Hostile requests never reach the model,
+# proven separately below.
+BATCH_ROUNDING = BATCH_ROUNDING_LEVELS
 
 
 def png(image: Image.Image) -> bytes:

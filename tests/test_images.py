@@ -383,19 +383,14 @@ def test_cut_in_half_refused(encoded_noise, fmt):
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
 def test_every_cut_refused_cleanly(encoded_noise, fmt):
-    """Wherever the file ends, the answer is an image or an ImageLoadError, never another exception."""
+    """Wherever the file ends, the answer is a 422 ImageLoadError naming the field and what is wrong:
+    no cut is accepted (measured: none of the ~124 cuts per format decodes), no other exception."""
     data = encoded_noise[fmt]
     cuts = sorted(set(range(0, 64)) | set(range(64, len(data), max(1, len(data) // 60))))
-    refusals = 0
+    reasons = ("not a PNG, JPEG or WEBP image", "image could not be read", "image data is corrupt or truncated")
     for cut in cuts:
-        try:
-            image = open_image(data[:cut], "mask_url", LIMITS)
-        except ImageLoadError as error:
-            assert error.field == "mask_url"
-            refusals += 1
-        else:
-            assert image.size == (96, 64)
-    assert refusals >= len(cuts) - 2
+        error = refused(lambda cut=cut: open_image(data[:cut], "mask_url", LIMITS), "mask_url")
+        assert error.reason in reasons, (cut, error.reason)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from runners.pipeline.inpaint import InpaintInputs, plan_schedule
-from tests.conftest import pixels, scene
+from tests.conftest import BATCH_ROUNDING_LEVELS, pixels, scene
 
 
 def inputs(**overrides) -> InpaintInputs:
@@ -89,7 +89,7 @@ def test_num_images_are_distinct_and_each_is_its_own_seed(inpainter):
     assert len(result.images) == 3 and result.has_nsfw_concepts == [False] * 3
     assert not np.array_equal(pixels(result.images[0]), pixels(result.images[1]))
     single = inpainter.run([inputs(seed=22)])[0].images[0]
-    assert np.abs(pixels(result.images[2]) - pixels(single)).max() <= 2
+    assert np.abs(pixels(result.images[2]) - pixels(single)).max() <= BATCH_ROUNDING_LEVELS
 
 
 def test_image_is_the_same_alone_or_in_a_mixed_batch(inpainter):
@@ -101,7 +101,7 @@ def test_image_is_the_same_alone_or_in_a_mixed_batch(inpainter):
     ]
     batched = inpainter.run([neighbours[0], inputs(seed=5), neighbours[1]])
     assert len(batched[0].images) == 2 and len(batched[1].images) == 1
-    assert np.abs(pixels(batched[1].images[0]) - pixels(alone)).max() <= 2
+    assert np.abs(pixels(batched[1].images[0]) - pixels(alone)).max() <= BATCH_ROUNDING_LEVELS
 
 
 def test_known_region_equals_the_original_latents(inpainter):

@@ -596,3 +596,40 @@ def test_kohya_mapping_matches_diffusers_own_converter():
         probe = rand(shapes[module][0], 2, seed=5)  # compare delta @ probe: the full deltas are large
         expected = theirs[f"{module}.lora_B.weight"] @ (theirs[f"{module}.lora_A.weight"] @ probe)
         torch.testing.assert_close(layer.multiplier * layer.up @ (layer.down @ probe), expected, msg=module)
+
+
+@pytest.mark.parametrize("prefix", ["", "diffusion_model."])
+def test_xlabs_mapping_matches_diffusers_own_converter(transformer, shapes, prefix):
+    """Every XLabs processor key (image and text streams of double blocks, single blocks' q/k/v and
+    output) goes where diffusers' ``_convert_xlabs_flux_lora_to_diffusers`` puts it, with the same
+    deltas: the expected mapping is diffusers', not written here."""
+    from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
+
+    inner = shapes["transformer_blocks.0.attn.to_q"][1]
+    dims = {  # (in, out) of each processor LoRA, read from the model's own layers
+        "qkv_lora1": (shapes["transformer_blocks.0.attn.to_q"][0], 3 * inner),
+        "qkv_lora2": (shapes["transformer_blocks.0.attn.add_q_proj"][0], 3 * inner),
+        "proj_lora1": shapes["transformer_blocks.0.attn.to_out.0"],
+        "proj_lora2": shapes["transformer_blocks.0.attn.to_add_out"],
+        "qkv_lora": (shapes["single_transformer_blocks.0.attn.to_q"][0], 3 * inner),
+        "proj_lora": shapes["single_transformer_blocks.0.proj_out"],
+    }
+    sd = {}
+    for block, processors in [
+        ("double", ["qkv_lora1", "qkv_lora2", "proj_lora1", "proj_lora2"]),
+        ("single", ["qkv_lora", "proj_lora"]),
+    ]:
+        for index in (0, 1):
+            for processor in processors:
+                key = f"{prefix}{block}_blocks.{index}.processor.{processor}"
+                sd[f"{key}.down.weight"] = rand(R, dims[processor][0], seed=len(sd))
+                sd[f"{key}.up.weight"] = rand(dims[processor][1], R, seed=len(sd) + 1000)
+    ours = parse_lora({k: v.clone() for k, v in sd.items()}, shapes, transformer.config, max_rank=128)
+    theirs = _convert_xlabs_flux_lora_to_diffusers({k: v.clone() for k, v in sd.items()})
+    theirs = {k.removeprefix("transformer."): v for k, v in theirs.items()}
+    assert ours.format == "xlabs"
+    assert {k.rsplit(".", 2)[0] for k in theirs} == set(ours.layers)
+    assert len(ours.layers) == 2 * (3 + 3 + 1 + 1) + 2 * (3 + 1)
+    for module, layer in ours.layers.items():
+        expected = theirs[f"{module}.lora_B.weight"] @ theirs[f"{module}.lora_A.weight"]
+        torch.testing.assert_close(layer.multiplier * layer.up @ layer.down, expected, msg=module)

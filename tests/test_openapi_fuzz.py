@@ -28,7 +28,7 @@ from schemathesis import GenerationMode
 
 from runners.front.fal_http import REQUESTS_PATH
 from runners.front.openapi import openapi_document
-from tests.conftest import bentoml_server, scene
+from tests.conftest import REPO, bentoml_server, scene
 
 KEY = "fuzz-key"
 APP = "fal-ai/flux-lora/inpainting"
@@ -49,8 +49,21 @@ OUTCOMES: Counter = Counter()  # (operation, status) of every generated request
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def model_folder(tmp_path_factory):
+    """The README's way to serve a model folder: ``make tiny DIR=x`` (this command) then FLUX_MODEL=x.
+    It carries its own ``safety_checker/``; offline, the server must use that one, not the hub's."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("model") / "tiny-flux"
+    subprocess.run([sys.executable, "-m", "runners.pipeline.tiny", str(folder)], cwd=REPO, check=True, timeout=600)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_folder):
     env = {
+        "FLUX_MODEL": str(model_folder),  # the fuzzing runs on a served folder, offline (HF_HUB_OFFLINE=1)
         "FLUX_API_KEYS": KEY,
         "FLUX_MAX_OUTPUT_PIXELS": str(MAX_SIDE * MAX_SIDE),
         "FLUX_MAX_BODY_BYTES": "200000",
@@ -108,6 +121,21 @@ def assert_fal_answer(case, response) -> None:
         return  # cancel answers fal's {status} body, also on 400/404
     assert set(body) >= {"detail", "error_type"} and isinstance(body["error_type"], str), body
     assert headers["x-fal-error-type"] == body["error_type"]
+
+
+def test_a_folder_model_serves_offline_with_its_own_safety_checker(server, model_folder):
+    base, log_path = server
+    body = {"prompt": "a shed", "image_url": IMAGE, "mask_url": MASK, "num_inference_steps": 2}
+    response = httpx.post(
+        f"{base}/{APP}",
+        json={**body, "enable_safety_checker": True},
+        headers={"Authorization": f"Key {KEY}"},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["has_nsfw_concepts"] == [False]  # the checker ran (the tiny one flags nothing)
+    assert response.headers["x-flux-model"] == str(model_folder)
+    assert f"loading safety checker from {model_folder / 'safety_checker'}" in log_path.read_text()
 
 
 def test_the_server_serves_this_document_without_a_key(server):

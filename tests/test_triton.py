@@ -21,10 +21,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from runners.lora.formats import linear_shapes
 from tests.conftest import REPO, bentoml_server, free_port, scene, wait_until_ready
+from tests.test_lora import write_lora
 
 TRITON_PYTHON = REPO / ".venv-triton" / "bin" / "python"
 APP = "fal-ai/flux-lora/inpainting"
+WIDTH, HEIGHT = 80, 48
+FAULTS = REPO / "tests" / "faults"  # sitecustomize: a prompt with SLOW_PROMPT takes 0.3 s a step or more
+SLOW_PROMPT = "take your time"
 
 
 @contextmanager
@@ -78,8 +83,10 @@ def data_uri(image) -> str:
     return "data:image/png;base64," + base64.b64encode(encode_lossless(image)).decode()
 
 
-def body(seed: int, steps: int = 2, size: int = 64, **extra) -> dict:
-    image, mask = scene(size, size, seed=seed)
+def body(seed: int, steps: int = 2, size: int | None = None, **extra) -> dict:
+    """Non-square unless a size is given (80x48: a width/height swap shows), output = input size."""
+    width, height = (size, size) if size else (WIDTH, HEIGHT)
+    image, mask = scene(width, height, seed=seed)
     return {
         "prompt": f"a test {seed}",
         "image_url": data_uri(image),
@@ -107,14 +114,16 @@ def post_all(base: str, bodies: list[dict]) -> list[httpx.Response]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, tiny_model):
     """One Triton (batches up to 4, a queue of 4, a short exit grace) and a front against it. The
     last test stops this Triton; module scope keeps the suite to one start of each."""
     tmp = tmp_path_factory.mktemp("triton")
     lora_dir = tmp / "loras"
     lora_dir.mkdir()
     (lora_dir / "broken.safetensors").write_bytes(b"not a safetensors file" * 10)
+    write_lora(lora_dir, "style", 4, 1, linear_shapes(tiny_model.pipeline.transformer))
     triton_env = {
+        "PYTHONPATH": os.pathsep.join([str(FAULTS), str(REPO)]),
         "FLUX_TRITON_MAX_BATCH_SIZE": "4",
         "FLUX_TRITON_PREFERRED_BATCH_SIZES": "2,4",
         "FLUX_TRITON_MAX_QUEUE_DELAY_MS": "200",
@@ -138,6 +147,7 @@ def stack(tmp_path_factory):
                 "front": front,
                 "front_log": front_log,
                 "lora_dir": lora_dir,
+                "triton_log": tmp / f"triton-{triton_url.rsplit(':', 1)[1]}.log",
             }
 
 
@@ -182,7 +192,9 @@ def test_tensor_contract_round_trip():
     ):
         assert getattr(back.request, field) == getattr(job.request, field), field
 
-    images = [EncodedImage(data=data, content_type="image/png", width=64, height=64) for data in (b"\x89P1", b"\x89P2")]
+    images = [
+        EncodedImage(data=data, content_type="image/png", width=WIDTH, height=HEIGHT) for data in (b"\x89P1", b"\x89P2")
+    ]
     result = JobResult(
         request_id="rid-1",
         images=images,
@@ -259,22 +271,25 @@ def test_triton_refusals_become_fal_errors(status, message, error_type):
     assert error.status == (429 if error_type == "queue_full" else 503)
 
 
-def test_same_images_as_the_in_process_executor(stack, tmp_path):
-    """One request alone on each executor: byte-identical PNGs, the same seed and NSFW flags."""
-    request = body(11, steps=3)
-    on_triton = httpx.post(f"{stack['front']}/{APP}", json=request, timeout=180)
-    assert on_triton.status_code == 200, on_triton.text
+def test_same_images_as_the_in_process_executor_with_and_without_a_lora(stack, tmp_path):
+    """One request alone on each executor, non-square, then the same with a LoRA: byte-identical
+    PNGs, the same seed and NSFW flags; the LoRA works through Triton (it changes the image)."""
+    requests = [body(11, steps=3), body(11, steps=3, loras=[{"path": "style.safetensors", "scale": 0.9}])]
+    on_triton = [httpx.post(f"{stack['front']}/{APP}", json=request, timeout=180) for request in requests]
+    assert [r.status_code for r in on_triton] == [200, 200], [r.text[:300] for r in on_triton]
     # The in-process front reads the very same tiny model files (the shared cache directory).
     cache = str(stack["tmp"] / "cache")
-    with bentoml_server(tmp_path, XDG_CACHE_HOME=cache, FLUX_LOG_FORMAT="text") as (in_process, _):
-        local = httpx.post(f"{in_process}/{APP}", json=request, timeout=180)
-    assert local.status_code == 200, local.text
-    a, b = on_triton.json(), local.json()
-    assert a["seed"] == b["seed"] == 11
-    assert a["has_nsfw_concepts"] == b["has_nsfw_concepts"]
-    assert [i["url"] for i in a["images"]] == [i["url"] for i in b["images"]]  # data URIs of the PNG bytes
-    assert a["images"][0]["width"] == b["images"][0]["width"] == 64
-    assert set(a["timings"]) == set(b["timings"])
+    env = {"XDG_CACHE_HOME": cache, "FLUX_LOG_FORMAT": "text", "FLUX_LORA_DIR": str(stack["lora_dir"])}
+    with bentoml_server(tmp_path, **env) as (in_process, _):
+        local = [httpx.post(f"{in_process}/{APP}", json=request, timeout=180) for request in requests]
+    assert [r.status_code for r in local] == [200, 200], [r.text[:300] for r in local]
+    for a, b in zip((r.json() for r in on_triton), (r.json() for r in local)):
+        assert a["seed"] == b["seed"] == 11
+        assert a["has_nsfw_concepts"] == b["has_nsfw_concepts"]
+        assert [i["url"] for i in a["images"]] == [i["url"] for i in b["images"]]  # data URIs of the PNG bytes
+        assert (a["images"][0]["width"], a["images"][0]["height"]) == (WIDTH, HEIGHT)
+        assert set(a["timings"]) == set(b["timings"])
+    assert on_triton[0].json()["images"][0]["url"] != on_triton[1].json()["images"][0]["url"]
 
 
 def test_triton_runs_the_configured_batcher_and_queue_policy(stack):
@@ -296,6 +311,7 @@ def test_concurrent_requests_form_triton_batches(stack):
     responses = post_all(stack["front"], [body(seed, steps=3) for seed in range(4)])
     assert [r.status_code for r in responses] == [200] * 4, [r.text[:300] for r in responses]
     assert [r.json()["seed"] for r in responses] == [0, 1, 2, 3]
+    assert {(r.json()["images"][0]["width"], r.json()["images"][0]["height"]) for r in responses} == {(WIDTH, HEIGHT)}
     inferences = counter(stack["metrics"], "nv_inference_count") - count0
     executions = counter(stack["metrics"], "nv_inference_exec_count") - exec0
     assert inferences == 4
@@ -323,6 +339,67 @@ def test_a_full_triton_queue_is_a_429_at_the_front(stack):
     assert codes.count(429) >= 1 and codes.count(200) >= 4, codes
     rejected = next(r for r in responses if r.status_code == 429)
     assert rejected.json()["error_type"] == "queue_full"
+
+
+def test_the_queue_routes_and_cancel_through_triton(stack):
+    front = stack["front"]
+    submitted = httpx.post(f"{front}/queue/{APP}", json=body(12, steps=3), timeout=30).json()
+
+    def status(body):
+        return httpx.get(body["status_url"], params={"logs": "1"}, timeout=30)
+
+    deadline = time.monotonic() + 180
+    while (answer := status(submitted)).status_code != 200:
+        assert answer.status_code == 202 and answer.json()["status"] in ("IN_QUEUE", "IN_PROGRESS"), answer.text
+        assert time.monotonic() < deadline, "not completed in time"
+        time.sleep(0.2)
+    done = answer.json()
+    assert done["status"] == "COMPLETED" and "error_type" not in done, done
+    messages = [line["message"] for line in done["logs"]]  # the front's lines, then the Triton worker's
+    assert messages[:2] == ["queued", "completed"] and f"started: {WIDTH}x{HEIGHT}, batch of 1" in messages
+    assert [m for m in messages if m.startswith("step ")] == ["step 1/3", "step 2/3", "step 3/3"]
+    result = httpx.get(submitted["response_url"], timeout=30).json()
+    assert result["seed"] == 12 and (result["images"][0]["width"], result["images"][0]["height"]) == (WIDTH, HEIGHT)
+
+    # Cancel: the caller gets its answer at once; Triton runs what it has taken to its end (a limit of
+    # this tier, docs/triton.md), so the request is a short slow one (10 steps of 0.3 s or more).
+    inferences = counter(stack["metrics"], "nv_inference_count")
+    running = httpx.post(f"{front}/queue/{APP}", json=body(13, steps=10, prompt=SLOW_PROMPT), timeout=30).json()
+    while status(running).json()["status"] != "IN_PROGRESS":
+        assert time.monotonic() < deadline, "never started"
+        time.sleep(0.1)
+    cancel = httpx.put(running["cancel_url"], timeout=30)
+    assert cancel.status_code == 202 and cancel.json() == {"status": "CANCELLATION_REQUESTED"}
+    ended = status(running)
+    assert ended.status_code == 200 and ended.json()["error_type"] == "request_cancelled", ended.text
+    assert httpx.get(running["response_url"], timeout=30).status_code == 400
+    # Triton still ends it (the limit above): wait for that, so the next tests find Triton idle.
+    while counter(stack["metrics"], "nv_inference_count") == inferences:
+        assert time.monotonic() < deadline + 120, "Triton never finished the cancelled request"
+        time.sleep(0.5)
+
+
+def test_a_request_past_its_deadline_on_triton_answers_504_and_stops_there(stack, tmp_path):
+    """A front with a 6 s deadline in front of the same Triton: the deadline travels with the job
+    (DEADLINE), and Triton's loop stops the request at a step boundary, well before its 50 steps."""
+    env = {
+        "FLUX_EXECUTOR": "triton",
+        "FLUX_TRITON_URL": stack["triton"],
+        "FLUX_REQUEST_TIMEOUT_S": "6",
+        "FLUX_LOG_FORMAT": "text",
+    }
+    with bentoml_server(tmp_path, **env) as (front, _):
+        request = body(14, steps=50, strength=1.0, prompt=SLOW_PROMPT)  # all 50 steps run, unless stopped
+        response = httpx.post(f"{front}/{APP}", json=request, timeout=120)
+    assert response.status_code == 504 and response.json()["error_type"] == "request_timeout", response.text
+    request_id = response.headers["x-fal-request-id"]
+    prefix = f"request {request_id} out of time: left the batch after step "
+    deadline = time.monotonic() + 60
+    while not (lines := [line for line in stack["triton_log"].read_text().splitlines() if prefix in line]):
+        assert time.monotonic() < deadline, "Triton's loop never said it stopped the request"
+        time.sleep(0.5)
+    step, steps = lines[0].split(prefix)[1].split()[0].split("/")
+    assert int(steps) == 50 and 1 <= int(step) <= 25, lines[0]  # 6 s of 15+
 
 
 def test_triton_stopping_under_load_fails_cleanly_and_readyz_goes_false(stack):

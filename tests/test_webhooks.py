@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from runners.config import WebhookSettings
 from runners.fetch import FetchFailed, UrlRefused
 from runners.front.webhooks import deliver, webhook_body
+from tests.conftest import LocalHandler, free_port, local_http_server
 
 
 class FakeFetcher:
@@ -83,3 +85,44 @@ _real_sleep = asyncio.sleep
 
 async def fast_sleep(seconds):
     await _real_sleep(0)
+
+
+# ---- real receivers, over HTTP, through the real fetcher -------------------------------------
+
+
+class FlakyReceiver(LocalHandler):
+    """Answers 500, 500, then 200; keeps every body it was sent."""
+
+    answers: list[int] = []
+    bodies: list[dict] = []
+
+    def do_POST(self):
+        FlakyReceiver.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send(FlakyReceiver.answers.pop(0) if FlakyReceiver.answers else 200, b"", "text/plain")
+
+
+def local_fetcher():
+    from runners.config import FetchSettings
+    from runners.fetch import HostPolicy, SafeFetcher
+
+    return SafeFetcher(HostPolicy(["127.0.0.1"]), FetchSettings())
+
+
+def test_a_real_receiver_answering_500_500_then_200_gets_the_body_three_times():
+    FlakyReceiver.answers, FlakyReceiver.bodies = [500, 500], []
+    with local_http_server(FlakyReceiver) as url:
+        delivered = run(deliver(local_fetcher(), f"{url}/hook", BODY, WebhookSettings(attempts=5)))
+    assert delivered
+    assert FlakyReceiver.bodies == [BODY, BODY, BODY]  # retried after each 500, stopped at the 200
+
+
+def test_a_receiver_that_is_always_down_is_tried_each_attempt_then_given_up(caplog):
+    import logging
+
+    down = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there: connection refused
+    with caplog.at_level(logging.INFO, logger="runners.front.webhooks"):
+        delivered = run(deliver(local_fetcher(), down, BODY, WebhookSettings(attempts=3)))
+    assert not delivered
+    failed = [r.getMessage() for r in caplog.records if "attempt" in r.getMessage() and "failed" in r.getMessage()]
+    assert len(failed) == 3, failed  # three real connection attempts, then the give-up
+    assert "not delivered after 3 attempt(s)" in caplog.records[-1].getMessage()

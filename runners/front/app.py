@@ -3,6 +3,7 @@ queue and the executor over the configured model tier. service.py creates one pe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -21,6 +22,7 @@ from runners.lora.sources import LoraSources
 
 log = logging.getLogger(__name__)
 STORE_SWEEP_EVERY_S = 60.0
+WORKER_DRAINED_TIMEOUT_S = 10.0
 
 
 def model_client(settings: Settings, worker) -> ModelClient:
@@ -71,7 +73,9 @@ class Front:
     async def _drain(self) -> None:
         await self.queue.drain(self.settings.server.drain_timeout_s)
         with contextlib.suppress(Exception):  # the worker served the drain; now it may go too
-            await self.client.drained()
+            # Bounded: a worker that is gone (it exits when its model cannot load) never answers,
+            # and BentoML's client keeps trying it, which would hold the whole server up.
+            await asyncio.wait_for(self.client.drained(), WORKER_DRAINED_TIMEOUT_S)
 
     @staticmethod
     def _gauge(queue: RequestQueue) -> None:

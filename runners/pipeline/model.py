@@ -55,6 +55,10 @@ def resolve_source(settings: ModelSettings) -> tuple[str, str | None]:
 
         folder = ensure_tiny_model(Path(settings.cache_dir))
         return str(folder), settings.safety_checker or str(folder / "safety_checker")
+    # A folder that carries its own checker (``make tiny DIR=...`` writes one) uses it: no hub needed.
+    own_checker = Path(settings.model) / "safety_checker"
+    if own_checker.is_dir():
+        return settings.model, settings.safety_checker or str(own_checker)
     return settings.model, settings.safety_checker or DEFAULT_SAFETY_CHECKER
 
 

@@ -68,7 +68,7 @@ class InpaintRequest(BaseModel):
     """Denoising steps scheduled; `strength` decides how many of them run."""
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     """The same seed and inputs give the same image; unset draws one (the output says which)."""
-    loras: list[LoraWeight] = Field(default_factory=list, max_length=16)
+    loras: list[LoraWeight] = Field([], max_length=16)  # pydantic copies it per request; shown in the schema
     """LoRAs to apply, each a path (URL, local name or hub-style name) and a scale."""
     guidance_scale: float = Field(3.5, ge=0.0, le=35.0, allow_inf_nan=False)
     """How closely to follow the prompt (FLUX.1-dev's embedded guidance, not CFG)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 
@@ -53,7 +54,12 @@ class ModelWorker:
             log.info("model ready: %s", self.settings.model.label)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
-            log.exception("model failed to load; the worker stays unready")
+            # Waiting will not load it: exit, and service.py's BENTOML_CONTAINERIZED makes BentoML's
+            # arbiter stop the whole server with an error instead of respawning this process, so
+            # `bentoml serve` ends non-zero with this reason above it and Kubernetes restarts the pod.
+            log.exception("model failed to load (%s): stopping the server", self.load_error)
+            logging.shutdown()  # flush every handler: os._exit skips that
+            os._exit(3)
 
     @property
     def alive(self) -> bool:

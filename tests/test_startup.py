@@ -1,0 +1,81 @@
+"""Start-up faults end ``bentoml serve`` itself, non-zero and with the reason, instead of leaving a
+server up and unready: a bad setting (read when service.py is imported) and a model that cannot load
+(the worker exits; BentoML's arbiter, which service.py tells not to respawn it, then stops)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import REPO, free_port
+
+
+def poll_readyz(port: int, process: subprocess.Popen) -> None:
+    while process.poll() is None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+        time.sleep(0.5)
+
+
+def stop_tree(process: subprocess.Popen) -> None:
+    """SIGTERM to ``bentoml serve`` (its arbiter stops its workers), then SIGKILL to whatever of the
+    tree is left: circus puts each worker in its own process group, so killpg alone leaks them."""
+    import psutil
+
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    process.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    for leftover in alive:
+        leftover.kill()
+
+
+def serve_until_it_exits(tmp: Path, timeout_s: float = 240, probe: bool = False, **env: str) -> tuple[int, str]:
+    """Run ``bentoml serve`` as conftest's bentoml_server does; wait for it to end by itself. With
+    ``probe``, /readyz is polled meanwhile, as Kubernetes does (a probe in flight once held the
+    front's shutdown, and so the whole server, up forever)."""
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "XDG_CACHE_HOME": str(tmp / "cache"),
+        "BENTOML_HOME": str(tmp / "bentoml"),
+        **env,
+    }
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    port = free_port()
+    command = [bentoml, "serve", "service:FluxInpainting", "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    if probe:
+        threading.Thread(target=poll_readyz, args=(port, process), daemon=True).start()
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:  # the fault this file guards against: up, unready, forever
+        stop_tree(process)
+        output, _ = process.communicate()
+        raise AssertionError(f"bentoml serve still running after {timeout_s} s:\n{output.decode()[-3000:]}") from None
+    return process.returncode, output.decode()
+
+
+def test_a_bad_setting_stops_bentoml_serve_naming_the_variable(tmp_path):
+    code, output = serve_until_it_exits(tmp_path, timeout_s=120, FLUX_QUEUE_MAX_LENGTH="0")
+    assert code != 0
+    assert "FLUX_QUEUE_MAX_LENGTH: Input should be greater than or equal to 1" in output, output[-3000:]
+
+
+def test_a_model_that_cannot_load_stops_bentoml_serve_with_the_reason(tmp_path):
+    broken = tmp_path / "broken-model"  # a folder with no model in it: from_pretrained cannot load it
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    code, output = serve_until_it_exits(tmp_path, probe=True, FLUX_MODEL=str(broken))
+    assert code != 0
+    assert "model failed to load" in output and "stopping the server" in output, output[-3000:]
+    assert "model_index.json" in output or "JSON" in output, output[-3000:]  # the reason, not only that it failed
