@@ -417,11 +417,13 @@ def test_triton_stopping_under_load_fails_cleanly_and_readyz_goes_false(stack):
         process.send_signal(signal.SIGTERM)
         responses = [future.result() for future in futures]
     codes = [r.status_code for r in responses]
-    assert set(codes) <= {200, 503}, [r.text[:300] for r in responses]
+    # 429: on a loaded machine Triton may form a smaller first batch, so its queue of 4 overflows:
+    # a clean refusal too (queue_full, which clients retry), never a 500 or a hang.
+    assert set(codes) <= {200, 429, 503}, [r.text[:300] for r in responses]
     assert 503 in codes, codes
     for response in responses:
-        if response.status_code == 503:
-            assert response.json()["error_type"] == "worker_unavailable"
+        if response.status_code in (429, 503):
+            assert response.json()["error_type"] == {429: "queue_full", 503: "worker_unavailable"}[response.status_code]
     assert process.wait(timeout=60) is not None
     deadline = time.monotonic() + 15
     while True:  # no tritonserver (nor backend stub) left behind in the process group
