@@ -6,7 +6,7 @@ PORT ?= 3000
 HOST ?= 127.0.0.1
 BIN := $(VENV)/bin
 
-.PHONY: venv serve lint test tiny bento bento-tensorrt clean
+.PHONY: venv serve lint test tiny bento bento-tensorrt clean redis-server
 
 venv: $(VENV)/.installed
 
@@ -40,7 +40,11 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: venv venv-triton lint
+# The fleet tests (tests/test_redis_queue.py, tests/test_fleet.py) run a real redis-server.
+redis-server:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+
+test: venv venv-triton lint redis-server
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Write the tiny random-weight model to a folder: make tiny DIR=/tmp/tiny-flux

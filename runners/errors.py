@@ -159,6 +159,35 @@ class ServerDraining(InpaintError):
         super().__init__(message)
 
 
+class RequestNotFound(InpaintError):
+    """No record for this request id: never accepted, or finished and past its retention."""
+
+    status = 404
+    error_type = "request_not_found"
+
+    def __init__(self) -> None:
+        super().__init__("no such request (unknown, or its result has expired)")
+
+
+class QueueUnavailable(InpaintError):
+    """The shared queue (Redis, FLUX_QUEUE_URL) cannot be reached: nothing can be accepted or looked
+    up until it answers again. Work already running goes on; the server reconnects by itself."""
+
+    status = 503
+    error_type = "queue_unavailable"
+
+    def __init__(self, message: str = "the request queue (Redis) is unreachable; retry shortly") -> None:
+        super().__init__(message)
+
+
+class AttemptsExhausted(InpaintError):
+    """The replicas that claimed this request stopped answering (killed, out of memory, cut off)
+    ``FLUX_QUEUE_MAX_ATTEMPTS`` times; it is not run again."""
+
+    status = 500
+    error_type = "attempts_exhausted"
+
+
 class ClientDisconnected(RequestCancelled):
     """The caller of the sync route hung up: nobody is waiting for the answer, so the work stops."""
 

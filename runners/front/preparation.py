@@ -87,7 +87,7 @@ def decode_job(
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     return InpaintJob(
         request_id=request_id,
-        request=request.model_copy(update={"image_url": "-", "mask_url": "-"}),
+        request=request.without_images(),
         width=width,
         height=height,
         seed=seed,

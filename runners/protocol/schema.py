@@ -76,6 +76,11 @@ class InpaintRequest(BaseModel):
             raise ValueError("prompt must contain non-whitespace text")
         return value
 
+    def without_images(self) -> InpaintRequest:
+        """A copy without the input images (data URIs can be tens of MB): what is kept of a request
+        once its images are decoded, or once it has finished."""
+        return self.model_copy(update={"image_url": "-", "mask_url": "-"})
+
     def requested_size(self) -> tuple[int, int] | None:
         """(width, height) asked for, before rounding; None means "the input image's size"."""
         if self.image_size is None:
