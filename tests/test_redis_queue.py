@@ -53,8 +53,9 @@ class Replica:
         """As SIGKILL would: no hand-back, no finish, its lease simply stops being renewed."""
         self.queue._let_go_done = True
         for task in self.queue._tasks:
-            task.cancel()
-        await asyncio.gather(*self.queue._tasks, return_exceptions=True)
+            while not task.done():  # as RedisQueue.stop: redis-py may swallow one cancellation
+                task.cancel()
+                await asyncio.wait([task], timeout=0.5)
         self.queue._tasks = []
 
 

@@ -331,6 +331,9 @@ class RedisQueue:
             )
         }
         self._held: dict[str, Record] = {}  # claimed by this replica's feeders, running here
+        # Held and not yet answered by the model tier. Only these are cancelled there: a cancel for
+        # a job the tier has finished would be remembered and stop a later run of the same id here.
+        self._in_model: set[str] = set()
         self._handed_back: set[str] = set()
         self._waiters: dict[str, _Waiter] = {}
         self._reported_logs: dict[str, int] = {}  # worker log lines last written, per held id
@@ -424,8 +427,7 @@ class RedisQueue:
         except UNREACHABLE as exc:  # their leases run out instead, and another replica takes them
             self._redis_failed("hand_back", exc)
         for record in held:
-            with contextlib.suppress(Exception):
-                await self.executor.cancel(record.id)
+            await self._stop_in_model(record.id)
 
     # what the routes call
     async def submit(self, request: InpaintRequest, base_url: str, webhook_url: str | None = None) -> Record:
@@ -511,11 +513,16 @@ class RedisQueue:
         held = self._held.get(record.id)
         if won and held is not None:
             held.status, held.error = Status.COMPLETED, error
-            try:
-                await self.executor.cancel(record.id)
-            except Exception:
-                log.warning("request %s: could not tell the model to stop it", record.id, exc_info=True)
+            await self._stop_in_model(record.id)
         return won
+
+    async def _stop_in_model(self, request_id: str) -> None:
+        if request_id not in self._in_model:
+            return
+        try:
+            await self.executor.cancel(request_id)
+        except Exception:
+            log.warning("request %s: could not tell the model to stop it", request_id, exc_info=True)
 
     # internals
     async def _feed(self) -> None:
@@ -553,6 +560,7 @@ class RedisQueue:
             record.dispatched = True
             self._changed()
             outcome = error = None
+            self._in_model.add(record.id)
             try:
                 outcome = await self.executor.run(record)
             except InpaintError as exc:
@@ -560,6 +568,8 @@ class RedisQueue:
             except Exception:
                 log.exception("request %s failed unexpectedly", record.id)
                 error = InpaintError("internal server error")
+            finally:
+                self._in_model.discard(record.id)
             if record.id not in self._handed_back:
                 await self._finish(record, outcome=outcome, error=error)
         finally:
@@ -616,7 +626,7 @@ class RedisQueue:
                     log.error("request %s: finished, but Redis is unreachable to record it", record.id)
                     return False
                 await asyncio.sleep(delay)
-                delay = min(2 * delay, 5.0)
+                delay = min(2 * delay, 1.0)  # soon after Redis is back: before the lease runs out
         waiter = self._waiters.get(record.id)
         if won:
             record.status, record.outcome, record.error = Status.COMPLETED, outcome, error
@@ -706,10 +716,7 @@ class RedisQueue:
             log.info("request %s: ended elsewhere, or its claim moved on; stopping it here", record_id)
             record.status = Status.COMPLETED
             record.error = RequestCancelled("the request was ended by another replica")
-            try:
-                await self.executor.cancel(record_id)
-            except Exception:
-                log.warning("request %s: could not tell the model to stop it", record_id, exc_info=True)
+            await self._stop_in_model(record_id)
 
     async def _progress(self) -> None:
         """The worker's progress of what runs here, written to Redis for every replica's status route."""
@@ -743,6 +750,9 @@ class RedisQueue:
             self.on_change(self)
 
     def _redis_failed(self, operation: str, exc: Exception) -> None:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # redis-py turned our cancellation into an error
+            raise asyncio.CancelledError
         REDIS_ERRORS.labels(operation=operation).inc()
         if time.monotonic() - self._last_warning > 10:  # one line per outage, not one per call
             log.warning("Redis unreachable (%s): %s", operation, exc)
