@@ -102,6 +102,8 @@ def test_a_cancel_on_one_replica_stops_the_request_running_on_the_other(redis_ur
         await until(lambda: a.holds() == [record.id] and a.worker.started == [record.id])
         await until(lambda: a.queue._reported_logs.get(record.id) is not None)  # progress written
         assert await status(b.queue, record.id) == Status.IN_PROGRESS
+        await asyncio.sleep(2.0)  # twice the lease: A renews it while it runs, so nobody re-runs it
+        assert "queued again" not in str((await b.queue.get(record.id)).logs) and a.worker.started == [record.id]
         assert await b.queue.cancel(record.id) == "CANCELLATION_REQUESTED"
         await until(lambda: a.worker.cancelled == [record.id])  # A saw it at its next poll
         await until(lambda: not a.holds())

@@ -121,19 +121,26 @@ while true do
 end
 """
 
-# ARGV: prefix, owner, lease ms, ids held. Renews this replica's leases; answers the line's depth,
-# the head's wait (ms), the live replicas, and the held ids whose claim is gone (ended elsewhere, or
-# re-queued after this replica went silent past its lease).
+# ARGV: prefix, owner, lease ms, log line, ids held. Renews this replica's leases, and takes back a
+# request re-queued while this replica was silent (Redis away past the lease) that nobody has claimed
+# since; answers the line's depth, the head's wait (ms), the live replicas, and the held ids whose
+# claim is gone (ended elsewhere, or claimed by another replica).
 HEARTBEAT = """
 local p, owner, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 redis.call('ZADD', p .. 'replicas', now, owner)
 redis.call('ZREMRANGEBYSCORE', p .. 'replicas', '-inf', now - lease)
 local lost = {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local id = ARGV[i]
-  if redis.call('ZSCORE', p .. 'running', id) and redis.call('HGET', p .. 'req:' .. id, 'owner') == owner then
+  local key = p .. 'req:' .. id
+  if redis.call('ZSCORE', p .. 'running', id) and redis.call('HGET', key, 'owner') == owner then
     redis.call('ZADD', p .. 'running', 'XX', now + lease, id)
+  elseif redis.call('ZSCORE', p .. 'waiting', id) then
+    redis.call('ZREM', p .. 'waiting', id)
+    redis.call('ZADD', p .. 'running', now + lease, id)
+    redis.call('HSET', key, 'owner', owner, 'status', 'IN_PROGRESS')
+    append_log(key, ARGV[4])
   else
     table.insert(lost, id)
   end
@@ -228,6 +235,7 @@ SNAPSHOT_FIELDS = (
 )
 REQUEUED_LINE = "the replica running it stopped answering; queued again"
 HANDED_BACK_LINE = "handed back by a replica shutting down; queued again"
+TAKEN_BACK_LINE = LogLine(message="its replica answered again and goes on with it", source="queue").model_dump_json()
 
 
 def connect(settings: QueueSettings) -> aioredis.Redis:
@@ -705,7 +713,7 @@ class RedisQueue:
     async def _heartbeat(self) -> None:
         held = [record_id for record_id in self._held if record_id not in self._handed_back]
         depth, oldest_ms, replicas, lost = await self.scripts["heartbeat"](
-            args=[self.p, self.replica, self.lease_ms, *held]
+            args=[self.p, self.replica, self.lease_ms, TAKEN_BACK_LINE, *held]
         )
         self._depth, self._oldest_s, self._replicas = int(depth), int(oldest_ms) / 1000, max(1, int(replicas))
         self._changed()
