@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 
 import fal_client
 import fal_client.client
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import REPO, LocalHandler, bentoml_server, local_http_server, redis_server
@@ -77,8 +77,10 @@ class Fleet:
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         process = self.served[name].process
-        if sig == signal.SIGKILL:
-            os.killpg(process.pid, signal.SIGKILL)  # the front and its model worker, no goodbye
+        if sig == signal.SIGKILL:  # the front and its model worker too (BentoML starts them in sessions of their own)
+            for member in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+                with suppress(psutil.NoSuchProcess):
+                    member.kill()
         else:
             process.send_signal(sig)  # as Kubernetes does: the main process only
 

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from runners.config import QueueSettings
-from runners.errors import QueueFull, QueueUnavailable, ServerDraining
+from runners.errors import QueueFull, QueueUnavailable, ServerDraining, WorkerUnavailable
 from runners.front.queue import Status
 from runners.front.redis_queue import RedisQueue
 from tests.conftest import redis_server
@@ -178,6 +178,30 @@ def test_a_draining_replica_hands_back_what_it_holds_and_leaves_the_line_to_the_
         await until(lambda: len(b.reported) == 2)
         assert [(await b.queue.get(r.id)).error for r in (held, waiting)] == [None, None]
         await b.queue.stop()
+
+    run(scenario())
+
+
+def test_a_replica_whose_model_is_not_ready_hands_the_request_to_one_that_is(redis_url):
+    class Loading(FakeWorker):
+        async def run(self, record):
+            self.started.append(record.id)
+            raise WorkerUnavailable("the model worker is overloaded or restarting; retry shortly")
+
+    async def scenario():
+        a = Replica(redis_url)
+        a.worker = a.queue.executor = Loading()
+        a.queue.ensure_started()
+        record = await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [record.id])
+        b = Replica(redis_url)
+        b.queue.ensure_started()
+        await until(lambda: b.worker.started == [record.id])  # A paused pulling; B took it
+        b.worker.finish(record)
+        await until(lambda: b.reported == [record.id])
+        snapshot = await b.queue.get(record.id)
+        assert snapshot.error is None and "model is not ready" in str(snapshot.logs) and a.reported == []
+        await a.queue.stop(), await b.queue.stop()
 
     run(scenario())
 

@@ -235,6 +235,7 @@ SNAPSHOT_FIELDS = (
 )
 REQUEUED_LINE = "the replica running it stopped answering; queued again"
 HANDED_BACK_LINE = "handed back by a replica shutting down; queued again"
+UNAVAILABLE_LINE = "handed back by a replica whose model is not ready; queued again"
 TAKEN_BACK_LINE = LogLine(message="its replica answered again and goes on with it", source="queue").model_dump_json()
 
 
@@ -305,6 +306,7 @@ class RedisQueue:
 
     POLL_INTERVAL_S = 0.25
     DEADLINE_GRACE_S = DEADLINE_GRACE_S
+    UNAVAILABLE_PAUSE_S = 2.0
 
     def __init__(
         self,
@@ -349,6 +351,7 @@ class RedisQueue:
         self._tasks: list[asyncio.Task] = []
         self._let_go_done = False
         self._depth, self._oldest_s, self._replicas = 0, 0.0, 1
+        self._paused_until = 0.0  # no pulling until then: the model tier here answered 503
         self._last_warning = 0.0
 
     # the fleet's figures, as of the last poll
@@ -423,19 +426,20 @@ class RedisQueue:
                     waiter.record, ServerDraining("the server shut down before this request finished; retry")
                 )
         held = [record for record in self._held.values() if record.status != Status.COMPLETED]
-        if not held:
-            return
-        self._handed_back.update(record.id for record in held)
-        try:
-            await self.scripts["hand_back"](
-                args=[self.p, self.replica, LogLine(message=HANDED_BACK_LINE, source="queue").model_dump_json()]
-                + [record.id for record in held]
-            )
+        if held:
+            await self._hand_back(held, HANDED_BACK_LINE)
             log.info("handed %d running request(s) back to the line", len(held))
-        except UNREACHABLE as exc:  # their leases run out instead, and another replica takes them
-            self._redis_failed("hand_back", exc)
         for record in held:
             await self._stop_in_model(record.id)
+
+    async def _hand_back(self, records: list[Record], message: str) -> None:
+        """Back to their place in the line, the attempt not counted; this replica drops them."""
+        self._handed_back.update(record.id for record in records)
+        line = LogLine(message=message, source="queue").model_dump_json()
+        try:
+            await self.scripts["hand_back"](args=[self.p, self.replica, line, *(record.id for record in records)])
+        except UNREACHABLE as exc:  # their leases run out instead, and another replica takes them
+            self._redis_failed("hand_back", exc)
 
     # what the routes call
     async def submit(self, request: InpaintRequest, base_url: str, webhook_url: str | None = None) -> Record:
@@ -535,6 +539,9 @@ class RedisQueue:
     # internals
     async def _feed(self) -> None:
         while not self.draining:
+            if (pause := self._paused_until - time.monotonic()) > 0:
+                await asyncio.sleep(pause)
+                continue
             try:
                 claimed = await self.scripts["claim"](args=[self.p, self.replica, self.lease_ms])
                 if not claimed:
@@ -550,6 +557,7 @@ class RedisQueue:
 
     async def _run(self, record: Record, attempts: int) -> None:
         REQUEST_ID.set(record.id)  # this feeder task's log lines belong to this request now
+        self._handed_back.discard(record.id)  # handed back once (503 here), and claimed again
         self._held[record.id] = record
         self._changed()
         try:
@@ -578,7 +586,15 @@ class RedisQueue:
                 error = InpaintError("internal server error")
             finally:
                 self._in_model.discard(record.id)
-            if record.id not in self._handed_back:
+            if error is not None and error.status == 503 and record.id not in self._handed_back:
+                # This replica's model tier cannot take work (still loading, restarting): not the
+                # request's fault. Back to the line for a replica that can; this one pauses pulling.
+                log.info(
+                    "request %s: the model tier here is unavailable (%s); handing it back", record.id, error.message
+                )
+                self._paused_until = time.monotonic() + self.UNAVAILABLE_PAUSE_S
+                await self._hand_back([record], UNAVAILABLE_LINE)
+            elif record.id not in self._handed_back:
                 await self._finish(record, outcome=outcome, error=error)
         finally:
             self._held.pop(record.id, None)
