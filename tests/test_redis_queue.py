@@ -271,3 +271,12 @@ def test_a_password_from_a_mounted_secret_file_is_used(tmp_path):
             await wrong.stop()
 
         run(scenario())
+
+
+def test_queue_overhead_benchmark_smoke(redis_url, tmp_path):
+    from benchmarks.queue import main
+
+    rows = main(["--redis-url", redis_url, "--requests", "10", "--concurrency", "1,2", "--out", str(tmp_path)])["rows"]
+    assert {(r["queue"], r["concurrency"]) for r in rows} == {("memory", 1), ("memory", 2), ("redis", 1), ("redis", 2)}
+    assert all(r["requests"] == 10 and r["p50_ms"] > 0 for r in rows)
+    assert "added at the median" in (tmp_path / "queue-overhead.md").read_text()

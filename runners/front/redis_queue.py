@@ -306,7 +306,7 @@ class RedisQueue:
 
     POLL_INTERVAL_S = 0.25
     DEADLINE_GRACE_S = DEADLINE_GRACE_S
-    UNAVAILABLE_PAUSE_S = 2.0
+    MIN_PAUSE_S, MAX_PAUSE_S = 2.0, 30.0  # pulling pauses, doubling, while the model tier answers 503
 
     def __init__(
         self,
@@ -351,7 +351,7 @@ class RedisQueue:
         self._tasks: list[asyncio.Task] = []
         self._let_go_done = False
         self._depth, self._oldest_s, self._replicas = 0, 0.0, 1
-        self._paused_until = 0.0  # no pulling until then: the model tier here answered 503
+        self._paused_until, self._pause_s = 0.0, 0.0  # no pulling until then: the model tier here answered 503
         self._last_warning = 0.0
 
     # the fleet's figures, as of the last poll
@@ -592,9 +592,11 @@ class RedisQueue:
                 log.info(
                     "request %s: the model tier here is unavailable (%s); handing it back", record.id, error.message
                 )
-                self._paused_until = time.monotonic() + self.UNAVAILABLE_PAUSE_S
+                self._pause_s = min(self.MAX_PAUSE_S, max(self.MIN_PAUSE_S, 2 * self._pause_s))
+                self._paused_until = time.monotonic() + self._pause_s
                 await self._hand_back([record], UNAVAILABLE_LINE)
             elif record.id not in self._handed_back:
+                self._pause_s = 0.0
                 await self._finish(record, outcome=outcome, error=error)
         finally:
             self._held.pop(record.id, None)
