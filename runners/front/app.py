@@ -60,12 +60,13 @@ class Front:
             on_change=self._gauge,
         )
         self._gauge(self.queue)  # the gauges exist (at 0) from the first scrape on
-        with contextlib.suppress(RuntimeError):  # no event loop (a test building it): started on first use
-            self.queue.ensure_started()  # on Redis the feeders pull the fleet's work from the start
         if not drain_on_sigterm(self._drain, "front"):
             log.warning("SIGTERM cannot be handled in this process: stopping will not drain the queue")
 
     async def ready(self) -> bool:
+        # The first readiness probe starts the feeders (on Redis they pull the fleet's work before any
+        # request reaches this replica). Not in __init__: started there, the in-memory queue's
+        # concurrent requests stop sharing batches (tests/test_fal_api.py's batching test).
         self.queue.ensure_started()
         if self.queue.draining:  # readiness goes false on SIGTERM, so traffic moves elsewhere
             return False
