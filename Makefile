@@ -6,7 +6,7 @@ PORT ?= 3000
 HOST ?= 127.0.0.1
 BIN := $(VENV)/bin
 
-.PHONY: venv serve lint test tiny bento bento-tensorrt device-wheels clean configuration-docs
+.PHONY: venv serve lint test tiny bento bento-tensorrt device-wheels clean configuration-docs redis-server
 
 venv: $(VENV)/.installed
 
@@ -54,7 +54,12 @@ tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package
 	cd tests/js && npm ci --prefer-offline --no-audit --no-fund
 	touch $@
 
-test: venv venv-triton lint browser js-client
+
+# The fleet tests (tests/test_redis_queue.py, tests/test_fleet.py) run a real redis-server.
+redis-server:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+
+test: venv venv-triton lint browser js-client redis-server
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Regenerate docs/configuration.md from the settings' docstrings (tests/test_configuration_docs.py checks it).

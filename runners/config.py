@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TINY_MODEL = "tiny"
@@ -297,13 +297,11 @@ class StoreSettings(SettingsGroup):
 
 
 class QueueSettings(SettingsGroup):
-    """The request queue in the HTTP front (sync and queue routes share it)."""
+    """The request queue of the HTTP front (sync and queue routes share it): in this process's
+    memory, or in Redis (``FLUX_QUEUE_URL``) shared by every replica."""
 
     model_config = SettingsConfigDict(env_prefix="FLUX_QUEUE_", extra="ignore")
 
-    url: str | None = Field(None, pattern=r"^rediss?://\S+$", max_length=2048)
-    """``redis://`` or ``rediss://`` (TLS) URL of the Redis the fleet's shared queue lives in (the
-    Redis queue reads it; deploy/k8s/fleet). Unset: the in-process queue of one server."""
     max_length: int = Field(256, ge=1, le=100_000)
     """Requests waiting for the model (not yet in flight); past it new ones get 429 with Retry-After
     (the fal clients retry)."""
@@ -317,6 +315,37 @@ class QueueSettings(SettingsGroup):
     """How long a finished request's status and result stay available."""
     max_retained: int = Field(1000, ge=10, le=1_000_000)
     """Most finished requests kept (the oldest are forgotten first)."""
+
+    # The shared queue of a fleet (runners/front/redis_queue.py, docs/fleet.md).
+    url: str | None = Field(None, pattern=r"^rediss?://\S+$", max_length=2048)
+    """``redis://host:6379/0`` (``rediss://`` for TLS): every replica keeps the whole request life
+    cycle in this Redis, so any replica answers any request and a dead one's work is run again.
+    Unset: the queue lives in this process's memory (one replica, lost on restart)."""
+    redis_password: SecretStr | None = Field(None, min_length=1, max_length=4096)
+    """Redis password, when the URL does not carry one (``redis://:password@host``)."""
+    redis_password_file: FilePath | None = None
+    """A file holding the Redis password (a mounted Kubernetes Secret); read at start-up, and taken
+    over ``FLUX_QUEUE_REDIS_PASSWORD``."""
+    redis_ca_file: FilePath | None = None
+    """PEM bundle of the CA that signed the Redis server's certificate (``rediss://``); unset: the
+    system's trust store."""
+    key_prefix: str = Field("flux:", pattern=r"^[A-Za-z0-9:_.-]{1,64}$")
+    """Prefix of every Redis key this fleet uses, so several fleets can share one Redis."""
+    lease_s: float = Field(30.0, ge=1.0, le=3600.0)
+    """How long a replica's claim on a running request lasts without renewal (it renews it four
+    times a second while it runs). A replica killed while running requests leaves them to be run
+    again by another replica this long after its last renewal."""
+    max_attempts: int = Field(3, ge=1, le=20)
+    """Most times one request is started: past it, a request whose replicas keep dying fails with
+    500 ``attempts_exhausted`` instead of being run again."""
+    redis_timeout_s: float = Field(5.0, ge=0.1, le=60.0)
+    """Longest wait for one Redis answer (and to connect); past it the call counts as Redis being
+    unreachable: new requests get 503 ``queue_unavailable``."""
+
+    def redis_password_value(self) -> str | None:
+        if self.redis_password_file is not None:
+            return self.redis_password_file.read_text().strip() or None
+        return self.redis_password.get_secret_value() if self.redis_password else None
 
 
 class LoraSettings(SettingsGroup):

@@ -177,6 +177,25 @@ class ServerDraining(InpaintError):
         super().__init__(message)
 
 
+class QueueUnavailable(InpaintError):
+    """The shared queue (Redis, FLUX_QUEUE_URL) cannot be reached: nothing can be accepted or looked
+    up until it answers again. Work already running goes on; the server reconnects by itself."""
+
+    status = 503
+    error_type = "queue_unavailable"
+
+    def __init__(self, message: str = "the request queue (Redis) is unreachable; retry shortly") -> None:
+        super().__init__(message)
+
+
+class AttemptsExhausted(InpaintError):
+    """The replicas that claimed this request stopped answering (killed, out of memory, cut off)
+    ``FLUX_QUEUE_MAX_ATTEMPTS`` times; it is not run again."""
+
+    status = 500
+    error_type = "attempts_exhausted"
+
+
 class ClientDisconnected(RequestCancelled):
     """The caller of the sync route hung up: nobody is waiting for the answer, so the work stops."""
 

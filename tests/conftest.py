@@ -210,3 +210,50 @@ def moto_s3_server(tmp: Path, **env_overrides: str):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port, its data (AOF on) in a temp directory, so a
+    test can stop it and start it again on the same port with what it had written."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.port = directory, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
+            + ["--save", "", "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"],
+            stdout=open(self.directory / "redis.log", "ab"),  # noqa: SIM115 (the child keeps it)
+            stderr=subprocess.STDOUT,
+        )
+        import redis
+
+        deadline = time.monotonic() + 30
+        while True:
+            with suppress(redis.RedisError):
+                if redis.Redis.from_url(self.url, socket_timeout=1).ping():
+                    return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not start:\n{(self.directory / 'redis.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM: Redis writes its AOF and exits (a restart then finds what it held)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        self.process = None
+
+
+@contextmanager
+def redis_server(directory: Path):
+    """A started ``RedisServer``; stopped on exit. Needs the ``redis-server`` binary (``make test``
+    installs Debian's package when it is missing)."""
+    server = RedisServer(directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -145,3 +145,35 @@ def test_bounds_checked_by_validators_name_the_variable_too(monkeypatch, variabl
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError, match=f"{variable}: "):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("FLUX_QUEUE_URL", "http://127.0.0.1:6379"),  # not redis:// or rediss://
+        ("FLUX_QUEUE_LEASE_S", "0"),
+        ("FLUX_QUEUE_MAX_ATTEMPTS", "0"),
+        ("FLUX_QUEUE_REDIS_PASSWORD_FILE", "/nonexistent/secret"),
+        ("FLUX_QUEUE_KEY_PREFIX", "has space"),
+    ],
+)
+def test_the_shared_queue_settings_are_checked_at_start(monkeypatch, name, value):
+    from runners.config import QueueSettings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as error:
+        QueueSettings()
+    assert name.removeprefix("FLUX_QUEUE_").lower() in str(error.value)
+
+
+def test_the_redis_password_comes_from_the_url_the_variable_or_a_mounted_file(monkeypatch, tmp_path):
+    from runners.config import QueueSettings
+
+    monkeypatch.setenv("FLUX_QUEUE_URL", "rediss://redis.example:6380/0")
+    assert QueueSettings().redis_password_value() is None
+    monkeypatch.setenv("FLUX_QUEUE_REDIS_PASSWORD", "from-env")
+    assert QueueSettings().redis_password_value() == "from-env"
+    secret = tmp_path / "password"
+    secret.write_text("from-secret\n")
+    monkeypatch.setenv("FLUX_QUEUE_REDIS_PASSWORD_FILE", str(secret))
+    assert QueueSettings().redis_password_value() == "from-secret"

@@ -467,8 +467,10 @@ def test_fleet_hpa_scales_on_the_fleet_wide_depth_without_multiplying_it():
     rules = yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-values.yaml").read_text())["rules"]
     external = {rule["name"]["as"]: rule for rule in rules["external"]}
     rule = external[depth["metric"]["name"]]
-    assert rule["seriesQuery"].startswith("flux_queue_depth{")
-    assert re.fullmatch(rule["name"]["matches"], "flux_queue_depth")
+    # the series each replica exports with the whole line's depth (runners/front/metrics.py)
+    assert rule["seriesQuery"].startswith("flux_fleet_queue_depth{")
+    assert re.fullmatch(rule["name"]["matches"], "flux_fleet_queue_depth")
+    assert 'name="flux_fleet_queue_depth"' in (REPO / "runners" / "front" / "metrics.py").read_text()
     assert rule["metricsQuery"].startswith("max by"), "one value for the fleet, not a sum of the replicas' copies"
     assert "pod" not in rule["resources"]["overrides"]
     # The per-pod in-flight metric holds busy replicas; the adapter serves it as a Pods metric.

@@ -1,4 +1,4 @@
-"""The front's request queue against a fake worker: positions, cancellation, limits, retention."""
+"""The front's in-memory request queue against a fake worker: positions, cancellation, limits, retention."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 
 from runners.config import QueueSettings
 from runners.errors import ImageLoadError, QueueFull, ServerDraining
-from runners.front.queue import Outcome, RequestQueue, Status
+from runners.front.memory_queue import MemoryQueue
+from runners.front.queue import Outcome, Status
 from runners.protocol.progress import JobProgress, LogLine
 from runners.protocol.schema import InpaintRequest
 
@@ -57,12 +58,12 @@ async def settle():
 def test_positions_progress_and_completion():
     async def scenario():
         worker = FakeWorker()
-        queue = RequestQueue(QueueSettings(), concurrency=1, executor=worker)
+        queue = MemoryQueue(QueueSettings(), concurrency=1, executor=worker)
         queue.POLL_INTERVAL_S = 0.01
         first, second, third = [await queue.submit(REQUEST, "http://h/") for _ in range(3)]
         await settle()
-        assert first.dispatched and queue.position(first) == 0
-        assert [queue.position(second), queue.position(third)] == [0, 1]
+        assert first.dispatched and await queue.position(first) == 0
+        assert [await queue.position(second), await queue.position(third)] == [0, 1]
         await asyncio.sleep(0.05)  # the poller sees the worker's progress
         assert first.status == Status.IN_PROGRESS and [line["message"] for line in first.logs] == ["queued", "step 1/2"]
         assert second.status == Status.IN_QUEUE
@@ -70,7 +71,7 @@ def test_positions_progress_and_completion():
         await first.done.wait()
         assert first.status == Status.COMPLETED and first.outcome.output["seed"] == 1
         assert [line["message"] for line in first.logs] == ["queued", "completed", "step 1/1"]
-        assert queue.position(third) == 0  # second moved to the worker
+        assert await queue.position(third) == 0  # second moved to the worker
         await queue.stop()
 
     run(scenario())
@@ -79,7 +80,7 @@ def test_positions_progress_and_completion():
 def test_cancel_queued_never_runs_and_cancel_running_reaches_the_worker():
     async def scenario():
         worker = FakeWorker()
-        queue = RequestQueue(QueueSettings(), concurrency=1, executor=worker)
+        queue = MemoryQueue(QueueSettings(), concurrency=1, executor=worker)
         running = await queue.submit(REQUEST, "http://h/")
         waiting = await queue.submit(REQUEST, "http://h/")
         await settle()
@@ -100,7 +101,7 @@ def test_cancel_queued_never_runs_and_cancel_running_reaches_the_worker():
 def test_waiting_requests_are_bounded_and_in_flight_by_concurrency():
     async def scenario():
         seen = []
-        queue = RequestQueue(
+        queue = MemoryQueue(
             QueueSettings(max_length=2),
             concurrency=1,
             executor=FakeWorker(),
@@ -123,7 +124,7 @@ def test_waiting_requests_are_bounded_and_in_flight_by_concurrency():
 def test_a_waiting_request_ends_at_its_deadline_without_running():
     async def scenario():
         worker = FakeWorker()
-        queue = RequestQueue(QueueSettings(), concurrency=1, executor=worker, request_timeout_s=0.2)
+        queue = MemoryQueue(QueueSettings(), concurrency=1, executor=worker, request_timeout_s=0.2)
         queue.POLL_INTERVAL_S = 0.02
         running = await queue.submit(REQUEST, "http://h/")
         waiting = await queue.submit(REQUEST, "http://h/")
@@ -139,7 +140,7 @@ def test_a_waiting_request_ends_at_its_deadline_without_running():
 def test_a_running_request_unanswered_past_its_deadline_is_stopped():
     async def scenario():
         worker = FakeWorker()
-        queue = RequestQueue(QueueSettings(), concurrency=1, executor=worker, request_timeout_s=0.1)
+        queue = MemoryQueue(QueueSettings(), concurrency=1, executor=worker, request_timeout_s=0.1)
         queue.POLL_INTERVAL_S, queue.DEADLINE_GRACE_S = 0.02, 0.1
         record = await queue.submit(REQUEST, "http://h/")
         await record.done.wait()
@@ -158,7 +159,7 @@ def test_drain_refuses_new_work_finishes_what_it_can_and_reports_the_rest():
             await asyncio.sleep(0.05)  # a webhook delivery the drain waits for
             finished.append(record.id)
 
-        queue = RequestQueue(QueueSettings(), concurrency=1, executor=worker, on_finish=on_finish)
+        queue = MemoryQueue(QueueSettings(), concurrency=1, executor=worker, on_finish=on_finish)
         quick, stuck, waiting = [await queue.submit(REQUEST, "http://h/") for _ in range(3)]
         await settle()
         drain = asyncio.create_task(queue.drain(timeout_s=0.5))
@@ -186,7 +187,7 @@ def test_failures_complete_with_their_error_and_results_expire():
         async def on_finish(record):
             finished.append(record.id)
 
-        queue = RequestQueue(
+        queue = MemoryQueue(
             QueueSettings(result_retention_s=60, max_retained=10),
             concurrency=2,
             executor=worker,
@@ -202,9 +203,9 @@ def test_failures_complete_with_their_error_and_results_expire():
         assert bad.error.status == 422 and bad.error.error_type == "image_load_error"
         assert good.error is None and set(finished) == {good.id, bad.id}
         now[0] = 59
-        assert queue.get(good.id) is good
+        assert await queue.get(good.id) is good
         now[0] = 61
-        assert queue.get(good.id) is None and queue.get(bad.id) is None
+        assert await queue.get(good.id) is None and await queue.get(bad.id) is None
         await queue.stop()
 
     run(scenario())
@@ -213,7 +214,7 @@ def test_failures_complete_with_their_error_and_results_expire():
 def test_only_the_newest_finished_requests_are_kept():
     async def scenario():
         worker = FakeWorker()
-        queue = RequestQueue(QueueSettings(max_retained=10), concurrency=4, executor=worker)
+        queue = MemoryQueue(QueueSettings(max_retained=10), concurrency=4, executor=worker)
         records = []
         for _ in range(12):
             record = await queue.submit(REQUEST, "http://h/")
@@ -222,8 +223,8 @@ def test_only_the_newest_finished_requests_are_kept():
             await record.done.wait()
             records.append(record)
         await queue.submit(REQUEST, "http://h/")  # submitting forgets the surplus
-        assert queue.get(records[0].id) is None and queue.get(records[1].id) is None
-        assert queue.get(records[2].id) is records[2]
+        assert await queue.get(records[0].id) is None and await queue.get(records[1].id) is None
+        assert await queue.get(records[2].id) is records[2]
         await queue.stop()
 
     run(scenario())
@@ -232,7 +233,7 @@ def test_only_the_newest_finished_requests_are_kept():
 def test_stopping_without_a_drain_still_answers_every_caller():
     async def scenario():
         worker = FakeWorker()
-        queue = RequestQueue(QueueSettings(), concurrency=1, executor=worker)
+        queue = MemoryQueue(QueueSettings(), concurrency=1, executor=worker)
         running, waiting = await queue.submit(REQUEST, "http://h/"), await queue.submit(REQUEST, "http://h/")
         await settle()
         await queue.stop()  # e.g. a second SIGTERM, or a process whose signals could not be handled
@@ -246,7 +247,7 @@ def test_waiting_input_bytes_are_bounded_and_finished_requests_drop_their_images
     async def scenario():
         worker = FakeWorker()
         big = REQUEST.model_copy(update={"image_url": "data:image/png;base64," + "A" * 600_000})
-        queue = RequestQueue(QueueSettings(max_waiting_bytes=1024**2), concurrency=1, executor=worker)
+        queue = MemoryQueue(QueueSettings(max_waiting_bytes=1024**2), concurrency=1, executor=worker)
         first = await queue.submit(big, "http://h/")
         await settle()  # in flight: its bytes no longer count as waiting
         await queue.submit(big, "http://h/")

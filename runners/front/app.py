@@ -13,8 +13,8 @@ import anyio.to_thread
 from runners.config import TINY_WARNING, Settings
 from runners.fetch import SafeFetcher
 from runners.front.executor import BentoWorkerClient, Executor, ModelClient
-from runners.front.metrics import IN_FLIGHT, QUEUE_DEPTH, REQUESTS
-from runners.front.queue import Record, RequestQueue
+from runners.front.metrics import FLEET_QUEUE_DEPTH, IN_FLIGHT, OLDEST_WAIT, QUEUE_DEPTH, REQUESTS
+from runners.front.queue import Record, RequestQueue, make_queue
 from runners.front.store import make_store
 from runners.front.webhooks import deliver, webhook_body
 from runners.lifecycle import drain_on_sigterm
@@ -53,7 +53,7 @@ class Front:
         )
         executor = Executor(client, settings, self.fetcher, self.store, sources, settings.model.label)
         concurrency = settings.queue.concurrency or 2 * settings.batching.max_size
-        self.queue = RequestQueue(
+        self.queue = make_queue(
             settings.queue,
             concurrency,
             executor,
@@ -66,6 +66,10 @@ class Front:
             log.warning("SIGTERM cannot be handled in this process: stopping will not drain the queue")
 
     async def ready(self) -> bool:
+        # The first readiness probe starts the feeders (on Redis they pull the fleet's work before any
+        # request reaches this replica). Not in __init__: started there, the in-memory queue's
+        # concurrent requests stop sharing batches (tests/test_fal_api.py's batching test).
+        self.queue.ensure_started()
         if self.queue.draining:  # readiness goes false on SIGTERM, so traffic moves elsewhere
             return False
         return await self.client.ready()
@@ -79,7 +83,11 @@ class Front:
 
     @staticmethod
     def _gauge(queue: RequestQueue) -> None:
-        QUEUE_DEPTH.set(queue.waiting)
+        # Each replica reports its share of the line, so the series summed over pods is the depth
+        # and its average (what an HPA's Pods metric takes) the depth per replica, on Redis as in memory.
+        QUEUE_DEPTH.set(queue.waiting / max(1, queue.replicas))
+        FLEET_QUEUE_DEPTH.set(queue.waiting)
+        OLDEST_WAIT.set(queue.oldest_wait_s)
         IN_FLIGHT.set(queue.in_flight)
 
     async def _finished(self, record: Record) -> None:

@@ -168,11 +168,11 @@ class FalApi:
             "cancel_url": f"{response_url}/cancel",
         }
 
-    def status_body(self, record: Record, with_logs: bool) -> dict:
+    async def status_body(self, record: Record, with_logs: bool) -> dict:
         queue = self.context().queue
         body = {"status": record.status.value, "request_id": record.id, **self.request_urls(record)}
         if record.status == Status.IN_QUEUE:
-            body["queue_position"] = queue.position(record)
+            body["queue_position"] = await queue.position(record)
         else:
             body["logs"] = record.logs if with_logs else None
         if record.status == Status.COMPLETED:
@@ -187,8 +187,8 @@ class FalApi:
             raise InvalidField(name, "must be 0, 1, true or false")
         return value in ("1", "true")
 
-    def find_record(self, request: Request) -> Record:
-        record = self.context().queue.get(request.path_params["request_id"])
+    async def find_record(self, request: Request) -> Record:
+        record = await self.context().queue.get(request.path_params["request_id"])
         if record is None:
             raise RequestNotFound()
         return record
@@ -197,7 +197,8 @@ class FalApi:
         fal_request = await self.parse_request(request)
         queue = self.context().queue
         record = await queue.submit(fal_request, self.base_url(request))
-        if not await self.answered_before_hang_up(request, record):
+        record = await self.answered_before_hang_up(request, record)
+        if record.status != Status.COMPLETED:
             log.info(
                 "request %s: the client disconnected; stopping its work", record.id, extra={"request_id": record.id}
             )
@@ -208,22 +209,22 @@ class FalApi:
             return error_response(record.error.status, record.error.to_body(), record.id)
         return JSONResponse(record.outcome.output, headers=headers)
 
-    @staticmethod
-    async def answered_before_hang_up(request: Request, record: Record) -> bool:
-        """Wait for the record to finish; False if the client disconnects first. The body has been
-        read, so the next ASGI message the server sends is ``http.disconnect``, and only on a hang-up."""
+    async def answered_before_hang_up(self, request: Request, record: Record) -> Record:
+        """Wait for the record to finish; the finished record, or the unfinished one if the client
+        disconnects first. The body has been read, so the next ASGI message the server sends is
+        ``http.disconnect``, and only on a hang-up."""
 
         async def hang_up() -> None:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
 
-        done, watch = asyncio.create_task(record.done.wait()), asyncio.create_task(hang_up())
+        done, watch = asyncio.create_task(self.context().queue.wait(record)), asyncio.create_task(hang_up())
         try:
             await asyncio.wait({done, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in (done, watch):
                 task.cancel()
-        return record.done.is_set()
+        return done.result() if done.done() and not done.cancelled() else record
 
     async def submit(self, request: Request) -> Response:
         fal_request = await self.parse_request(request)
@@ -241,24 +242,26 @@ class FalApi:
             "request_id": record.id,
             **self.request_urls(record),
             "status": record.status.value,
-            "queue_position": queue.position(record),
+            "queue_position": await queue.position(record),
         }
         return JSONResponse(body, status_code=202, headers={"x-fal-request-id": record.id})
 
     async def status(self, request: Request) -> Response:
-        record = self.find_record(request)
+        record = await self.find_record(request)
         return JSONResponse(
-            self.status_body(record, self.flag(request, "logs")),
+            await self.status_body(record, self.flag(request, "logs")),
             status_code=200 if record.status == Status.COMPLETED else 202,
         )
 
     async def status_stream(self, request: Request) -> Response:
-        record, with_logs = self.find_record(request), self.flag(request, "logs")
+        record, with_logs = await self.find_record(request), self.flag(request, "logs")
+        queue = self.context().queue
 
         async def events():
+            nonlocal record
             last, last_sent = None, time.monotonic()
             while True:
-                data = json.dumps(self.status_body(record, with_logs))
+                data = json.dumps(await self.status_body(record, with_logs))
                 if data != last:
                     yield f"data: {data}\n\n"
                     last, last_sent = data, time.monotonic()
@@ -268,11 +271,18 @@ class FalApi:
                 if record.status == Status.COMPLETED:
                     return
                 await asyncio.sleep(0.2)
+                try:
+                    fresh = await queue.get(record.id)  # a snapshot, on Redis: read it again
+                except InpaintError:  # the queue is unreachable for now: keep the stream, try again
+                    continue
+                if fresh is None:  # forgotten (retention) while streaming: nothing more to tell
+                    return
+                record = fresh
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
     async def result(self, request: Request) -> Response:
-        record = self.find_record(request)
+        record = await self.find_record(request)
         if record.status != Status.COMPLETED:
             return error_response(
                 400, {"detail": "the request is still in progress", "error_type": "request_in_progress"}, record.id

@@ -13,10 +13,31 @@ REQUESTS = bentoml.metrics.Counter(
 )
 # Gauges under BentoML's multiprocess Prometheus: "livesum" adds up the live processes (only the front
 # sets them) into one unlabelled series per pod, which is what an autoscaler averages.
+# With the queue in Redis every replica sees the fleet's one line: each reports its share (the depth
+# over the live replicas), so that summing over pods gives the depth and averaging the depth per pod.
 QUEUE_DEPTH = bentoml.metrics.Gauge(
     name="flux_queue_depth",
-    documentation="Requests accepted and waiting for the model (not yet in flight)",
+    documentation="Requests accepted and waiting for a model (not yet in flight): this replica's share of the line",
     multiprocess_mode="livesum",
+)
+FLEET_QUEUE_DEPTH = bentoml.metrics.Gauge(
+    name="flux_fleet_queue_depth",
+    documentation="Requests waiting in the whole line (every replica reports the same value: take the max)",
+    multiprocess_mode="livemax",
+)
+OLDEST_WAIT = bentoml.metrics.Gauge(
+    name="flux_queue_oldest_wait_seconds",
+    documentation="How long the request at the head of the line has waited (fleet-wide on Redis)",
+    multiprocess_mode="livemax",
+)
+RERUNS = bentoml.metrics.Counter(
+    name="flux_queue_reruns",
+    documentation="Requests queued again because the replica running them stopped renewing its lease",
+)
+REDIS_ERRORS = bentoml.metrics.Counter(
+    name="flux_queue_redis_errors",
+    documentation="Redis calls of the queue that failed (unreachable, timed out), by operation",
+    labelnames=["operation"],
 )
 IN_FLIGHT = bentoml.metrics.Gauge(
     name="flux_in_flight", documentation="Requests handed to the model and not finished", multiprocess_mode="livesum"

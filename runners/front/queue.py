@@ -1,38 +1,33 @@
-"""The request queue of the HTTP front, which both fal routes use.
+"""The request queue of the HTTP front, which both fal routes use: one interface, two implementations.
 
-Every request, synchronous or queued, becomes a ``Record`` here: it waits in a FIFO (that is its
-``queue_position``), is handed to the model worker by one of a fixed number of feeder tasks (enough
-to keep one batch running and the next forming in BentoML's dispatcher), and ends COMPLETED with
-an output or an error. The sync route simply awaits its record. A poller asks the worker for the
-progress of dispatched requests, so status answers IN_PROGRESS with "step i/N" logs without each
-client poll reaching the worker. State is in memory: bounded in length and retention, lost on restart.
+Every request, synchronous or queued, becomes a ``Record``: it waits in a FIFO (that is its
+``queue_position``), is handed to the model tier by one of a fixed number of feeder tasks (enough to
+keep one batch running and the next forming in BentoML's dispatcher), and ends COMPLETED with an
+output or an error. The routes (runners/front/fal_http.py) and the front (runners/front/app.py) see
+only ``RequestQueue`` below:
 
-Limits: at most ``concurrency`` requests in flight at the model and ``max_length`` waiting (429
-past it); every request has a deadline (the worker stops its loop there; the queue fails it here
-if the worker has not answered shortly after); ``drain`` refuses new work and lets accepted work
-finish for a grace period, then fails what is left, so no accepted request ends unreported.
+- ``MemoryQueue`` (runners/front/memory_queue.py), the default: the line and the records live in
+  this process's memory; one replica, and a restart loses them.
+- ``RedisQueue`` (runners/front/redis_queue.py), with ``FLUX_QUEUE_URL``: the whole life cycle lives
+  in Redis, shared by every replica: any replica answers any request, each replica's feeders pull
+  from one line when their model tier has room, and a dead replica's claimed work is run again by
+  another (docs/fleet.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import time
 import uuid
-from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from runners.config import DEADLINE_GRACE_S, QueueSettings
-from runners.errors import InpaintError, QueueFull, RequestCancelled, RequestTimedOut, ServerDraining
-from runners.logs import REQUEST_ID
+from runners.config import QueueSettings
+from runners.errors import InpaintError
 from runners.protocol.progress import JobProgress, LogLine
 from runners.protocol.schema import InpaintRequest
-
-log = logging.getLogger(__name__)
 
 
 class Status(str, Enum):
@@ -49,7 +44,7 @@ class Outcome:
 
 
 class Executor(Protocol):
-    """How records reach the model: the BentoML worker, or a Triton server (service.py)."""
+    """How records reach the model: the BentoML worker, or a Triton server (runners/front/executor.py)."""
 
     async def run(self, record: Record) -> Outcome: ...  # raises InpaintError for the caller's faults
     async def cancel(self, request_id: str) -> None: ...
@@ -58,11 +53,15 @@ class Executor(Protocol):
 
 @dataclass(eq=False)
 class Record:
-    request: InpaintRequest
+    """One request. The memory queue keeps and updates these objects; the Redis queue builds one
+    from Redis for each look-up (a snapshot, ``request`` left out) and for each request it runs."""
+
+    request: InpaintRequest | None  # None in a snapshot: the routes never need the inputs
     base_url: str  # for the URLs this request's answers carry
     webhook_url: str | None = None
     deadline: float | None = None  # unix time (it travels to the worker, maybe on another host)
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    submitted_at: float = field(default_factory=time.time)  # unix time
     status: Status = Status.IN_QUEUE
     dispatched: bool = False
     front_logs: list[LogLine] = field(default_factory=list)
@@ -70,6 +69,7 @@ class Record:
     outcome: Outcome | None = None
     error: InpaintError | None = None
     finished_at: float | None = None
+    position: int | None = None  # a Redis snapshot's place in the line when it was read
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -82,246 +82,74 @@ class Record:
         return [line.model_dump() for line in self.front_logs + self.worker_logs]
 
 
-class RequestQueue:
-    POLL_INTERVAL_S = 0.25
-    # The worker stops a request at its next step boundary, but a step or a decode can be long.
-    DEADLINE_GRACE_S = DEADLINE_GRACE_S
+def finished_line(error: InpaintError | None) -> LogLine:
+    """The queue's last log line of a request."""
+    return LogLine(
+        message="completed" if error is None else f"failed: {error.message}",
+        source="queue",
+        level="INFO" if error is None else "ERROR",
+    )
 
-    def __init__(
-        self,
-        settings: QueueSettings,
-        concurrency: int,
-        executor: Executor,
-        on_finish: Callable[[Record], Awaitable[None]] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        request_timeout_s: float | None = None,
-        on_change: Callable[[RequestQueue], None] | None = None,
-    ):
-        self.settings = settings
-        self.concurrency = concurrency
-        self.executor = executor
-        self.on_finish = on_finish
-        self.clock = clock
-        self.request_timeout_s = request_timeout_s
-        self.on_change = on_change  # metrics: called whenever ``waiting`` or ``in_flight`` may have changed
-        self.draining = False
-        self._finishing: set[asyncio.Task] = set()  # on_finish calls (webhooks) still running
-        self._pending: deque[Record] = deque()
-        self._records: dict[str, Record] = {}
-        self._finished: OrderedDict[str, Record] = OrderedDict()  # oldest first, for retention
-        self._busy = 0  # feeders waiting on the worker
-        self._wakeup: asyncio.Condition | None = None
-        self._tasks: list[asyncio.Task] = []
 
-    # life cycle: started lazily inside the server's event loop
-    def ensure_started(self) -> None:
-        if self._tasks:
-            return
-        self._wakeup = asyncio.Condition()
-        self._tasks = [asyncio.create_task(self._feed(), name=f"feeder-{i}") for i in range(self.concurrency)]
-        self._tasks.append(asyncio.create_task(self._poll(), name="progress-poller"))
+class RequestQueue(Protocol):
+    """What the routes and the front use. ``submit`` raises ``QueueFull`` (429), ``ServerDraining``
+    (503) or, on Redis, ``QueueUnavailable`` (503); look-ups raise the last too."""
 
-    async def stop(self) -> None:
-        """Shut down: whatever is still unfinished (no drain ran, or it was cut short) ends with 503
-        ``server_draining``, so no caller waits forever."""
-        self.draining = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
-        await self._fail_unfinished()
+    draining: bool
 
-    async def drain(self, timeout_s: float) -> None:
-        """Stop taking work; wait up to ``timeout_s`` for accepted requests to finish, then fail
-        the rest (503 ``server_draining`` to their callers and webhooks); then wait for webhook
-        deliveries still under way, for what is left of the time (at least 5 s). Cancelling it (a
-        second SIGTERM) fails the rest at once."""
-        self.draining = True
-        until = time.monotonic() + timeout_s
-        try:
-            while self._unfinished() and time.monotonic() < until:
-                await asyncio.sleep(0.1)
-            await self._fail_unfinished()
-            if self._finishing:
-                await asyncio.wait(self._finishing, timeout=max(5.0, until - time.monotonic()))
-        except asyncio.CancelledError:
-            log.warning("drain cut short")
-            await self._fail_unfinished()
-
-    def _unfinished(self) -> list[Record]:
-        return [r for r in self._records.values() if r.status != Status.COMPLETED]
-
-    async def _fail_unfinished(self) -> None:
-        if unfinished := self._unfinished():
-            log.warning("%d request(s) unfinished at shutdown; failing them (503 server_draining)", len(unfinished))
-        for record in unfinished:
-            await self.end(record, ServerDraining("the server shut down before this request finished; retry"))
-
-    # what the routes call
     @property
     def waiting(self) -> int:
-        """Requests accepted and not yet handed to the model."""
-        return len(self._pending)
+        """Requests accepted and not yet handed to a model tier (in Redis: fleet-wide)."""
 
     @property
     def in_flight(self) -> int:
-        """Requests handed to the model and not finished."""
-        return self._busy
+        """Requests this replica has handed to its model tier and not finished."""
 
-    async def submit(self, request: InpaintRequest, base_url: str, webhook_url: str | None = None) -> Record:
-        if self.draining:
-            raise ServerDraining()
-        self.ensure_started()
-        self._forget_expired()
-        if len(self._pending) >= self.settings.max_length:
-            raise QueueFull(f"the queue is full ({self.settings.max_length} requests waiting); retry shortly")
-        deadline = time.time() + self.request_timeout_s if self.request_timeout_s else None
-        record = Record(request=request, base_url=base_url, webhook_url=webhook_url, deadline=deadline)
-        if record.size + sum(r.size for r in self._pending) > self.settings.max_waiting_bytes:
-            raise QueueFull("the queue holds as many input bytes as it keeps; retry shortly")
-        record.front_logs.append(LogLine(message="queued", source="queue"))
-        self._records[record.id] = record
-        self._pending.append(record)
-        self._changed()
-        async with self._wakeup:
-            self._wakeup.notify()
-        return record
+    @property
+    def replicas(self) -> int:
+        """Replicas pulling from this line (1 in memory), so each can report its share of ``waiting``."""
 
-    def get(self, request_id: str) -> Record | None:
-        self._forget_expired()
-        return self._records.get(request_id)
+    @property
+    def oldest_wait_s(self) -> float:
+        """How long the request at the head of the line has waited (0 when none waits)."""
 
-    def position(self, record: Record) -> int:
-        """Requests ahead of this one; 0 once handed to the worker but not yet started."""
-        try:
-            return self._pending.index(record)
-        except ValueError:
-            return 0
+    def ensure_started(self) -> None:
+        """Start the feeders; call inside the server's event loop (idempotent)."""
+
+    async def submit(self, request: InpaintRequest, base_url: str, webhook_url: str | None = None) -> Record: ...
+    async def get(self, request_id: str) -> Record | None: ...
+    async def position(self, record: Record) -> int:
+        """Requests ahead of this one; 0 once handed to a model tier but not yet started."""
+
+    async def wait(self, record: Record) -> Record:
+        """Until the request is finished; the finished record."""
 
     async def cancel(self, request_id: str) -> str:
-        record = self.get(request_id)
-        if record is None:
-            return "NOT_FOUND"
-        if record.status == Status.COMPLETED:
-            return "ALREADY_COMPLETED"
-        await self.end(record, RequestCancelled())
-        return "CANCELLATION_REQUESTED"
+        """``CANCELLATION_REQUESTED``, ``ALREADY_COMPLETED`` or ``NOT_FOUND``."""
 
     async def end(self, record: Record, error: InpaintError) -> None:
         """End an unfinished request with ``error``: a waiting one never runs, a running one is told
-        to leave its batch at the next denoising step."""
-        if record in self._pending:
-            self._pending.remove(record)
-            self._changed()
-        elif record.dispatched:
-            try:
-                await self.executor.cancel(record.id)
-            except Exception:
-                log.warning("request %s: could not tell the model to stop it", record.id, exc_info=True)
-        self._finish(record, error=error)
+        to leave its batch at the next denoising step (on whichever replica runs it)."""
 
-    # internals
-    async def _feed(self) -> None:
-        while True:
-            async with self._wakeup:
-                await self._wakeup.wait_for(lambda: bool(self._pending))
-                record = self._pending.popleft()
-            REQUEST_ID.set(record.id)  # this feeder task's log lines belong to this request now
-            if record.deadline is not None and time.time() > record.deadline:
-                self._changed()
-                self._finish(record, error=RequestTimedOut("the request waited past this server's time limit"))
-                continue
-            self._busy += 1
-            self._changed()
-            record.dispatched = True
-            try:
-                outcome = await self.executor.run(record)
-            except InpaintError as exc:
-                self._finish(record, error=exc)
-            except asyncio.CancelledError:
-                self._finish(record, error=ServerDraining("the server shut down before this request finished; retry"))
-                raise
-            except Exception:
-                log.exception("request %s failed unexpectedly", record.id)
-                self._finish(record, error=InpaintError("internal server error"))
-            else:
-                self._finish(record, outcome=outcome)
-            finally:
-                self._busy -= 1
-                self._changed()
-                REQUEST_ID.set(None)
+    async def drain(self, timeout_s: float) -> None: ...
+    async def stop(self) -> None: ...
 
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change(self)
 
-    def _finish(self, record: Record, outcome: Outcome | None = None, error: InpaintError | None = None) -> None:
-        if record.status == Status.COMPLETED:  # e.g. cancelled while the worker was still busy with it
-            return
-        record.status = Status.COMPLETED
-        record.outcome, record.error = outcome, error
-        # Kept for status and result only: drop the input images (data URIs can be tens of MB).
-        record.request = record.request.without_images()
-        if outcome is not None:
-            record.worker_logs = outcome.logs
-        record.front_logs.append(
-            LogLine(
-                message="completed" if error is None else f"failed: {error.message}",
-                source="queue",
-                level="INFO" if error is None else "ERROR",
-            )
-        )
-        record.finished_at = self.clock()
-        self._finished[record.id] = record
-        record.done.set()
-        if self.on_finish is not None:
-            task = asyncio.create_task(self.on_finish(record))
-            self._finishing.add(task)
-            task.add_done_callback(self._finished_callback)
+def make_queue(
+    settings: QueueSettings,
+    concurrency: int,
+    executor: Executor,
+    on_finish: Callable[[Record], Awaitable[None]] | None = None,
+    request_timeout_s: float | None = None,
+    on_change: Callable[[RequestQueue], None] | None = None,
+) -> RequestQueue:
+    """The configured queue: in Redis with ``FLUX_QUEUE_URL``, else in memory."""
+    if settings.url:
+        from runners.front.redis_queue import RedisQueue
 
-    def _finished_callback(self, task: asyncio.Task) -> None:
-        self._finishing.discard(task)
-        if not task.cancelled() and task.exception() is not None:  # a lost webhook must leave a trace
-            log.error("after-finish work (webhook) failed", exc_info=task.exception())
+        return RedisQueue(settings, concurrency, executor, on_finish, request_timeout_s, on_change)
+    from runners.front.memory_queue import MemoryQueue
 
-    async def _poll(self) -> None:
-        last_warning = 0.0
-        while True:
-            await asyncio.sleep(self.POLL_INTERVAL_S)
-            try:
-                await self._enforce_deadlines()
-                running = [r for r in self._records.values() if r.dispatched and r.status != Status.COMPLETED]
-                progress = await self.executor.progress([r.id for r in running]) if running else {}
-            except Exception as exc:  # the poller must outlive a worker outage: no deadlines otherwise
-                if time.monotonic() - last_warning > 30:  # one line per outage, not four a second
-                    log.warning("could not read progress from the worker: %s", exc)
-                    last_warning = time.monotonic()
-                continue
-            for record in running:
-                report = progress.get(record.id)
-                if report is not None and report.started and record.status != Status.COMPLETED:
-                    record.status = Status.IN_PROGRESS
-                    record.worker_logs = report.logs
-
-    async def _enforce_deadlines(self) -> None:
-        """Waiting requests end at their deadline; running ones are stopped by the worker at a step
-        boundary, and failed here only if no answer came ``DEADLINE_GRACE_S`` later."""
-        now = time.time()
-        for record in list(self._records.values()):
-            if record.status == Status.COMPLETED or record.deadline is None:
-                continue
-            grace = self.DEADLINE_GRACE_S if record.dispatched else 0.0
-            if now > record.deadline + grace:
-                await self.end(record, RequestTimedOut())
-
-    def _forget_expired(self) -> None:
-        now = self.clock()
-        while self._finished:
-            oldest_id, oldest = next(iter(self._finished.items()))
-            expired = now - oldest.finished_at > self.settings.result_retention_s
-            if not expired and len(self._finished) <= self.settings.max_retained:
-                break
-            del self._finished[oldest_id]
-            self._records.pop(oldest_id, None)
+    return MemoryQueue(
+        settings, concurrency, executor, on_finish, request_timeout_s=request_timeout_s, on_change=on_change
+    )

@@ -1,0 +1,316 @@
+"""A fleet on Redis (docs/fleet.md), as real processes: two ``bentoml serve`` replicas sharing one
+``redis-server`` and one FLUX_STORE_DIR, each with its own model worker. Any replica answers any
+request; a replica killed with SIGKILL leaves its work to the other; SIGTERM hands back what it
+cannot finish; Redis stopped and started again costs 503s, then nothing.
+
+The tests run in order on one fleet: replica A is killed and started again on the way.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, suppress
+
+import fal_client
+import fal_client.client
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import REPO, LocalHandler, bentoml_server, local_http_server, redis_server
+
+APP = "fal-ai/flux-lora/inpainting"
+REQUESTS = "queue/fal-ai/flux-lora/requests"
+EXAMPLE = json.loads((REPO / "examples" / "request.json").read_text())
+QUICK = {**EXAMPLE, "num_inference_steps": 4, "image_size": {"width": 64, "height": 64}, "enable_safety_checker": False}
+MEDIUM = {**EXAMPLE, "sync_mode": False, "num_inference_steps": 12, "strength": 1.0, "enable_safety_checker": False}
+SLOW = {**EXAMPLE, "image_size": "square_hd", "num_inference_steps": 50, "strength": 1.0}  # ~10 s alone
+
+
+class Hooks(LocalHandler):
+    received: list[dict] = []
+
+    def do_POST(self):
+        Hooks.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send(200, b"", "text/plain")
+
+
+class Fleet:
+    """Replicas by name; each can be killed and started again (on a new port)."""
+
+    def __init__(self, tmp, redis_url: str) -> None:
+        self.tmp, self.stack = tmp, ExitStack()
+        self.env = {
+            "FLUX_QUEUE_URL": redis_url,
+            "FLUX_QUEUE_LEASE_S": "3",
+            "FLUX_QUEUE_CONCURRENCY": "2",
+            "FLUX_BATCH_MAX_SIZE": "2",
+            "FLUX_QUEUE_REDIS_TIMEOUT_S": "2",
+            "FLUX_DRAIN_TIMEOUT_S": "6",
+            "FLUX_STORE_DIR": str(tmp / "outputs"),
+            "XDG_CACHE_HOME": str(tmp / "cache"),  # one tiny model on disk for both
+            "FLUX_ALLOW_PRIVATE_HOSTS": "127.0.0.1",
+        }
+        self.served: dict[str, object] = {}
+        self.starts = collections.Counter()
+
+    def start(self, *names: str) -> None:
+        def one(name: str):
+            self.starts[name] += 1
+            directory = self.tmp / f"{name}-{self.starts[name]}"
+            directory.mkdir()
+            return name, self.stack.enter_context(bentoml_server(directory, **self.env))
+
+        with ThreadPoolExecutor(len(names)) as pool:
+            self.served.update(pool.map(one, names))
+
+    def url(self, name: str) -> str:
+        return self.served[name][0]
+
+    def log(self, name: str) -> str:
+        return self.served[name][1].read_text()
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        process = self.served[name].process
+        if sig == signal.SIGKILL:  # the front and its model worker too (BentoML starts them in sessions of their own)
+            for member in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+                with suppress(psutil.NoSuchProcess):
+                    member.kill()
+        else:
+            process.send_signal(sig)  # as Kubernetes does: the main process only
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, redis):
+    fleet = Fleet(tmp_path_factory.mktemp("fleet"), redis.url)
+    with fleet.stack:
+        fleet.start("a", "b")
+        yield fleet
+
+
+@pytest.fixture(scope="module")
+def hooks():
+    with local_http_server(Hooks) as url:
+        yield f"{url}/hook"
+
+
+def submit(base: str, body: dict, webhook: str | None = None) -> str:
+    params = {"fal_webhook": webhook} if webhook else {}
+    response = httpx.post(f"{base}/queue/{APP}", params=params, json=body, timeout=30)
+    assert response.status_code == 202, response.text
+    return response.json()["request_id"]
+
+
+def status(base: str, request_id: str) -> dict:
+    return httpx.get(f"{base}/{REQUESTS}/{request_id}/status", params={"logs": 1}, timeout=30).json()
+
+
+def wait_for(predicate, timeout: float = 180.0, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not reached in time")
+
+
+def completed(bases: list[str], request_id: str) -> dict:
+    """Poll, on whichever replica answers, until the request is COMPLETED."""
+
+    def done():
+        for base in bases:
+            try:
+                body = status(base, request_id)
+            except httpx.HTTPError:
+                continue
+            return body if body.get("status") == "COMPLETED" else None
+
+    return wait_for(done)
+
+
+def in_flight(base: str) -> float:
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith("flux_in_flight "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def metric(base: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+def test_any_replica_answers_every_route_for_a_request_the_other_took(fleet):
+    a, b = fleet.url("a"), fleet.url("b")
+    request_id = submit(a, MEDIUM)
+    first = status(b, request_id)
+    assert first["status"] in ("IN_QUEUE", "IN_PROGRESS", "COMPLETED") and first["request_id"] == request_id
+    assert first["status_url"].startswith(a)  # the URLs name the replica that took it; any serves them
+    with httpx.stream("GET", f"{b}/{REQUESTS}/{request_id}/status/stream", params={"logs": 1}, timeout=120) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["status"] == "COMPLETED" and "error" not in events[-1]
+    assert any(line["message"].startswith("step ") for line in events[-1]["logs"])
+    result = httpx.get(f"{b}/{REQUESTS}/{request_id}", timeout=30)
+    assert result.status_code == 200 and result.json()["images"][0]["width"] == 256
+    name = result.json()["images"][0]["url"].rsplit("/", 1)[1]
+    assert httpx.get(f"{b}/files/{name}", timeout=30).status_code == 200  # one store for the fleet
+
+    # A cancel sent to one replica stops the request where it runs, at a step boundary.
+    slow = submit(a, SLOW)
+    runner = wait_for(lambda: next((n for n in ("a", "b") if in_flight(fleet.url(n)) >= 1), None))
+    other = fleet.url("b" if runner == "a" else "a")
+    wait_for(lambda: any(line["message"].startswith("step ") for line in status(other, slow).get("logs") or []))
+    cancel = httpx.put(f"{other}/{REQUESTS}/{slow}/cancel", timeout=30)
+    assert cancel.status_code == 202 and cancel.json() == {"status": "CANCELLATION_REQUESTED"}
+    assert status(fleet.url(runner), slow)["error_type"] == "request_cancelled"
+    stopped = wait_for(lambda: f"request {slow} cancelled: left the batch after step" in fleet.log(runner), 60)
+    assert stopped and f"request {slow} done" not in fleet.log(runner)
+    assert httpx.get(f"{other}/{REQUESTS}/nope/status", timeout=10).status_code == 404
+
+
+def test_the_official_client_against_the_replicas_in_turn(fleet, monkeypatch):
+    a, b = fleet.url("a"), fleet.url("b")
+    client = fal_client.SyncClient(key="any")
+
+    def on(base: str) -> None:  # the client's two URL globals, read at each call
+        monkeypatch.setattr(fal_client.client, "RUN_URL_FORMAT", base + "/")
+        monkeypatch.setattr(fal_client.client, "QUEUE_URL_FORMAT", base + "/queue/")
+
+    on(a)
+    handle = client.submit(APP, arguments=QUICK)
+    on(b)
+    final = wait_for(
+        lambda: isinstance(s := client.status(APP, handle.request_id, with_logs=True), fal_client.Completed) and s
+    )
+    assert [line["message"] for line in final.logs][0] == "queued"
+    on(a)
+    assert client.result(APP, handle.request_id)["images"][0]["width"] == 64
+    on(b)
+    assert client.run(APP, arguments=QUICK)["seed"] == 42  # the sync route, on the other replica
+    on(a)
+    waiting = client.submit(APP, arguments=SLOW)
+    on(b)
+    client.cancel(APP, waiting.request_id)
+    on(a)
+    with pytest.raises(fal_client.client.FalClientHTTPError) as error:
+        client.result(APP, waiting.request_id)
+    assert "cancelled" in str(error.value)
+
+
+def test_redis_stopped_and_started_again_costs_503s_then_nothing(fleet, redis):
+    a, b = fleet.url("a"), fleet.url("b")
+    accepted = [submit(a if i % 2 else b, MEDIUM) for i in range(6)]  # more than the fleet runs at once
+    wait_for(lambda: in_flight(a) + in_flight(b) >= 2)
+    redis.stop()
+    for base in (a, b):
+        refused = httpx.post(f"{base}/queue/{APP}", json=QUICK, timeout=30)
+        assert refused.status_code == 503 and refused.json()["error_type"] == "queue_unavailable"
+        assert "retry-after" in refused.headers and "unreachable" in refused.json()["detail"]
+        looked_up = httpx.get(f"{base}/{REQUESTS}/{accepted[0]}/status", timeout=30)
+        assert looked_up.status_code == 503 and looked_up.json()["error_type"] == "queue_unavailable"
+    assert httpx.get(f"{a}/readyz", timeout=10).status_code == 200  # the replicas stay up, running their work
+    time.sleep(2)
+    redis.start()  # same port, same append-only file: the waiting requests are still there
+    for request_id in accepted:
+        assert "error" not in completed([a, b], request_id), request_id
+    assert "error" not in completed([a], submit(a, QUICK))  # recovered, no server restarted
+    assert metric(a, "flux_queue_redis_errors_total") + metric(b, "flux_queue_redis_errors_total") >= 2
+
+
+def test_a_replica_killed_while_running_leaves_every_request_to_the_other(fleet, hooks):
+    a, b = fleet.url("a"), fleet.url("b")
+    Hooks.received.clear()
+    ids = [submit(a if i % 2 else b, MEDIUM, hooks) for i in range(6)]
+    wait_for(lambda: in_flight(a) >= 1 and in_flight(b) >= 1)  # A holds requests, and some wait
+    fleet.kill("a")
+    bodies = {request_id: completed([b], request_id) for request_id in ids}  # its client, polling, sees them end
+    assert all("error" not in body for body in bodies.values()), bodies
+    rerun = [i for i, body in bodies.items() if any("queued again" in line["message"] for line in body["logs"])]
+    assert rerun  # what A held ran again on B, under the same id
+    assert metric(b, "flux_queue_reruns_total") >= len(rerun)
+    wait_for(lambda: {hook["request_id"] for hook in Hooks.received} >= set(ids), 60)
+    time.sleep(2)  # a second delivery would come now
+    counts = collections.Counter(hook["request_id"] for hook in Hooks.received)
+    assert all(counts[i] == 1 for i in ids), counts
+    assert all(hook["status"] == "OK" for hook in Hooks.received)
+    fleet.start("a")
+
+
+def test_load_over_both_replicas_with_one_killed_and_restarted_loses_nothing(fleet, hooks):
+    Hooks.received.clear()
+    outcomes: dict[int, str] = {}
+    ids: dict[int, str] = {}
+    lock = threading.Lock()
+    total = 24
+
+    def bases(n: int) -> list[str]:
+        order = [fleet.url("a"), fleet.url("b")]
+        return order if n % 2 else order[::-1]
+
+    def one(n: int) -> None:
+        request_id = None
+        while request_id is None:  # a replica that is down refuses the connection: try the other
+            for base in bases(n):
+                try:
+                    response = httpx.post(
+                        f"{base}/queue/{APP}", params={"fal_webhook": hooks}, json={**QUICK, "seed": n}, timeout=30
+                    )
+                except httpx.HTTPError:
+                    continue
+                if response.status_code == 429:
+                    outcomes[n] = "429"
+                    return
+                assert response.status_code == 202, response.text
+                request_id = response.json()["request_id"]
+                break
+            else:
+                time.sleep(0.5)
+        with lock:
+            ids[n] = request_id
+        body = completed(bases(n), request_id)
+        outcomes[n] = body.get("error_type", "ok")
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(one, n) for n in range(total)]
+        wait_for(lambda: len(ids) >= total // 2, every=0.05)
+        fleet.kill("a")  # half-way
+        restart = pool.submit(fleet.start, "a")
+        for future in futures:
+            future.result(timeout=300)
+        restart.result(timeout=300)
+    counted = collections.Counter(outcomes.values())
+    print(f"\nload over the fleet, replica A killed half-way: {dict(counted)}")
+    assert len(outcomes) == total and set(counted) <= {"ok", "429"}, counted
+    accepted = [ids[n] for n in ids if outcomes[n] == "ok"]
+    assert len(set(accepted)) == len(accepted)
+    wait_for(lambda: {hook["request_id"] for hook in Hooks.received} >= set(accepted), 60)
+    time.sleep(2)
+    counts = collections.Counter(hook["request_id"] for hook in Hooks.received)
+    assert all(counts[i] == 1 for i in accepted), counts  # none answered twice
+
+
+def test_sigterm_with_a_full_queue_hands_the_waiting_work_to_the_other_replica(fleet):
+    a, b = fleet.url("a"), fleet.url("b")
+    ids = [submit(a, body) for body in (SLOW, MEDIUM, MEDIUM, MEDIUM, MEDIUM, MEDIUM, MEDIUM)]
+    wait_for(lambda: in_flight(a) >= 1)
+    fleet.kill("a", signal.SIGTERM)
+    wait_for(lambda: httpx.get(f"{a}/readyz", timeout=5).status_code == 503, 30, 0.1)
+    refused = httpx.post(f"{a}/queue/{APP}", json=QUICK, timeout=10)
+    assert refused.status_code == 503 and refused.json()["error_type"] == "server_draining"
+    fleet.served["a"].process.wait(timeout=120)
+    bodies = [completed([b], request_id) for request_id in ids]
+    assert all("error" not in body for body in bodies), bodies  # nothing failed: what A could not finish, B ran

@@ -1,0 +1,282 @@
+"""The Redis queue (runners/front/redis_queue.py) against a real ``redis-server``: two queues in one
+process play two replicas sharing one line, each with a fake model tier that runs a request until
+the test releases it. The served fleet (two ``bentoml serve`` processes) is tests/test_fleet.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from runners.config import QueueSettings
+from runners.errors import QueueFull, QueueUnavailable, ServerDraining, WorkerUnavailable
+from runners.front.queue import Status
+from runners.front.redis_queue import RedisQueue
+from tests.conftest import redis_server
+from tests.test_queue import REQUEST, FakeWorker
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    with redis_server(tmp_path) as server:
+        yield server.url
+
+
+@pytest.fixture
+def restartable_redis(tmp_path):
+    with redis_server(tmp_path) as server:
+        yield server
+
+
+def run(coroutine, timeout=60):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+class Replica:
+    """One queue with its fake worker and what it reported (its on_finish calls)."""
+
+    def __init__(self, url: str, concurrency: int = 1, **settings) -> None:
+        self.worker = FakeWorker()
+        self.reported: list[str] = []
+        self.queue = RedisQueue(
+            QueueSettings(url=url, lease_s=1.0, **settings), concurrency, self.worker, on_finish=self.report
+        )
+        self.queue.POLL_INTERVAL_S = 0.05
+
+    async def report(self, record) -> None:
+        self.reported.append(record.id)
+
+    def holds(self) -> list[str]:
+        return list(self.queue._held)
+
+    async def die(self) -> None:
+        """As SIGKILL would: no hand-back, no finish, its lease simply stops being renewed."""
+        self.queue._let_go_done = True
+        for task in self.queue._tasks:
+            while not task.done():  # as RedisQueue.stop: redis-py may swallow one cancellation
+                task.cancel()
+                await asyncio.wait([task], timeout=0.5)
+        self.queue._tasks = []
+
+
+async def until(predicate, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+async def status(queue: RedisQueue, request_id: str) -> Status:
+    return (await queue.get(request_id)).status
+
+
+def test_one_line_for_two_replicas_with_global_positions_and_a_fleet_wide_bound(redis_url):
+    async def scenario():
+        a, b = Replica(redis_url, max_length=2), Replica(redis_url, max_length=2)
+        a.queue.ensure_started(), b.queue.ensure_started()
+        first, second = await a.queue.submit(REQUEST, "http://a/"), await b.queue.submit(REQUEST, "http://b/")
+        await until(lambda: len(a.holds()) + len(b.holds()) == 2)  # each replica's one feeder took one
+        assert len(a.holds()) == len(b.holds()) == 1
+        third, fourth = await a.queue.submit(REQUEST, "http://a/"), await a.queue.submit(REQUEST, "http://a/")
+        assert [await b.queue.position(await b.queue.get(r.id)) for r in (third, fourth)] == [0, 1]
+        with pytest.raises(QueueFull):  # two wait, fleet-wide: the bound holds on either replica
+            await b.queue.submit(REQUEST, "http://b/")
+        await until(lambda: b.queue.waiting == 2 and a.queue.replicas == 2)
+        for replica in (a, b):
+            for request_id in replica.holds():
+                replica.worker.release.setdefault(request_id, asyncio.Event()).set()
+        await until(lambda: set(a.holds()) | set(b.holds()) == {third.id, fourth.id})
+        done = await b.queue.get(first.id)
+        assert done.status == Status.COMPLETED and done.outcome.output["seed"] == 1 and done.base_url == "http://a/"
+        assert [line["message"] for line in done.logs][:2] == ["queued", "completed"]
+        assert sorted(a.reported + b.reported) == sorted([first.id, second.id])
+        await a.queue.stop(), await b.queue.stop()
+
+    run(scenario())
+
+
+def test_a_cancel_on_one_replica_stops_the_request_running_on_the_other(redis_url):
+    async def scenario():
+        a, b = Replica(redis_url), Replica(redis_url)
+        a.queue.ensure_started()
+        record = await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.holds() == [record.id] and a.worker.started == [record.id])
+        await until(lambda: a.queue._reported_logs.get(record.id) is not None)  # progress written
+        assert await status(b.queue, record.id) == Status.IN_PROGRESS
+        await asyncio.sleep(2.0)  # twice the lease: A renews it while it runs, so nobody re-runs it
+        assert "queued again" not in str((await b.queue.get(record.id)).logs) and a.worker.started == [record.id]
+        assert await b.queue.cancel(record.id) == "CANCELLATION_REQUESTED"
+        await until(lambda: a.worker.cancelled == [record.id])  # A saw it at its next poll
+        await until(lambda: not a.holds())
+        snapshot = await a.queue.get(record.id)
+        assert snapshot.error.error_type == "request_cancelled" and snapshot.error.status == 400
+        assert await a.queue.cancel(record.id) == "ALREADY_COMPLETED" and await b.queue.cancel("nope") == "NOT_FOUND"
+        assert b.reported == [record.id] and a.reported == []  # reported once, by the replica that ended it
+        await a.queue.stop(), await b.queue.stop()
+
+    run(scenario())
+
+
+def test_a_dead_replicas_request_runs_again_elsewhere_same_id_reported_once(redis_url):
+    async def scenario():
+        a = Replica(redis_url)
+        a.queue.ensure_started()
+        record = await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [record.id])
+        await a.die()
+        b = Replica(redis_url)
+        b.queue.ensure_started()
+        await until(lambda: b.worker.started == [record.id])  # the lease ran out: B claimed it
+        snapshot = await b.queue.get(record.id)
+        assert "queued again" in " ".join(line["message"] for line in snapshot.logs)
+        b.worker.finish(record)
+        await until(lambda: b.reported == [record.id])
+        assert (await b.queue.get(record.id)).error is None and a.reported == []
+        await b.queue.stop()
+
+    run(scenario())
+
+
+def test_past_the_attempts_a_request_fails_with_a_clear_error(redis_url):
+    async def scenario():
+        a = Replica(redis_url, max_attempts=1)
+        a.queue.ensure_started()
+        record = await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [record.id])
+        await a.die()
+        b = Replica(redis_url, max_attempts=1)
+        b.queue.ensure_started()
+        await until(lambda: b.reported == [record.id])
+        snapshot = await b.queue.get(record.id)
+        assert (
+            snapshot.error.error_type == "attempts_exhausted" and "FLUX_QUEUE_MAX_ATTEMPTS=1" in snapshot.error.message
+        )
+        assert b.worker.started == []  # not run a second time
+        await b.queue.stop()
+
+    run(scenario())
+
+
+def test_a_draining_replica_hands_back_what_it_holds_and_leaves_the_line_to_the_others(redis_url):
+    async def scenario():
+        a = Replica(redis_url)
+        a.queue.ensure_started()
+        held, waiting = await a.queue.submit(REQUEST, "http://a/"), await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [held.id])
+        drain = asyncio.create_task(a.queue.drain(timeout_s=0.3))
+        await until(lambda: a.queue.draining)
+        with pytest.raises(ServerDraining):
+            await a.queue.submit(REQUEST, "http://a/")
+        await drain
+        assert a.worker.cancelled == [held.id]  # its model tier was told to drop it
+        assert [await status(a.queue, r.id) for r in (held, waiting)] == [Status.IN_QUEUE] * 2
+        assert (await a.queue.get(held.id)).position == 0  # back at the head of the line, not the end
+        await a.queue.stop()
+        b = Replica(redis_url, concurrency=2)
+        b.queue.ensure_started()
+        await until(lambda: sorted(b.worker.started) == sorted([held.id, waiting.id]))
+        b.worker.finish(held), b.worker.finish(waiting)
+        await until(lambda: len(b.reported) == 2)
+        assert [(await b.queue.get(r.id)).error for r in (held, waiting)] == [None, None]
+        await b.queue.stop()
+
+    run(scenario())
+
+
+def test_a_replica_whose_model_is_not_ready_hands_the_request_to_one_that_is(redis_url):
+    class Loading(FakeWorker):
+        async def run(self, record):
+            self.started.append(record.id)
+            raise WorkerUnavailable("the model worker is overloaded or restarting; retry shortly")
+
+    async def scenario():
+        a = Replica(redis_url)
+        a.worker = a.queue.executor = Loading()
+        a.queue.ensure_started()
+        record = await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [record.id])
+        b = Replica(redis_url)
+        b.queue.ensure_started()
+        await until(lambda: b.worker.started == [record.id])  # A paused pulling; B took it
+        b.worker.finish(record)
+        await until(lambda: b.reported == [record.id])
+        snapshot = await b.queue.get(record.id)
+        assert snapshot.error is None and "model is not ready" in str(snapshot.logs) and a.reported == []
+        await a.queue.stop(), await b.queue.stop()
+
+    run(scenario())
+
+
+def test_a_sync_caller_on_one_replica_gets_the_answer_of_a_run_on_the_other(redis_url):
+    async def scenario():
+        a, b = Replica(redis_url), Replica(redis_url)
+        a.queue.ensure_started()
+        busy = await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [busy.id])  # A's one feeder is taken
+        b.queue.ensure_started()
+        record = await a.queue.submit(REQUEST, "http://a/")
+        waiting = asyncio.create_task(a.queue.wait(record))  # as the sync route on A waits
+        await until(lambda: b.worker.started == [record.id])
+        b.worker.finish(record)
+        finished = await waiting  # woken by the done channel
+        assert finished.status == Status.COMPLETED and finished.outcome.output["seed"] == 1
+        a.worker.finish(busy)
+        await a.queue.stop(), await b.queue.stop()
+
+    run(scenario())
+
+
+def test_redis_down_refuses_new_work_keeps_running_work_and_recovers_with_what_it_held(restartable_redis):
+    async def scenario():
+        a = Replica(restartable_redis.url, redis_timeout_s=1.0)
+        a.queue.ensure_started()
+        running, queued = await a.queue.submit(REQUEST, "http://a/"), await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [running.id])
+        restartable_redis.stop()
+        with pytest.raises(QueueUnavailable) as refused:
+            await a.queue.submit(REQUEST, "http://a/")
+        assert refused.value.status == 503 and refused.value.error_type == "queue_unavailable"
+        with pytest.raises(QueueUnavailable):
+            await a.queue.get(running.id)
+        a.worker.finish(running)  # it finishes while Redis is away: its result waits to be written
+        await asyncio.sleep(0.5)
+        assert a.holds() == [running.id]
+        restartable_redis.start()  # same port, same AOF
+        await until(lambda: a.reported == [running.id])
+        assert (await a.queue.get(running.id)).status == Status.COMPLETED
+        await until(lambda: a.worker.started == [running.id, queued.id])  # the queued one survived
+        a.worker.finish(queued)
+        await until(lambda: len(a.reported) == 2)
+        assert (await a.queue.submit(REQUEST, "http://a/")).status == Status.IN_QUEUE  # recovered by itself
+        await a.queue.stop()
+
+    run(scenario(), timeout=120)
+
+
+def test_a_password_from_a_mounted_secret_file_is_used(tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    with redis_server(tmp_path) as server:
+        import redis
+
+        redis.Redis.from_url(server.url).config_set("requirepass", "s3cret")
+
+        async def scenario():
+            queue = RedisQueue(QueueSettings(url=server.url, redis_password_file=secret), 1, FakeWorker())
+            record = await queue.submit(REQUEST, "http://a/")
+            assert (await queue.get(record.id)).status == Status.IN_QUEUE
+            await queue.stop()
+            wrong = RedisQueue(QueueSettings(url=server.url, redis_password="nope"), 1, FakeWorker())
+            with pytest.raises(QueueUnavailable):  # redis-py's AuthenticationError is a connection error
+                await wrong.submit(REQUEST, "http://a/")
+            await wrong.stop()
+
+        run(scenario())
+
+
+def test_queue_overhead_benchmark_smoke(redis_url, tmp_path):
+    from benchmarks.queue import main
+
+    rows = main(["--redis-url", redis_url, "--requests", "10", "--concurrency", "1,2", "--out", str(tmp_path)])["rows"]
+    assert {(r["queue"], r["concurrency"]) for r in rows} == {("memory", 1), ("memory", 2), ("redis", 1), ("redis", 2)}
+    assert all(r["requests"] == 10 and r["p50_ms"] > 0 for r in rows)
+    assert "added at the median" in (tmp_path / "queue-overhead.md").read_text()
