@@ -35,6 +35,30 @@ class JobLedger:
 
     def run(self, jobs: list[InpaintJob], runner, wait_s: float = 3600.0) -> list[JobResult]:
         """``runner(fresh_jobs) -> results`` for the jobs this worker has not seen; everyone's results in order."""
+        fresh = self._claim(jobs)
+        try:
+            results = runner(fresh) if fresh else []
+            self._keep(fresh, results)
+        finally:
+            self._release(fresh)
+        return [self._answer(job, wait_s) for job in jobs]
+
+    async def run_one(self, job: InpaintJob, runner, wait_s: float = 3600.0) -> JobResult:
+        """``await runner(job) -> result`` if this worker has not seen the job, else the first run's
+        result (continuous batching: one call per job, awaited on the event loop)."""
+        import asyncio
+
+        if not self._claim([job]):
+            return await asyncio.to_thread(self._answer, job, wait_s)  # a repeat: rare, may wait long
+        try:
+            result = await runner(job)
+            self._keep([job], [result])
+        finally:
+            self._release([job])
+        return result
+
+    def _claim(self, jobs: list[InpaintJob]) -> list[InpaintJob]:
+        """The jobs not running nor run yet, now marked running."""
         with self._lock:
             self._forget_old()
             fresh = list(
@@ -46,32 +70,30 @@ class JobLedger:
             )
             for job in fresh:
                 self._running[job.request_id] = threading.Event()
-        repeats = len(jobs) - len(fresh)
-        if repeats:
+        if repeats := len(jobs) - len(fresh):
             log.warning("%d job(s) arrived again (a retried worker call): answering from their first run", repeats)
-        try:
-            results = runner(fresh) if fresh else []
-            with self._lock:
-                for job, result in zip(fresh, results):
-                    self._done[job.request_id] = (self._clock(), result)
-        finally:
-            with self._lock:
-                for job in fresh:
-                    self._running.pop(job.request_id).set()
-        answers = []
-        for job in jobs:
-            with self._lock:
-                running = self._running.get(job.request_id)
-            if running is not None:
-                running.wait(wait_s)
-            with self._lock:
-                kept = self._done.get(job.request_id)
-            answers.append(
-                kept[1]
-                if kept
-                else JobResult.failed(job.request_id, InferenceFailed("the model failed while running this request"))
-            )
-        return answers
+        return fresh
+
+    def _keep(self, jobs: list[InpaintJob], results: list[JobResult]) -> None:
+        with self._lock:
+            for job, result in zip(jobs, results):
+                self._done[job.request_id] = (self._clock(), result)
+
+    def _release(self, jobs: list[InpaintJob]) -> None:
+        with self._lock:
+            for job in jobs:
+                self._running.pop(job.request_id).set()
+
+    def _answer(self, job: InpaintJob, wait_s: float) -> JobResult:
+        with self._lock:
+            running = self._running.get(job.request_id)
+        if running is not None:
+            running.wait(wait_s)
+        with self._lock:
+            kept = self._done.get(job.request_id)
+        if kept:
+            return kept[1]
+        return JobResult.failed(job.request_id, InferenceFailed("the model failed while running this request"))
 
     def _forget_old(self) -> None:
         now = self._clock()

@@ -1,6 +1,7 @@
 """Fault injection for tests against a real server, kept out of the product: a test puts this
 folder first on PYTHONPATH, and every Python process of ``bentoml serve`` imports it at start-up.
-A request whose prompt contains ``FAULT_PROMPT`` makes the model raise inside the denoising loop."""
+A request whose prompt contains ``FAULT_PROMPT`` makes the model raise inside the denoising loop,
+in any step that includes it."""
 
 import importlib.abc
 import sys
@@ -9,14 +10,23 @@ FAULT_PROMPT = "raise inside the model"
 
 
 def _patch(module) -> None:
-    run = module.Inpainter.run
+    """Samples of a faulty request carry a mark from ``prepare``; a ``step`` with any marked sample
+    raises, as a CUDA error in a shared forward would: both batching modes must isolate it."""
+    prepare, step = module.Inpainter.prepare, module.Inpainter.step
 
-    def run_or_raise(self, requests, *args, **kwargs):
-        if any(FAULT_PROMPT in r.prompt for r in requests):
+    def prepare_and_mark(self, requests, *args, **kwargs):
+        samples = prepare(self, requests, *args, **kwargs)
+        for sample in samples:
+            sample.faulty = FAULT_PROMPT in requests[sample.request].prompt
+        return samples
+
+    def step_or_raise(self, active, *args, **kwargs):
+        if any(getattr(s, "faulty", False) for s in active):
             raise RuntimeError("injected fault")
-        return run(self, requests, *args, **kwargs)
+        return step(self, active, *args, **kwargs)
 
-    module.Inpainter.run = run_or_raise
+    module.Inpainter.prepare = prepare_and_mark
+    module.Inpainter.step = step_or_raise
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
