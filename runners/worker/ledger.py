@@ -31,6 +31,7 @@ class JobLedger:
         self._lock = threading.Lock()
         self._running: dict[str, threading.Event] = {}
         self._done: OrderedDict[str, tuple[float, JobResult]] = OrderedDict()
+        self._pending: dict = {}  # request id -> asyncio task of a run_one (touched on the event loop only)
         self._clock = clock
 
     def run(self, jobs: list[InpaintJob], runner, wait_s: float = 3600.0) -> list[JobResult]:
@@ -45,17 +46,27 @@ class JobLedger:
 
     async def run_one(self, job: InpaintJob, runner, wait_s: float = 3600.0) -> JobResult:
         """``await runner(job) -> result`` if this worker has not seen the job, else the first run's
-        result (continuous batching: one call per job, awaited on the event loop)."""
+        result (continuous batching: one call per job, awaited on the event loop). The run is a task
+        of its own: a caller that goes away (its connection dropped) does not stop it, and a repeat
+        awaits the same task without holding a thread."""
         import asyncio
 
-        if not self._claim([job]):
-            return await asyncio.to_thread(self._answer, job, wait_s)  # a repeat: rare, may wait long
+        if (pending := self._pending.get(job.request_id)) is not None:
+            log.warning("job %s arrived again (a retried worker call): awaiting its first run", job.request_id)
+        elif self._claim([job]):
+            pending = self._pending[job.request_id] = asyncio.ensure_future(self._run_and_keep(job, runner))
+        if pending is not None:
+            return await asyncio.shield(pending)
+        return await asyncio.to_thread(self._answer, job, wait_s)  # it ran (or runs) through ``run``
+
+    async def _run_and_keep(self, job: InpaintJob, runner) -> JobResult:
         try:
             result = await runner(job)
             self._keep([job], [result])
+            return result
         finally:
             self._release([job])
-        return result
+            self._pending.pop(job.request_id, None)
 
     def _claim(self, jobs: list[InpaintJob]) -> list[InpaintJob]:
         """The jobs not running nor run yet, now marked running."""
