@@ -1,5 +1,7 @@
 """python -m benchmarks <command>: ``run`` measures the inpainting loop directly (benchmarks/loop.py);
-``load`` drives a running server over HTTP (benchmarks/load.py); ``report`` plots the results.
+``load`` drives a running server over HTTP (benchmarks/load.py); ``batching`` serves each
+``FLUX_BATCHING`` mode in turn and compares them under open-loop load (benchmarks/batching.py);
+``report`` plots the results.
 LoRA costs have their own module: ``python -m benchmarks.lora``."""
 
 from __future__ import annotations
@@ -8,7 +10,12 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    commands = {"run": "benchmarks.loop", "load": "benchmarks.load", "report": "benchmarks.report"}
+    commands = {
+        "run": "benchmarks.loop",
+        "load": "benchmarks.load",
+        "batching": "benchmarks.batching",
+        "report": "benchmarks.report",
+    }
     if not argv or argv[0] not in commands:
         print(f"usage: python -m benchmarks {{{','.join(commands)}}} [--help]\n\n{__doc__}", file=sys.stderr)
         return 2

@@ -49,3 +49,14 @@ def test_call_timeouts_must_outlast_the_request_deadline(monkeypatch):
     monkeypatch.setenv("FLUX_BATCH_TIMEOUT_S", "1830")
     monkeypatch.setenv("FLUX_TRITON_TIMEOUT_S", "1830")
     assert load_settings().server.request_timeout_s == 1800
+
+
+def test_the_batching_mode_is_read_from_flux_batching_and_a_bad_one_is_named(monkeypatch):
+    monkeypatch.setenv("FLUX_BATCHING", "adaptive")
+    assert BatchingSettings().mode == "adaptive"
+    monkeypatch.setenv("FLUX_BATCHING", "eager")
+    with pytest.raises(ValidationError) as error:
+        BatchingSettings()
+    assert "FLUX_BATCHING" in str(error.value)
+    monkeypatch.delenv("FLUX_BATCHING")
+    assert BatchingSettings().mode == "continuous"  # the default: it won benchmarks/results/batching.md
