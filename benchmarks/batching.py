@@ -2,11 +2,12 @@
 
     python -m benchmarks batching --loads 0.5,0.8 --duration 150 --requests 60
 
-For each mode in turn (never both at once: they would share the machine) this serves the model
-with ``bentoml serve`` on a free loopback port, warms it up, measures its capacity on the request
-mix (closed loop: ``--capacity-clients`` clients, each sending its next request when the last one
-ends), then offers open-loop Poisson arrivals (benchmarks/load.py) at each fraction of the
-*adaptive* capacity, so both modes see the same arrival times and requests. The mix: steps
+It serves the model once per mode with ``bentoml serve`` on free loopback ports and warms both
+up; then, driving one server at a time and alternating the modes cell by cell (so drift in the
+machine's other load falls on both alike), measures each one's capacity on the request mix (closed
+loop: ``--capacity-clients`` clients, each sending its next request when the last one ends), then
+offers open-loop Poisson arrivals (benchmarks/load.py) at each fraction of the *first* mode's
+(adaptive's) capacity, so both modes see the same arrival times and requests. The mix: steps
 8/28/50 x two sizes x with and without a LoRA (a random rank-4 LoRA written for the model).
 Results: ``batching.json``, ``batching.md`` and ``batching.png`` under ``--out``.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -50,7 +52,10 @@ def served(mode: str, home: Path, env: dict[str, str]):
         [str(Path(sys.executable).parent / "bentoml"), "serve", "service:FluxInpainting", "--host", "127.0.0.1"]
         + ["--port", str(port)],
         cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(home / "bentoml"), **env, "FLUX_BATCHING": mode},
+        # A BENTOML_HOME per server: it holds the Prometheus multiprocess files, which a second server
+        # would otherwise clear and share (the first run with both up lost adaptive's worker metrics).
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(home / f"bentoml-{mode}"), **env}
+        | {"FLUX_BATCHING": mode},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -195,25 +200,34 @@ def main(argv: list[str] | None = None) -> dict:
         "capacity": {},
         "levels": [],
     }
-    rates: list[float] = []
-    for mode in args.modes.split(","):
-        with served(mode, home, env) as url:
+    modes = args.modes.split(",")
+    with contextlib.ExitStack() as stack:
+        urls = {mode: stack.enter_context(served(mode, home, env)) for mode in modes}
+        for url in urls.values():
             for body in bodies[:: max(1, len(bodies) // 4)]:  # warm-up: both sizes, with and without the LoRA
                 httpx.post(f"{url}/fal-ai/flux-lora/inpainting", json={**body, "num_inference_steps": 2}, timeout=600)
+        # Cell by cell, alternating the modes, so a change in the machine's other load over the run
+        # falls on both alike; the idle server of the pair costs next to nothing.
+        for mode, url in urls.items():
+            load_before = os.getloadavg()[0]
             capacity = asyncio.run(
                 level(url, {}, args.capacity_clients, bodies, ["queue"], args.capacity_duration, 10**6, args.timeout)
             )
-            results["capacity"][mode] = capacity
+            results["capacity"][mode] = {**capacity, "load_average_before": load_before}
             print(f"{mode}: capacity {capacity['images_per_s']:.3f} requests/s", flush=True)
-            if not rates:  # the first mode's capacity sets the offered loads for every mode
-                rates = [float(f) * capacity["images_per_s"] for f in args.loads.split(",")]
-            for fraction, rate in zip(args.loads.split(","), rates):
+        base = results["capacity"][modes[0]]["images_per_s"]  # the first mode's capacity sets the loads
+        for fraction in args.loads.split(","):
+            for mode, url in urls.items():
+                load_before = os.getloadavg()[0]
+                rate = float(fraction) * base
                 figures = asyncio.run(
                     open_loop(url, {}, rate, bodies, args.duration, args.requests, args.timeout, args.seed)
                 )
-                results["levels"].append({"target": mode, "load": float(fraction), **figures})
+                results["levels"].append(
+                    {"target": mode, "load": float(fraction), "load_average_before": load_before, **figures}
+                )
                 print(f"{mode} at {fraction} of capacity: {json.dumps(figures)}", flush=True)
-        results["load_average_after_" + mode] = os.getloadavg()
+    results["load_average_at_end"] = os.getloadavg()
     write(results, args.out)
     return results
 

@@ -59,4 +59,4 @@ def test_the_batching_mode_is_read_from_flux_batching_and_a_bad_one_is_named(mon
         BatchingSettings()
     assert "FLUX_BATCHING" in str(error.value)
     monkeypatch.delenv("FLUX_BATCHING")
-    assert BatchingSettings().mode == "continuous"  # the default: it won benchmarks/results/batching.md
+    assert BatchingSettings().mode == "adaptive"  # the default: p95 at 80% load, benchmarks/results/batching.md
