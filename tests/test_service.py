@@ -290,7 +290,7 @@ def test_open_loop_benchmark_smoke(server, tmp_path):
     assert figures["requests"] == figures["succeeded"] == 4 and figures["error_rate"] == 0
     assert 0 < figures["first_step_p50_s"] <= figures["first_step_p95_s"] <= figures["p95_s"]
     assert 0 < figures["p50_s"] <= figures["p95_s"] <= figures["p99_s"]
-    assert figures["mean_samples_per_forward"] >= 1 and figures["forwards"] >= 4 * 2
+    assert figures["mean_samples_per_forward"] >= 1 and figures["forwards"] >= 2  # 2 steps, maybe all batched
     assert "| arrivals/s |" in (tmp_path / "load-open.md").read_text()
 
 
