@@ -2,8 +2,11 @@
 health hooks. The work lives in runners/ (docs/architecture.md):
 
 - ``FluxInpainting``, the HTTP front (runners.front): fal's routes, validation, the request queue.
-- ``InpaintWorker``, the model worker (runners.worker): one process owns the model; BentoML's
-  adaptive-batching dispatcher gathers the front's one-job calls into batches.
+- ``InpaintWorker``, the model worker (runners.worker): one process owns the model. With
+  ``FLUX_BATCHING=continuous`` the front calls ``inpaint_one``, a plain async API (BentoML's
+  dispatcher runs one batch call at a time per process; this bypasses it, so a request reaches the
+  step engine while a batch is running); with ``adaptive``, BentoML's adaptive-batching dispatcher
+  gathers the front's one-job ``inpaint`` calls into batches.
 
 Two services, because fal's body is one flat JSON object while a BentoML batchable API takes a list.
 
@@ -53,6 +56,11 @@ class InpaintWorker:
     )
     def inpaint(self, jobs: list[InpaintJob]) -> list[JobResult]:
         return self.worker.inpaint(jobs)
+
+    @bentoml.api
+    async def inpaint_one(self, job: InpaintJob) -> JobResult:
+        """Continuous batching: one job into the running step engine, answered when it is done."""
+        return await self.worker.inpaint_one(job)
 
     # async: these run on the event loop, not behind the thread that is running a batch
     @bentoml.api

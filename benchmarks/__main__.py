@@ -1,6 +1,8 @@
 """python -m benchmarks <command>: ``run`` measures the inpainting loop directly (benchmarks/loop.py);
-``load`` drives a running server over HTTP (benchmarks/load.py); ``report`` plots the results;
-``device`` is the prepared GPU run (benchmarks/device/run.py, started by benchmarks/device/run.sh).
+``load`` drives a running server over HTTP (benchmarks/load.py); ``batching`` serves each
+``FLUX_BATCHING`` mode in turn and compares them under open-loop load (benchmarks/batching.py);
+``report`` plots the results; ``device`` is the prepared GPU run (benchmarks/device/run.py, started
+by benchmarks/device/run.sh).
 LoRA costs have their own module: ``python -m benchmarks.lora``."""
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ def main(argv: list[str]) -> int:
     commands = {
         "run": "benchmarks.loop",
         "load": "benchmarks.load",
+        "batching": "benchmarks.batching",
         "report": "benchmarks.report",
         "device": "benchmarks.device.run",
     }

@@ -1,11 +1,17 @@
 """Load test of a running server over fal's routes: throughput, latency, rejections, and the batch
-sizes the server ran (read from its /metrics), at each concurrency level.
+sizes the server ran (read from its /metrics), at each concurrency level, or at each arrival rate.
 
     python -m benchmarks load --url http://127.0.0.1:3000 --concurrency 1,4,8 --duration 30
+    python -m benchmarks load --rate 0.2,0.4 --mix --duration 120 --requests 60   # open loop
 
-Every client loops (sync route, or queue submit + status polling + result) until the duration or
-the request count is reached, so the run is bounded whatever the server does. Only loopback
-addresses are driven unless ``--allow-remote`` says otherwise.
+Closed loop (``--concurrency``): every client loops (sync route, or queue submit + status polling +
+result) until the duration or the request count is reached. Open loop (``--rate``): requests arrive
+as a Poisson process at that many per second, whatever the server does, for ``--duration`` seconds
+or ``--requests`` arrivals, each through the queue route; it adds time to first step (from the
+worker's "step 1/N" log line) and the mean samples per transformer forward. ``--mix`` draws each
+request from steps 8/28/50 x ``--sizes`` (two by default) x with and without ``--loras``. Either way
+the run is bounded whatever the server does. Only loopback addresses are driven unless
+``--allow-remote`` says otherwise.
 
 Executors side by side: ``--targets inprocess=http://127.0.0.1:3000,triton=http://127.0.0.1:3001``
 drives each front in turn with the same request mix at each level and writes load-executors.{json,md};
@@ -19,8 +25,10 @@ import argparse
 import asyncio
 import base64
 import json
+import random
 import statistics
 import time
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -128,6 +136,8 @@ async def level(
         after = (await client.get("/metrics")).text
     count0, sum0, _ = histogram(before, "flux_batch_size")
     count1, sum1, buckets = histogram(after, "flux_batch_size")
+    forwards0, samples0 = forward_samples(before)
+    forwards1, samples1 = forward_samples(after)
     ok = [(latency, mp) for status, latency, mp in outcomes if status == 200]
     latencies = [latency for latency, _ in ok]
 
@@ -149,6 +159,103 @@ async def level(
         "error_rate": sum(1 for s, _, _ in outcomes if s not in (200, 429)) / max(1, len(outcomes)),
         "batches_run": count1 - count0,
         "mean_batch_size": (sum1 - sum0) / (count1 - count0) if count1 > count0 else None,
+        "mean_samples_per_forward": (samples1 - samples0) / (forwards1 - forwards0) if forwards1 > forwards0 else None,
+    }
+
+
+MIX_STEPS = (8, 28, 50)
+MIX_SIZES = "256x256,384x384"
+
+
+def request_mix(sizes: list[str], loras: list[list[dict]], steps: tuple[int, ...] = MIX_STEPS) -> list[dict]:
+    """Every combination of steps, size and LoRA set (``[]``: none), each its own seed."""
+    combos = [(size, n, lora) for n in steps for size in sizes for lora in ([[]] + [x for x in loras if x])]
+    return [request_body(size, n, seed, lora) for seed, (size, n, lora) in enumerate(combos)]
+
+
+async def queued_request(client: httpx.AsyncClient, body: dict, poll_s: float = 0.05) -> dict:
+    """One request through the queue route: status, latency, and time to its first denoising step
+    (the worker's "step 1/N" line: its timestamp is the worker's clock, the same host's as ours)."""
+    submitted_at, started = time.time(), time.perf_counter()
+    outcome = {"status": 0, "latency_s": None, "first_step_s": None, "megapixels": megapixels(body)}
+    submitted = await client.post(f"/queue/{ROUTE}", json=body)
+    if submitted.status_code != 202:
+        return {**outcome, "status": submitted.status_code}
+    request = f"/queue/fal-ai/flux-lora/requests/{submitted.json()['request_id']}"
+    while (status := await client.get(f"{request}/status")).status_code == 202:
+        await asyncio.sleep(poll_s)
+    outcome["latency_s"] = time.perf_counter() - started
+    final = await client.get(f"{request}/status", params={"logs": "1"})
+    for line in final.json().get("logs") or []:
+        if line["message"].startswith("step 1/"):
+            outcome["first_step_s"] = datetime.fromisoformat(line["timestamp"]).timestamp() - submitted_at
+            break
+    result = await client.get(request) if status.status_code == 200 else status
+    return {**outcome, "status": result.status_code}
+
+
+def forward_samples(metrics: str) -> tuple[float, float]:
+    count, total, _ = histogram(metrics, "flux_samples_per_forward")
+    return count, total
+
+
+async def open_loop(
+    url: str,
+    headers: dict,
+    rate: float,
+    bodies: list[dict],
+    duration: float,
+    max_requests: int,
+    timeout: float,
+    seed: int = 0,
+) -> dict:
+    """Poisson arrivals at ``rate`` per second for ``duration`` s (at most ``max_requests``), each a
+    body drawn from ``bodies``; figures over the requests that arrived, once all have ended."""
+    rng = random.Random(seed)  # the same arrival times and mix for every target at this rate
+    schedule, at = [], 0.0
+    while len(schedule) < max_requests:
+        at += rng.expovariate(rate)
+        if at > duration:
+            break
+        schedule.append((at, rng.choice(bodies)))
+
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout) as client:
+        before = (await client.get("/metrics")).text
+        started = time.perf_counter()
+
+        async def arrive(at: float, body: dict) -> dict:
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - started)))
+            try:
+                return await asyncio.wait_for(queued_request(client, body), timeout)
+            except (httpx.HTTPError, asyncio.TimeoutError):
+                return {"status": 0, "latency_s": None, "first_step_s": None, "megapixels": megapixels(body)}
+
+        outcomes = await asyncio.gather(*(arrive(at, body) for at, body in schedule))
+        elapsed = time.perf_counter() - started
+        after = (await client.get("/metrics")).text
+    ok = [o for o in outcomes if o["status"] == 200]
+    latencies = [o["latency_s"] for o in ok]
+    first_steps = [o["first_step_s"] for o in ok if o["first_step_s"] is not None]
+    pct = lambda values, q: percentile(values, q) if values else None  # noqa: E731
+    forwards0, samples0 = forward_samples(before)
+    forwards1, samples1 = forward_samples(after)
+    return {
+        "rate_per_s": rate,
+        "requests": len(outcomes),
+        "succeeded": len(ok),
+        "seconds": elapsed,
+        "requests_per_s": len(ok) / elapsed,
+        "megapixels_per_s": sum(o["megapixels"] for o in ok) / elapsed,
+        "p50_s": pct(latencies, 0.50),
+        "p95_s": pct(latencies, 0.95),
+        "p99_s": pct(latencies, 0.99),
+        "mean_s": statistics.fmean(latencies) if latencies else None,
+        "first_step_p50_s": pct(first_steps, 0.50),
+        "first_step_p95_s": pct(first_steps, 0.95),
+        "error_rate": sum(1 for o in outcomes if o["status"] not in (200, 429)) / max(1, len(outcomes)),
+        "rate_429": sum(1 for o in outcomes if o["status"] == 429) / max(1, len(outcomes)),
+        "forwards": forwards1 - forwards0,
+        "mean_samples_per_forward": (samples1 - samples0) / (forwards1 - forwards0) if forwards1 > forwards0 else None,
     }
 
 
@@ -157,6 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--url", default="http://127.0.0.1:3000")
     parser.add_argument("--key", default=None, help="an API key of the server (Authorization: Key ...)")
     parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--rate", default="", help="open loop: Poisson arrivals per second, comma-separated levels")
+    parser.add_argument("--mix", action="store_true", help="steps 8/28/50 x --sizes x with and without --loras")
+    parser.add_argument("--seed", type=int, default=0, help="open loop: seed of the arrival times and the draws")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per concurrency level")
     parser.add_argument("--requests", type=int, default=10**6, help="at most this many requests per level")
     parser.add_argument(
@@ -177,11 +287,20 @@ def main(argv: list[str] | None = None) -> dict:
     if urlsplit(args.url).hostname not in LOOPBACK and not args.allow_remote:
         parser.error(f"{args.url} is not a loopback address; pass --allow-remote to drive it")
     loras = [[{"path": p, "scale": 1.0}] for p in args.loras.split(",") if p] or [[]]
+    if args.mix and args.sizes == "square":
+        args.sizes = MIX_SIZES
     sizes = args.sizes.split(",")
-    bodies = [
-        request_body(size, args.steps, seed, loras[seed % len(loras)]) for seed, size in enumerate(sizes * len(loras))
-    ]
+    bodies = (
+        request_mix(sizes, loras)
+        if args.mix
+        else [
+            request_body(size, args.steps, seed, loras[seed % len(loras)])
+            for seed, size in enumerate(sizes * len(loras))
+        ]
+    )
     headers = {"Authorization": f"Key {args.key}"} if args.key else {}
+    if args.rate:
+        return run_open_loop(args, bodies, headers)
     if args.targets:
         targets = dict(target.split("=", 1) for target in args.targets.split(","))
         if any(urlsplit(url).hostname not in LOOPBACK for url in targets.values()) and not args.allow_remote:
@@ -219,6 +338,55 @@ def main(argv: list[str] | None = None) -> dict:
         )
     write(results, args.out)
     return results
+
+
+def run_open_loop(args, bodies: list[dict], headers: dict) -> dict:
+    results = {
+        "url": args.url,
+        "mix": args.mix,
+        "sizes": args.sizes.split(","),
+        "steps": list(MIX_STEPS) if args.mix else [args.steps],
+        "loras": args.loras,
+        "duration_s": args.duration,
+        "max_requests": args.requests,
+        "levels": [],
+    }
+    for rate in [float(r) for r in args.rate.split(",")]:
+        figures = asyncio.run(
+            open_loop(args.url, headers, rate, bodies, args.duration, args.requests, args.timeout, args.seed)
+        )
+        results["levels"].append(figures)
+        print(open_loop_line(figures), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "load-open.json").write_text(json.dumps(results, indent=2))
+    (args.out / "load-open.md").write_text("\n".join(open_loop_table(results["levels"])) + "\n")
+    return results
+
+
+def open_loop_line(f: dict) -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    return (
+        f"rate {f['rate_per_s']:.3f}/s: {f['succeeded']}/{f['requests']} ok, {f['requests_per_s']:.3f} req/s, "
+        f"p50 {fmt(f['p50_s'])} p95 {fmt(f['p95_s'])} p99 {fmt(f['p99_s'])} s, first step p50 "
+        f"{fmt(f['first_step_p50_s'])} s, {fmt(f['mean_samples_per_forward'])} samples/forward"
+    )
+
+
+def open_loop_table(levels: list[dict], label: str = "") -> list[str]:
+    fmt = lambda v, spec=".2f": "n/a" if v is None else format(v, spec)  # noqa: E731
+    lines = [
+        f"| {label + ' | ' if label else ''}arrivals/s | requests | ok | req/s | p50 s | p95 s | p99 s | "
+        "first step p50 s | first step p95 s | samples/forward | errors |",
+        "|" + "---|" * (11 + bool(label)),
+    ]
+    for f in levels:
+        lines.append(
+            f"| {f['target'] + ' | ' if label else ''}{f['rate_per_s']:.3f} | {f['requests']} | {f['succeeded']} | "
+            f"{f['requests_per_s']:.3f} | {fmt(f['p50_s'])} | {fmt(f['p95_s'])} | {fmt(f['p99_s'])} | "
+            f"{fmt(f['first_step_p50_s'])} | {fmt(f['first_step_p95_s'])} | {fmt(f['mean_samples_per_forward'])} | "
+            f"{f['error_rate']:.0%} |"
+        )
+    return lines
 
 
 def write(results: dict, out: Path) -> None:

@@ -177,3 +177,14 @@ def test_the_redis_password_comes_from_the_url_the_variable_or_a_mounted_file(mo
     secret.write_text("from-secret\n")
     monkeypatch.setenv("FLUX_QUEUE_REDIS_PASSWORD_FILE", str(secret))
     assert QueueSettings().redis_password_value() == "from-secret"
+
+
+def test_the_batching_mode_is_read_from_flux_batching_and_a_bad_one_is_named(monkeypatch):
+    monkeypatch.setenv("FLUX_BATCHING", "adaptive")
+    assert BatchingSettings().mode == "adaptive"
+    monkeypatch.setenv("FLUX_BATCHING", "eager")
+    with pytest.raises(ValidationError) as error:
+        BatchingSettings()
+    assert "FLUX_BATCHING" in str(error.value)
+    monkeypatch.delenv("FLUX_BATCHING")
+    assert BatchingSettings().mode == "adaptive"  # the default: p95 at 80% load, benchmarks/results/batching.md

@@ -482,14 +482,14 @@ def test_a_webhook_to_a_private_address_is_refused_at_submit_not_dropped_after_t
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "fal_webhook"]
 
 
-def batches_of_more_than_one(server) -> float:
-    """Batches larger than one request run so far (flux_batch_size: all, minus those of one)."""
+def forwards_of_more_than_one(server) -> float:
+    """Transformer forwards that denoised more than one sample so far (either batching mode)."""
     text = httpx.get(server + "/metrics").text
 
     def metric(name):
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
-    return metric("flux_batch_size_count") - metric('flux_batch_size_bucket{le="1.0"}')
+    return metric("flux_samples_per_forward_count") - metric('flux_samples_per_forward_bucket{le="1.0"}')
 
 
 def batch_sizes_from_logs(server, bodies) -> list[int]:
@@ -503,11 +503,11 @@ def batch_sizes_from_logs(server, bodies) -> list[int]:
 
 
 def test_queued_requests_are_batched(server):
-    before = batches_of_more_than_one(server)  # other tests batched already: count only this one's
+    before = forwards_of_more_than_one(server)  # other tests batched already: count only this one's
     bodies = [httpx.post(f"{server}/queue/{APP}", json={**FAST, "seed": s}, headers=auth()).json() for s in range(4)]
     for body in bodies:
         wait_for(lambda body=body: httpx.get(body["status_url"], headers=auth()).status_code == 200)
-    assert batches_of_more_than_one(server) > before
+    assert forwards_of_more_than_one(server) > before
     assert 2 in batch_sizes_from_logs(server, bodies)  # FLUX_BATCH_MAX_SIZE=2: some of these shared one
 
 

@@ -256,11 +256,13 @@ def largest_difference(response: httpx.Response, alone: httpx.Response) -> int:
 
 
 def batched_requests(base: str) -> float:
-    """Requests the model worker has run in batches so far (the sum of the flux_batch_size histogram)."""
+    """Requests the model worker has run so far: those in adaptive batches (the sum of the
+    flux_batch_size histogram) plus those admitted into the continuous loop (its wait's count)."""
+    total = 0.0
     for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
-        if line.startswith("flux_batch_size_sum"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        if line.startswith(("flux_batch_size_sum", "flux_admission_wait_seconds_count")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def test_hostile_requests_mixed_into_load_change_nothing_for_normal_ones(server, assets):
@@ -292,7 +294,10 @@ def test_hostile_requests_mixed_into_load_change_nothing_for_normal_ones(server,
             )
             batched = await asyncio.to_thread(batched_requests, server) - batched_before
             with open(log_path, "rb") as log:
-                retried = log.read()[log_before:].count(b"worker inpaint call lost its connection")
+                added = log.read()[log_before:]
+                retried = sum(
+                    added.count(f"worker {api} call lost its connection".encode()) for api in ("inpaint", "inpaint_one")
+                )
             ready = await client.get("/readyz")
             after = await send(client, ROUTE, normal_body(NORMAL_SEEDS[0]))
             return baseline, list(zip(mix, answers)), (batched, retried), ready, after

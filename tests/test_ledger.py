@@ -75,3 +75,31 @@ def test_a_run_that_raised_leaves_nothing_behind():
         pass
     result = ledger.run([job("a")], CountingRunner())  # not kept: it runs again
     assert result[0].error is None
+
+
+def test_run_one_a_repeat_awaits_the_first_run_which_outlives_its_callers_hang_up():
+    import asyncio
+
+    ran = []
+
+    async def scenario():
+        ledger, release = JobLedger(), asyncio.Event()
+
+        async def runner(j):
+            ran.append(j.request_id)
+            await release.wait()
+            return JobResult(request_id=j.request_id, timings={"inference": 1.0})
+
+        first = asyncio.create_task(ledger.run_one(job("a"), runner))
+        await asyncio.sleep(0.01)
+        first.cancel()  # the first caller's connection dropped
+        repeat = asyncio.create_task(ledger.run_one(job("a"), runner))
+        await asyncio.sleep(0.01)
+        release.set()
+        answer = await asyncio.wait_for(repeat, 5)
+        later = await ledger.run_one(job("a"), runner)  # after the run: answered from the ledger
+        return answer, later
+
+    answer, later = asyncio.run(scenario())
+    assert ran == ["a"]  # one run for three calls
+    assert answer.error is None and answer.timings == {"inference": 1.0} and later == answer

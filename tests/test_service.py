@@ -187,9 +187,9 @@ def test_burst_is_batched_and_images_match_the_lone_request(server):
     burst_pixels = np.asarray(image_of(burst[3].json()["images"][0])).astype(int)
     assert np.abs(lone_pixels - burst_pixels).max() <= BATCH_ROUNDING_LEVELS
     metrics = httpx.get(base + "/metrics").text
-    count = metric(metrics, "flux_batch_size_count")
-    singles = metric(metrics, 'flux_batch_size_bucket{le="1.0"}')
-    assert count > singles, "no batch larger than one request was run"
+    count = metric(metrics, "flux_samples_per_forward_count")
+    singles = metric(metrics, 'flux_samples_per_forward_bucket{le="1.0"}')
+    assert count > singles, "no forward denoised more than one request's image"
 
 
 def metric(text: str, name: str) -> float:
@@ -273,7 +273,36 @@ def test_load_benchmark_smoke(server, tmp_path):
         assert level["requests"] == level["succeeded"] == 6 and level["error_rate"] == 0 and level["rate_429"] == 0
         assert level["images_per_s"] == 6 / level["seconds"]
         assert 0 < level["p50_s"] <= level["p95_s"] <= level["p99_s"]
-        assert level["batches_run"] >= 1 and level["mean_batch_size"] >= 1
+        assert level["mean_samples_per_forward"] >= 1
         assert abs(level["cost_per_mp"] - 1 / 3600 / level["megapixels_per_s"]) < 1e-12
     with pytest.raises(SystemExit):
         load.main(["--url", "http://10.1.2.3:3000", "--duration", "1"])  # not loopback: refused
+
+
+def test_open_loop_benchmark_smoke(server, tmp_path):
+    """python -m benchmarks load --rate: Poisson arrivals through the queue route, bounded by the
+    count, with time to first step from the worker's log and samples per forward from /metrics."""
+    from benchmarks import load
+
+    base, _ = server
+    results = load.main(
+        ["--url", base, "--rate", "2", "--duration", "30", "--requests", "4", "--steps", "2", "--sizes", "64x48"]
+        + ["--out", str(tmp_path)]
+    )
+    assert json.loads((tmp_path / "load-open.json").read_text()) == results
+    (figures,) = results["levels"]
+    assert figures["requests"] == figures["succeeded"] == 4 and figures["error_rate"] == 0
+    assert 0 < figures["first_step_p50_s"] <= figures["first_step_p95_s"] <= figures["p95_s"]
+    assert 0 < figures["p50_s"] <= figures["p95_s"] <= figures["p99_s"]
+    assert figures["mean_samples_per_forward"] >= 1 and figures["forwards"] >= 2  # 2 steps, maybe all batched
+    assert "| arrivals/s |" in (tmp_path / "load-open.md").read_text()
+
+
+def test_the_request_mix_crosses_steps_sizes_and_loras():
+    from benchmarks.load import request_mix
+
+    bodies = request_mix(["256x256", "384x256"], [[{"path": "style.safetensors", "scale": 1.0}]])
+    combos = {(b["num_inference_steps"], json.dumps(b.get("image_size")), bool(b["loras"])) for b in bodies}
+    assert len(bodies) == len(combos) == 3 * 2 * 2
+    assert {b["num_inference_steps"] for b in bodies} == {8, 28, 50}
+    assert len({b["seed"] for b in bodies}) == len(bodies)

@@ -62,16 +62,21 @@ def test_not_ready_until_loaded_and_warmed(gated_load):
     assert result.error is None and len(result.images) == 1
 
 
-def test_a_model_that_fails_to_load_says_why_and_is_not_alive(monkeypatch):
+def test_a_model_that_fails_to_load_says_why_and_ends_the_process(monkeypatch):
+    """The worker ends its process (tests/test_startup.py sees the whole `bentoml serve` stop); here
+    the exit is recorded instead, so the test process survives it."""
+
     def load_model(settings, lora_settings=None, fetcher=None):
         raise OSError("black-forest-labs/FLUX.1-dev is not reachable (offline)")
 
     monkeypatch.setattr("runners.pipeline.model.load_model", load_model)
-    worker = Worker()
+    exits = []
+    worker = ModelWorker(load_settings(), exit_process=exits.append)
     for _ in range(200):
-        if worker.load_error:
+        if exits:
             break
         threading.Event().wait(0.05)
+    assert exits == [ModelWorker.LOAD_FAILED_EXIT] and "not reachable" in worker.load_error
     assert not worker.ready.is_set() and not worker.alive
     (result,) = call_inpaint(worker, [job("x")])
     assert result.error.status == 503 and "not reachable" in str(result.error.detail)

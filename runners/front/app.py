@@ -32,7 +32,7 @@ def model_client(settings: Settings, worker) -> ModelClient:
 
         log.info("model tier: Triton at %s (model %s)", settings.executor.triton_url, settings.executor.triton_model)
         return TritonClient(settings.executor)
-    return BentoWorkerClient(worker)
+    return BentoWorkerClient(worker, continuous=settings.batching.mode == "continuous")
 
 
 class Front:

@@ -100,8 +100,9 @@ class Executor:
 class BentoWorkerClient:
     """The in-process tier: the model worker service, through BentoML's ``depends`` handle."""
 
-    def __init__(self, worker) -> None:
+    def __init__(self, worker, continuous: bool = False) -> None:
         self.worker = worker
+        self.continuous = continuous  # FLUX_BATCHING=continuous: one call per job into the step engine
 
     async def _call(self, api: str, *args):
         """A worker API call, tried once more when the connection fails before an answer: BentoML's
@@ -122,7 +123,10 @@ class BentoWorkerClient:
         import bentoml
 
         try:
-            (result,) = await self._call("inpaint", [job])
+            if self.continuous:
+                result = await self._call("inpaint_one", job)
+            else:
+                (result,) = await self._call("inpaint", [job])
         except bentoml.exceptions.BentoMLException as exc:
             log.warning("request %s: worker call failed: %s", job.request_id, exc)
             if int(getattr(exc, "error_code", 500)) in (429, 503):

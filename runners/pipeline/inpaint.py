@@ -5,7 +5,10 @@ It computes what diffusers' ``FluxInpaintPipeline`` computes (tests/test_loop.py
 state: every image being denoised is a ``Sample`` that carries its own prompt embeddings, guidance, mask, noise, sigma schedule and step counter. A denoising step
 stacks whatever samples are still active into one transformer batch and advances each by its own
 sigmas. Requests with different step counts or strengths therefore share a batch, and one request
-can leave it at any step boundary (cancelled, or past its deadline) without disturbing the others.
+can leave it at any step boundary (cancelled, or past its deadline) without disturbing the others; the same state
+is what lets a request join a running batch at a step boundary: ``Inpainter.run`` is the whole loop
+for one fixed group (the adaptive path), while the step engine (runners/worker/engine.py) calls its
+pieces, ``prepare``, ``step`` and ``decode``, itself.
 
 Steps:
  1. encode prompts (CLIP pooled + T5 sequence), once per distinct prompt;
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int, int], None]  # (request index in group, step done, steps total)
 CancelCheck = Callable[[int], bool]  # request index in group -> stop it now?
+ForwardCallback = Callable[[int, float], None]  # (samples in the forward, seconds of the step)
 
 
 @dataclass
@@ -73,7 +77,7 @@ class InpaintResult:
 class Sample:
     """One image being denoised, with everything that may differ from the other samples."""
 
-    request: int  # index of its request in the group
+    request: int  # row of its request in the LoRA scales: its index in the group (or among the engine's requests)
     prompt_embeds: torch.Tensor  # (text_tokens, joint_dim)
     pooled_prompt_embeds: torch.Tensor  # (pooled_dim,)
     guidance: float
@@ -138,6 +142,7 @@ class Inpainter:
         # TF32 changes only fp32 matmuls on CUDA; elsewhere flipping the flag would only make a
         # compiled transformer recompile (dynamo guards on it).
         self.tf32 = self.acceleration.tf32 and model.device.type == "cuda" and model.dtype == torch.float32
+        self.on_forward: ForwardCallback | None = None  # the worker's metrics: samples per forward
         log.info(
             acceleration.describe(
                 self.acceleration, getattr(model.transformer, "splittable", False), model.backend, self.tf32
@@ -161,7 +166,8 @@ class Inpainter:
             self.denoise(samples, width, height, on_step, is_cancelled)
         denoised = time.perf_counter()
         finished_samples = [s for s in samples if not s.cancelled]
-        images, flags = self.decode(finished_samples, requests, width, height) if finished_samples else ([], [])
+        safety = [requests[s.request].enable_safety_checker for s in finished_samples]
+        images, flags = self.decode(finished_samples, width, height, safety) if finished_samples else ([], [])
         finished = time.perf_counter()
         timings = {"preprocess": prepared - started, "inference": denoised - prepared, "decode": finished - denoised}
         results = []
@@ -289,11 +295,6 @@ class Inpainter:
         on_step: StepCallback | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> None:
-        model = self.model
-        device, dtype = model.device, model.dtype
-        scale = model.vae.scale_factor * 2  # pixels per packed token side
-        img_ids = self.pipe._prepare_latent_image_ids(None, height // scale, width // scale, device, dtype)
-        txt_ids = torch.zeros(samples[0].prompt_embeds.shape[0], 3, device=device, dtype=dtype)
         while True:
             if is_cancelled is not None:  # a cancelled request leaves the batch at this step boundary
                 for s in samples:
@@ -301,46 +302,60 @@ class Inpainter:
             active = [s for s in samples if not s.done]
             if not active:
                 break
-            self.use_lora_rows(active)
-            latents = torch.stack([s.latents for s in active])
-            timestep = torch.stack([s.timesteps[s.step] for s in active]).to(device=device, dtype=dtype)
-            guidance = None
-            if model.transformer.guidance_embeds:
-                guidance = torch.tensor([s.guidance for s in active], device=device, dtype=torch.float32)
-            inputs = dict(
-                hidden_states=latents,
-                encoder_hidden_states=torch.stack([s.prompt_embeds for s in active]),
-                pooled_projections=torch.stack([s.pooled_prompt_embeds for s in active]),
-                timestep=timestep / 1000,
-                guidance=guidance,
-                img_ids=img_ids,
-                txt_ids=txt_ids,
-            )
-            # Lower-precision matmuls only when every sample of this forward asked for them.
-            with acceleration.reduced_precision_matmuls(self.tf32 and all(s.accelerated for s in active)):
-                if any(s.first_block_cache is not None for s in active):
-                    velocity = acceleration.cached_forward(
-                        model.transformer, inputs, active, self.acceleration, self.use_lora_rows
-                    )
-                else:
-                    velocity = model.transformer(**inputs)
-            # Euler step as FlowMatchEulerDiscreteScheduler.step does it: the velocity times the
-            # sigma difference in the model's dtype, added to the latents in float32.
-            sigma = torch.stack([s.sigmas[s.step] for s in active]).to(device).view(-1, 1, 1)
-            sigma_next = torch.stack([s.sigmas[s.step + 1] for s in active]).to(device).view(-1, 1, 1)
-            delta = ((sigma_next - sigma) * velocity).to(velocity.dtype)
-            stepped = (latents.float() + delta).to(velocity.dtype)
-            for s, new in zip(active, stepped):
-                # The known region: the original latents re-noised to the next sigma (clean at the end).
-                known = s.image_latents
-                if s.step + 1 < len(s.timesteps):
-                    next_sigma = s.sigmas[s.step + 1].to(dtype)
-                    known = next_sigma * s.noise + (1.0 - next_sigma) * s.image_latents
-                s.latents = (1 - s.mask) * known + s.mask * new
-                s.step += 1
+            self.step(active, width, height)
             if on_step is not None:
                 for s in {s.request: s for s in active}.values():
                     on_step(s.request, s.step, len(s.timesteps))
+
+    def step(self, active: list[Sample], width: int, height: int) -> None:
+        """One denoising step of every sample given (all of one output size, none done): one
+        transformer forward over them, then each advances by its own sigmas. The step engine
+        (runners/worker/engine.py) calls this directly, with whichever samples are running."""
+        model = self.model
+        device, dtype = model.device, model.dtype
+        started = time.perf_counter()
+        scale = model.vae.scale_factor * 2  # pixels per packed token side
+        img_ids = self.pipe._prepare_latent_image_ids(None, height // scale, width // scale, device, dtype)
+        txt_ids = torch.zeros(active[0].prompt_embeds.shape[0], 3, device=device, dtype=dtype)
+        self.use_lora_rows(active)
+        latents = torch.stack([s.latents for s in active])
+        timestep = torch.stack([s.timesteps[s.step] for s in active]).to(device=device, dtype=dtype)
+        guidance = None
+        if model.transformer.guidance_embeds:
+            guidance = torch.tensor([s.guidance for s in active], device=device, dtype=torch.float32)
+        inputs = dict(
+            hidden_states=latents,
+            encoder_hidden_states=torch.stack([s.prompt_embeds for s in active]),
+            pooled_projections=torch.stack([s.pooled_prompt_embeds for s in active]),
+            timestep=timestep / 1000,
+            guidance=guidance,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+        )
+        # Lower-precision matmuls only when every sample of this forward asked for them.
+        with acceleration.reduced_precision_matmuls(self.tf32 and all(s.accelerated for s in active)):
+            if any(s.first_block_cache is not None for s in active):
+                velocity = acceleration.cached_forward(
+                    model.transformer, inputs, active, self.acceleration, self.use_lora_rows
+                )
+            else:
+                velocity = model.transformer(**inputs)
+        # Euler step as FlowMatchEulerDiscreteScheduler.step does it: the velocity times the
+        # sigma difference in the model's dtype, added to the latents in float32.
+        sigma = torch.stack([s.sigmas[s.step] for s in active]).to(device).view(-1, 1, 1)
+        sigma_next = torch.stack([s.sigmas[s.step + 1] for s in active]).to(device).view(-1, 1, 1)
+        delta = ((sigma_next - sigma) * velocity).to(velocity.dtype)
+        stepped = (latents.float() + delta).to(velocity.dtype)
+        for s, new in zip(active, stepped):
+            # The known region: the original latents re-noised to the next sigma (clean at the end).
+            known = s.image_latents
+            if s.step + 1 < len(s.timesteps):
+                next_sigma = s.sigmas[s.step + 1].to(dtype)
+                known = next_sigma * s.noise + (1.0 - next_sigma) * s.image_latents
+            s.latents = (1 - s.mask) * known + s.mask * new
+            s.step += 1
+        if self.on_forward is not None:
+            self.on_forward(len(active), time.perf_counter() - started)
 
     def use_lora_rows(self, batch: list[Sample]) -> None:
         """Point per-request LoRA scales at the requests of the next forward's samples, row by row."""
@@ -350,7 +365,8 @@ class Inpainter:
             set_rows(self.model.lora_layers, torch.tensor([s.request for s in batch], device=self.model.device))
 
     # 6. latents to checked PIL images
-    def decode(self, samples: list[Sample], requests: list[InpaintInputs], width: int, height: int):
+    def decode(self, samples: list[Sample], width: int, height: int, check_safety: list[bool]):
+        """PIL images and NSFW flags of ``samples``; ``check_safety``: per sample, run the checker?"""
         vae = self.model.vae
         latents = unpack(
             torch.stack([s.latents for s in samples]), height // vae.scale_factor, width // vae.scale_factor
@@ -359,7 +375,7 @@ class Inpainter:
         images = self.pipe.image_processor.postprocess(decoded, output_type="np")
         flags = [False] * len(samples)
         checker = self.model.safety_checker
-        to_check = [i for i, s in enumerate(samples) if requests[s.request].enable_safety_checker]
+        to_check = [i for i, check in enumerate(check_safety) if check]
         if checker is not None and to_check:
             checked, checked_flags = checker(images[to_check])
             for j, i in enumerate(to_check):

@@ -13,14 +13,24 @@ BATCH_SIZE = bentoml.metrics.Histogram(
 )
 DENOISE_SECONDS = bentoml.metrics.Histogram(
     name="flux_denoise_seconds",
-    documentation="Seconds spent in the denoising loop per batch",
+    documentation="Seconds spent in the denoising loop per batch (adaptive) or per request (continuous)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128),
 )
 STEP_SECONDS = bentoml.metrics.Histogram(
     name="flux_step_seconds",
-    documentation="Seconds per denoising step of a batch (one transformer forward and the update)",
+    documentation="Seconds per denoising step (one transformer forward over its samples and the update)",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8),
 )
 LORA_LOAD_SECONDS = bentoml.metrics.Counter(
     name="flux_lora_load_seconds", documentation="Seconds spent reading and checking LoRA files into adapters"
+)
+SAMPLES_PER_FORWARD = bentoml.metrics.Histogram(
+    name="flux_samples_per_forward",
+    documentation="Images denoised together in one transformer forward (both batching modes)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+)
+ADMISSION_WAIT_SECONDS = bentoml.metrics.Histogram(
+    name="flux_admission_wait_seconds",
+    documentation="Continuous batching: seconds a request waited in the worker before joining the running loop",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
 )

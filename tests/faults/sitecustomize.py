@@ -1,10 +1,12 @@
 """Fault injection for tests against a real server, kept out of the product: a test puts this
 folder first on PYTHONPATH, and every Python process of ``bentoml serve`` imports it at start-up.
 A request whose prompt contains ``FAULT_PROMPT`` makes the model raise inside the denoising loop,
-after its second step (the exception says so, for the test to find in the worker's log). One whose
-prompt contains ``SLOW_PROMPT`` takes at least ``SLOW_STEP_S`` per step: a long request whose length
-does not depend on how loaded the machine is (its real compute is the small part). With
-``FLUX_FAULT_LOAD_DELAY_S`` set, loading the model takes that much longer (a model still loading)."""
+after its second step, in whichever batching mode (the exception says so, for the test to find in
+the worker's log): ``step`` raises for a shared forward that holds such a sample, as a CUDA error
+would, and both modes must isolate it. One whose prompt contains ``SLOW_PROMPT`` takes at least
+``SLOW_STEP_S`` per step: a long request whose length does not depend on how loaded the machine is
+(its real compute is the small part). With ``FLUX_FAULT_LOAD_DELAY_S`` set, loading the model takes
+that much longer (a model still loading)."""
 
 import importlib.abc
 import os
@@ -17,23 +19,27 @@ SLOW_STEP_S = 0.3
 
 
 def _patch(module) -> None:
-    run = module.Inpainter.run
+    """Samples of a faulty request carry a mark from ``prepare``; a ``step`` with any marked sample
+    raises, as a CUDA error in a shared forward would: both batching modes must isolate it."""
+    prepare, step = module.Inpainter.prepare, module.Inpainter.step
 
-    def run_or_raise(self, requests, *args, on_step=None, **kwargs):
-        poisoned = {i for i, r in enumerate(requests) if FAULT_PROMPT in r.prompt}
-        slow = {i for i, r in enumerate(requests) if SLOW_PROMPT in r.prompt}
+    def prepare_and_mark(self, requests, *args, **kwargs):
+        samples = prepare(self, requests, *args, **kwargs)
+        for sample in samples:
+            sample.faulty = FAULT_PROMPT in requests[sample.request].prompt
+            sample.slow = SLOW_PROMPT in requests[sample.request].prompt
+        return samples
 
-        def step_then_raise(index, done, total):
-            if on_step is not None:
-                on_step(index, done, total)
-            if index in slow:
-                time.sleep(SLOW_STEP_S)
-            if index in poisoned and done == 2:
-                raise RuntimeError(f"injected fault after step {done}/{total}")
+    def step_or_raise(self, active, *args, **kwargs):
+        if any(getattr(s, "slow", False) for s in active):
+            time.sleep(SLOW_STEP_S)
+        for sample in active:
+            if getattr(sample, "faulty", False) and sample.step == 2:
+                raise RuntimeError(f"injected fault after step 2/{len(sample.timesteps)}")
+        return step(self, active, *args, **kwargs)
 
-        return run(self, requests, *args, on_step=step_then_raise, **kwargs)
-
-    module.Inpainter.run = run_or_raise
+    module.Inpainter.prepare = prepare_and_mark
+    module.Inpainter.step = step_or_raise
     init = module.Inpainter.__init__
 
     def slow_init(self, *args, **kwargs):
