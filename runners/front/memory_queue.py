@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 from runners.config import DEADLINE_GRACE_S, QueueSettings
 from runners.errors import InpaintError, QueueFull, RequestCancelled, RequestTimedOut, ServerDraining
-from runners.front.queue import Executor, Outcome, Record, RequestQueue, Status, finished_line
+from runners.front.queue import AfterFinish, Executor, Outcome, Record, RequestQueue, Status, finished_line
 from runners.logs import REQUEST_ID
 from runners.protocol.progress import LogLine
 from runners.protocol.schema import InpaintRequest
@@ -56,7 +56,7 @@ class MemoryQueue:
         self.request_timeout_s = request_timeout_s
         self.on_change = on_change  # metrics: called whenever ``waiting`` or ``in_flight`` may have changed
         self.draining = False
-        self._finishing: set[asyncio.Task] = set()  # on_finish calls (webhooks) still running
+        self._after_finish = AfterFinish(on_finish)
         self._pending: deque[Record] = deque()
         self._records: dict[str, Record] = {}
         self._finished: OrderedDict[str, Record] = OrderedDict()  # oldest first, for retention
@@ -95,8 +95,7 @@ class MemoryQueue:
             while self._unfinished() and time.monotonic() < until:
                 await asyncio.sleep(0.1)
             await self._fail_unfinished()
-            if self._finishing:
-                await asyncio.wait(self._finishing, timeout=max(5.0, until - time.monotonic()))
+            await self._after_finish.wait(max(5.0, until - time.monotonic()))
         except asyncio.CancelledError:
             log.warning("drain cut short")
             await self._fail_unfinished()
@@ -226,15 +225,7 @@ class MemoryQueue:
         record.finished_at = self.clock()
         self._finished[record.id] = record
         record.done.set()
-        if self.on_finish is not None:
-            task = asyncio.create_task(self.on_finish(record))
-            self._finishing.add(task)
-            task.add_done_callback(self._finished_callback)
-
-    def _finished_callback(self, task: asyncio.Task) -> None:
-        self._finishing.discard(task)
-        if not task.cancelled() and task.exception() is not None:  # a lost webhook must leave a trace
-            log.error("after-finish work (webhook) failed", exc_info=task.exception())
+        self._after_finish.start(record)
 
     async def _poll(self) -> None:
         last_warning = 0.0

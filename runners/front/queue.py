@@ -17,6 +17,7 @@ only ``RequestQueue`` below:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -133,6 +134,32 @@ class RequestQueue(Protocol):
 
     async def drain(self, timeout_s: float) -> None: ...
     async def stop(self) -> None: ...
+
+
+class AfterFinish:
+    """The after-finish work of finished records (request metrics, webhooks), run as tasks kept
+    referenced until they end; a failure is logged, never lost. Each queue has one."""
+
+    def __init__(self, on_finish: Callable[[Record], Awaitable[None]] | None) -> None:
+        self.on_finish = on_finish
+        self.tasks: set[asyncio.Task] = set()
+
+    def start(self, record: Record) -> None:
+        if self.on_finish is None:
+            return
+        task = asyncio.create_task(self.on_finish(record))
+        self.tasks.add(task)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # a lost webhook must leave a trace
+            logging.getLogger(__name__).error("after-finish work (webhook) failed", exc_info=task.exception())
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until what is running has ended, or ``timeout_s`` (a drain's end)."""
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=timeout_s)
 
 
 def make_queue(

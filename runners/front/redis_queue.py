@@ -55,7 +55,7 @@ from runners.errors import (
     ServerDraining,
 )
 from runners.front.metrics import REDIS_ERRORS, RERUNS
-from runners.front.queue import Executor, Outcome, Record, RequestQueue, Status, finished_line
+from runners.front.queue import AfterFinish, Executor, Outcome, Record, RequestQueue, Status, finished_line
 from runners.front.redis_scripts import (
     CLAIM,
     FINISH,
@@ -200,7 +200,7 @@ class RedisQueue:
         self._handed_back: set[str] = set()
         self._waiters: dict[str, _Waiter] = {}
         self._reported_logs: dict[str, int] = {}  # worker log lines last written, per held id
-        self._finishing: set[asyncio.Task] = set()
+        self._after_finish = AfterFinish(on_finish)
         self._tasks: list[asyncio.Task] = []
         self._let_go_done = False
         self._depth, self._oldest_s, self._replicas = 0, 0.0, 1
@@ -250,8 +250,7 @@ class RedisQueue:
         except asyncio.CancelledError:
             log.warning("drain cut short")
         await self._let_go()
-        if self._finishing:
-            await asyncio.wait(self._finishing, timeout=max(5.0, until - time.monotonic()))
+        await self._after_finish.wait(max(5.0, until - time.monotonic()))
 
     async def stop(self) -> None:
         self.draining = True
@@ -534,14 +533,7 @@ class RedisQueue:
             claimed = True  # the finish was ours: better a rare second webhook than none
         if not claimed:
             return
-        task = asyncio.create_task(self.on_finish(record))
-        self._finishing.add(task)
-        task.add_done_callback(self._finished_callback)
-
-    def _finished_callback(self, task: asyncio.Task) -> None:
-        self._finishing.discard(task)
-        if not task.cancelled() and task.exception() is not None:  # a lost webhook must leave a trace
-            log.error("after-finish work (webhook) failed", exc_info=task.exception())
+        self._after_finish.start(record)
 
     async def _listen(self) -> None:
         """Wake this replica's waiters when another replica finishes their request."""
