@@ -25,21 +25,32 @@ log = logging.getLogger(__name__)
 SHUTDOWN_AFTER_DRAIN_S = 15.0
 
 
-def _exit_if_still_running(name: str) -> None:
-    log.warning("%s: shutdown not finished %g s after the drain; exiting now", name, SHUTDOWN_AFTER_DRAIN_S)
+def exit_process(code: int) -> None:
+    """End this process from a timer thread, its log lines flushed first (os._exit skips that)."""
     logging.shutdown()
-    os._exit(1)
+    os._exit(code)
 
 
-def drain_on_sigterm(drain: Callable[[], Awaitable[None]], name: str) -> bool:
+def drain_on_sigterm(
+    drain: Callable[[], Awaitable[None]],
+    name: str,
+    shutdown_grace_s: float = SHUTDOWN_AFTER_DRAIN_S,
+    exit_after_grace: Callable[[int], object] = exit_process,
+) -> bool:
     """Install the handler; call from the server's event loop in its main thread (a BentoML
-    service's ``__init__`` runs there). Returns False where signals cannot be handled here."""
+    service's ``__init__`` runs there). Returns False where signals cannot be handled here.
+    ``shutdown_grace_s`` after the drain, a process still running is ended by ``exit_after_grace(1)``."""
     try:
         loop = asyncio.get_running_loop()
         original = signal.getsignal(signal.SIGTERM)
     except (RuntimeError, ValueError):
         return False
     tasks: set[asyncio.Task] = set()  # the drain task must be referenced while it runs
+
+    def exit_if_still_running() -> None:
+        log.warning("%s: shutdown not finished %g s after the drain; exiting now", name, shutdown_grace_s)
+        exit_after_grace(1)
+
     signalled: list[int] = []
 
     def exit_now(signum, frame) -> None:
@@ -57,7 +68,7 @@ def drain_on_sigterm(drain: Callable[[], Awaitable[None]], name: str) -> bool:
         except Exception:
             log.exception("%s: drain failed; exiting anyway", name)
         log.info("%s: drained; shutting down", name)
-        watchdog = threading.Timer(SHUTDOWN_AFTER_DRAIN_S, _exit_if_still_running, args=(name,))
+        watchdog = threading.Timer(shutdown_grace_s, exit_if_still_running)
         watchdog.daemon = True
         watchdog.start()
         exit_now(signum, frame)
