@@ -37,7 +37,7 @@ from runners.protocol.images import SUFFIX_CONTENT_TYPES
 
 SUFFIXES = frozenset(SUFFIX_CONTENT_TYPES)
 # token_urlsafe(24) is 32 characters of [A-Za-z0-9_-]; no dot, slash, backslash or NUL can pass.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{32}\.(?:jpg|png)")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{32}\.(?:" + "|".join(sorted(SUFFIXES)) + ")")
 # Starts with a dot, so it can never match NAME_PATTERN and never be served.
 TEMP_PREFIX = ".tmp-"
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from runners.config import Settings
 from runners.errors import ModelNotReady
 from runners.lifecycle import drain_on_sigterm
+from runners.lifecycle import exit_process as end_this_process
 from runners.metrics import LORA_CACHE, CounterFeed
 from runners.protocol.jobs import InpaintJob, JobResult
 from runners.protocol.progress import ProgressReport
@@ -37,20 +37,14 @@ from runners.worker.metrics import (
 log = logging.getLogger(__name__)
 
 
-def exit_now(code: int) -> None:
-    """End this process from any thread (the model loads in one, where sys.exit would end only it),
-    its log lines flushed first: os._exit skips that."""
-    logging.shutdown()
-    os._exit(code)
-
-
 class ModelWorker:
     # The exit status of a worker whose model cannot load (BentoML's arbiter then stops the server).
     LOAD_FAILED_EXIT = 3
 
     def __init__(self, settings: Settings, exit_process: Callable[[int], object] | None = None) -> None:
         self.settings = settings
-        self.exit_process = exit_process or exit_now
+        # the model loads in a thread, where sys.exit would end only that thread
+        self.exit_process = exit_process or end_this_process
         self.inpainter = None
         self.engine = None  # the step engine, in continuous mode, once the model is ready
         self.load_error: str | None = None
