@@ -61,10 +61,6 @@ def run(tmp_path_factory):
     return base, lines, checks
 
 
-@pytest.mark.xfail(
-    reason="open regression after the fleet/engine merge: the in-memory queue shows no IN_PROGRESS and concurrent requests stop sharing batches (issue 16 stays open)",
-    strict=False,
-)
 def test_the_readme_snippet_runs_as_written(run):
     base, lines, _ = run
     # its onQueueUpdate prints each status, then it prints the image's URL, served by this server
@@ -72,10 +68,6 @@ def test_the_readme_snippet_runs_as_written(run):
     assert any(re.fullmatch(rf"{re.escape(base)}/files/[\w-]+\.jpg", line) for line in lines), lines
 
 
-@pytest.mark.xfail(
-    reason="open regression after the fleet/engine merge: the in-memory queue shows no IN_PROGRESS and concurrent requests stop sharing batches (issue 16 stays open)",
-    strict=False,
-)
 def test_subscribe_reports_progress_through_on_queue_update(run):
     subscribe = run[2]["subscribe"]
     assert "IN_PROGRESS" in subscribe["statuses"] and subscribe["statuses"][-1] == "COMPLETED"

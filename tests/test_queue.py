@@ -77,6 +77,26 @@ def test_positions_progress_and_completion():
     run(scenario())
 
 
+class SilentWorker(FakeWorker):
+    """Reports no progress, as a request between two polls (or Triton, which has none)."""
+
+    async def progress(self, request_ids):
+        return {}
+
+
+def test_a_request_is_in_progress_once_a_feeder_takes_it_before_any_progress():
+    async def scenario():
+        worker = SilentWorker()
+        queue = MemoryQueue(QueueSettings(), concurrency=1, executor=worker)
+        first, second = [await queue.submit(REQUEST, "http://h/") for _ in range(2)]
+        await settle()
+        assert worker.started == [first.id]
+        assert (first.status, second.status) == (Status.IN_PROGRESS, Status.IN_QUEUE)
+        await queue.stop()
+
+    run(scenario())
+
+
 def test_cancel_queued_never_runs_and_cancel_running_reaches_the_worker():
     async def scenario():
         worker = FakeWorker()

@@ -94,6 +94,22 @@ def test_one_line_for_two_replicas_with_global_positions_and_a_fleet_wide_bound(
     run(scenario())
 
 
+def test_a_claimed_request_is_in_progress_on_every_replica_before_any_progress(redis_url):
+    async def scenario():
+        a, b = Replica(redis_url), Replica(redis_url)
+        a.worker.progress = lambda request_ids: asyncio.sleep(0, result={})  # a worker with nothing to say yet
+        a.queue.ensure_started()
+        first, second = await a.queue.submit(REQUEST, "http://a/"), await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [first.id])
+        assert (await status(b.queue, first.id), await status(b.queue, second.id)) == (
+            Status.IN_PROGRESS,
+            Status.IN_QUEUE,
+        )
+        await a.queue.stop(), await b.queue.stop()
+
+    run(scenario())
+
+
 def test_a_cancel_on_one_replica_stops_the_request_running_on_the_other(redis_url):
     async def scenario():
         a, b = Replica(redis_url), Replica(redis_url)

@@ -190,7 +190,10 @@ class MemoryQueue:
                 continue
             self._busy += 1
             self._changed()
-            record.dispatched = True
+            # IN_PROGRESS from here, as fal's once a runner takes it (the Redis queue and Triton say the
+            # same): the poller adds the worker's "step i/N" lines, but a short request can finish
+            # between two of its polls.
+            record.status, record.dispatched = Status.IN_PROGRESS, True
             try:
                 outcome = await self.executor.run(record)
             except InpaintError as exc:

@@ -43,7 +43,8 @@ redis.call('LTRIM', p .. 'wake', 0, 1023)
 return redis.call('ZRANK', p .. 'waiting', id)
 """
 
-# ARGV: prefix, owner, lease ms. The head of the line, now running under a lease; its whole hash.
+# ARGV: prefix, owner, lease ms. The head of the line, now IN_PROGRESS under a lease (as fal's is once a
+# runner takes it, even before its first step); its whole hash.
 CLAIM = """
 local p = ARGV[1]
 while true do
@@ -54,7 +55,7 @@ while true do
   if redis.call('HGET', key, 'status') == 'IN_QUEUE' then
     redis.call('ZADD', p .. 'running', now_ms() + tonumber(ARGV[3]), id)
     redis.call('HINCRBY', key, 'attempts', 1)
-    redis.call('HSET', key, 'owner', ARGV[2])
+    redis.call('HSET', key, 'owner', ARGV[2], 'status', 'IN_PROGRESS')
     return {id, redis.call('HGETALL', key)}
   end
 end

@@ -16,6 +16,7 @@ Triton (in-flight requests get ``FLUX_TRITON_EXIT_TIMEOUT_S``) and then this pro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -170,7 +171,15 @@ def main() -> None:
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if p)
     # Without a handler SIGTERM kills this process at once and leaves tritonserver running: turn it
     # into the KeyboardInterrupt that Triton.serve() answers by stopping the server.
-    signal.signal(signal.SIGTERM, lambda *_: signal.default_int_handler(signal.SIGINT, None))
+    # The processes below us are noted first: tritonserver's backend stubs are re-parented once it
+    # exits, and would no longer be found as ours.
+    below_us: list = []
+
+    def on_sigterm(*_):
+        below_us.extend(descendants())
+        signal.default_int_handler(signal.SIGINT, None)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
     from pytriton.model_config import Tensor
     from pytriton.triton import Triton, TritonConfig
@@ -209,7 +218,54 @@ def main() -> None:
             triton.serve()
     except KeyboardInterrupt:
         pass
+    stop_processes(below_us + descendants())
     log.info("triton stopped")
+
+
+def descendants() -> list:
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def stop_processes(processes: list, grace_s: float = 5.0) -> None:
+    """No process of ours outlives us: PyTriton waits for tritonserver (and kills it after 30 s),
+    but the Python backend stubs end only when they next notice their parent gone, which on a
+    loaded machine was seen to take longer than the 15 s the suite allows (Kubernetes' grace is
+    the same kind of limit). SIGTERM, a short grace, then SIGKILL."""
+    import psutil
+
+    alive = [p for p in {p.pid: p for p in processes}.values() if p.is_running() and not _resource_tracker(p)]
+    if not alive:
+        return
+    log.info("stopping %d process(es) Triton left: %s", len(alive), ", ".join(_names(alive)))
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
+def _resource_tracker(process) -> bool:
+    """multiprocessing's resource tracker ignores SIGTERM by design and exits when we do, after it
+    has removed the shared memory PyTriton leaked: leave it to that."""
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(process.cmdline())
+    except Exception:  # gone meanwhile
+        return False
+
+
+def _names(processes) -> list[str]:
+    names = []
+    for process in processes:
+        try:
+            names.append(f"{process.pid}: {' '.join(process.cmdline())[:160]}")
+        except Exception:  # gone meanwhile
+            names.append(str(process.pid))
+    return names
 
 
 if __name__ == "__main__":
