@@ -281,6 +281,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--targets", default="", help="NAME=URL,...: fronts to compare on the same mix (executors)")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="--targets: cells per target and level, the targets' order alternating each round; with two "
+        "targets the summary is the median over rounds of the second's added p50 and throughput ratio",
+    )
+    parser.add_argument(
         "--triton-metrics", default=None, help="Triton's /metrics, for the batch sizes of target 'triton'"
     )
     args = parser.parse_args(argv)
@@ -430,10 +437,18 @@ def compare(args, targets: dict[str, str], bodies: list[dict], headers: dict) ->
         "routes": args.routes,
         "loras": args.loras,
         "duration_s": args.duration,
+        "rounds": args.rounds,
         "levels": [],
     }
     for concurrency in [int(c) for c in args.concurrency.split(",")]:
-        for name, url in targets.items():
+        # Rounds alternate the order (A B, B A, ...), so a machine that drifts (heat, a neighbour's
+        # load) weighs on both targets alike; each round's pair is compared within itself.
+        cells = [
+            (r, name, url)
+            for r in range(args.rounds)
+            for name, url in (list(targets.items())[:: 1 if r % 2 == 0 else -1])
+        ]
+        for round_index, name, url in cells:
             on_triton = name == "triton" and args.triton_metrics
             before = triton_batches(args.triton_metrics) if on_triton else None
             figures = asyncio.run(
@@ -453,9 +468,9 @@ def compare(args, targets: dict[str, str], bodies: list[dict], headers: dict) ->
                 executions = after[1] - before[1]
                 figures["batches_run"] = executions
                 figures["mean_batch_size"] = (after[0] - before[0]) / executions if executions else None
-            results["levels"].append({"target": name, **figures})
+            results["levels"].append({"target": name, "round": round_index, **figures})
             print(
-                f"{name} concurrency {concurrency}: {figures['images_per_s']:.2f} images/s, p50 {figures['p50_s']} s, "
+                f"{name} concurrency {concurrency} round {round_index + 1}: {figures['images_per_s']:.2f} images/s, p50 {figures['p50_s']} s, "
                 f"p95 {figures['p95_s']} s, errors {figures['error_rate']:.0%}",
                 flush=True,
             )
@@ -477,6 +492,53 @@ def compare(args, targets: dict[str, str], bodies: list[dict], headers: dict) ->
             f"{fmt(f['p50_s'], '.2f')} | {fmt(f['p95_s'], '.2f')} | {fmt(f['p99_s'], '.2f')} | "
             f"{f['rate_429']:.0%} | {f['error_rate']:.0%} | {fmt(f['mean_batch_size'], '.2f')} |"
         )
+    if len(targets) == 2:
+        results["paired"] = paired(results["levels"], *targets)
+        lines += ["", *paired_table(results["paired"], *targets)]
+        (args.out / "load-executors.json").write_text(json.dumps(results, indent=2))
     (args.out / "load-executors.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return results
+
+
+def paired(levels: list[dict], base: str, other: str) -> list[dict]:
+    """Per concurrency: ``other`` against ``base`` in each round (p50 added, throughput ratio), and
+    the median over the rounds of each."""
+    summary = []
+    for concurrency in sorted({f["concurrency"] for f in levels}):
+        rounds = sorted({f["round"] for f in levels if f["concurrency"] == concurrency})
+        added, ratio = [], []
+        for r in rounds:
+            cell = {f["target"]: f for f in levels if f["concurrency"] == concurrency and f["round"] == r}
+            a, b = cell.get(base), cell.get(other)
+            if a and b and a["p50_s"] is not None and b["p50_s"] is not None and a["images_per_s"]:
+                added.append((b["p50_s"] - a["p50_s"]) * 1000)
+                ratio.append(b["images_per_s"] / a["images_per_s"])
+        summary.append(
+            {
+                "concurrency": concurrency,
+                "rounds": len(added),
+                "added_p50_ms_per_round": [round(x, 1) for x in added],
+                "throughput_ratio_per_round": [round(x, 3) for x in ratio],
+                "added_p50_ms_median": statistics.median(added) if added else None,
+                "throughput_ratio_median": statistics.median(ratio) if ratio else None,
+            }
+        )
+    return summary
+
+
+def paired_table(summary: list[dict], base: str, other: str) -> list[str]:
+    lines = [
+        f"{other} against {base}, paired within each round (medians over rounds):",
+        "",
+        f"| concurrency | rounds | {other} p50 added, ms (median) | per round | throughput ratio (median) | per round |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in summary:
+        added = "n/a" if f["added_p50_ms_median"] is None else f"{f['added_p50_ms_median']:+.1f}"
+        ratio = "n/a" if f["throughput_ratio_median"] is None else f"{f['throughput_ratio_median']:.3f}x"
+        lines.append(
+            f"| {f['concurrency']} | {f['rounds']} | {added} | {', '.join(f'{x:+.1f}' for x in f['added_p50_ms_per_round'])} "
+            f"| {ratio} | {', '.join(f'{x:.3f}' for x in f['throughput_ratio_per_round'])} |"
+        )
+    return lines

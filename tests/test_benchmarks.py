@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_lora_benchmark_smoke(tmp_path, cache_dir, monkeypatch):
     from benchmarks import lora
@@ -129,3 +131,26 @@ def test_loop_benchmark_smoke(tmp_path, cache_dir, monkeypatch):
     written = report.main(["--results", str(tmp_path)])
     assert [p.name for p in written] == ["loop-throughput.png"]
     assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and written[0].stat().st_size > 10_000
+
+
+def test_two_targets_are_paired_within_each_round_and_summarised_by_medians():
+    from benchmarks.load import paired, paired_table
+
+    def cell(target, r, p50_s, images_per_s, concurrency=4):
+        return {"target": target, "round": r, "concurrency": concurrency, "p50_s": p50_s, "images_per_s": images_per_s}
+
+    levels = [
+        cell("memory", 0, 0.100, 10.0),
+        cell("redis", 0, 0.102, 9.8),
+        cell("redis", 1, 0.130, 8.0),  # a noisy round: both slower, the pair still close
+        cell("memory", 1, 0.128, 8.4),
+        cell("memory", 2, 0.100, 10.0),
+        cell("redis", 2, 0.110, 10.0),
+    ]
+    (summary,) = paired(levels, "memory", "redis")
+    assert summary["rounds"] == 3
+    assert summary["added_p50_ms_per_round"] == [2.0, 2.0, 10.0]
+    assert summary["added_p50_ms_median"] == pytest.approx(2.0)
+    assert summary["throughput_ratio_median"] == pytest.approx(0.98)  # of 0.98, 0.952, 1.0
+    table = "\n".join(paired_table([summary], "memory", "redis"))
+    assert "| 4 | 3 | +2.0 |" in table and "0.980x" in table

@@ -1,5 +1,5 @@
 """A fleet on Redis (docs/fleet.md), as real processes: two ``bentoml serve`` replicas sharing one
-``redis-server`` and one FLUX_STORE_DIR, each with its own model worker. Any replica answers any
+``redis-server`` and one S3 bucket (moto's server), each with its own model worker. Any replica answers any
 request; a replica killed with SIGKILL leaves its work to the other; SIGTERM hands back what it
 cannot finish; Redis stopped and started again costs 503s, then nothing.
 
@@ -22,7 +22,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import REPO, LocalHandler, bentoml_server, local_http_server, redis_server
+from tests.conftest import REPO, LocalHandler, bentoml_server, local_http_server, moto_s3_server, redis_server
+from tests.test_s3_store import AWS_ENV
 
 APP = "fal-ai/flux-lora/inpainting"
 REQUESTS = "queue/fal-ai/flux-lora/requests"
@@ -43,16 +44,18 @@ class Hooks(LocalHandler):
 class Fleet:
     """Replicas by name; each can be killed and started again (on a new port)."""
 
-    def __init__(self, tmp, redis_url: str) -> None:
+    def __init__(self, tmp, redis_url: str, bucket_url: str, s3_endpoint: str) -> None:
         self.tmp, self.stack = tmp, ExitStack()
         self.env = {
+            **AWS_ENV,
             "FLUX_QUEUE_URL": redis_url,
+            "FLUX_STORE_URL": bucket_url,  # one bucket for the fleet (moto's S3 server)
+            "FLUX_STORE_ENDPOINT_URL": s3_endpoint,
             "FLUX_QUEUE_LEASE_S": "3",
             "FLUX_QUEUE_CONCURRENCY": "2",
             "FLUX_BATCH_MAX_SIZE": "2",
             "FLUX_QUEUE_REDIS_TIMEOUT_S": "2",
             "FLUX_DRAIN_TIMEOUT_S": "6",
-            "FLUX_STORE_DIR": str(tmp / "outputs"),
             "XDG_CACHE_HOME": str(tmp / "cache"),  # one tiny model on disk for both
             "FLUX_ALLOW_PRIVATE_HOSTS": "127.0.0.1",
         }
@@ -92,8 +95,25 @@ def redis(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, redis):
-    fleet = Fleet(tmp_path_factory.mktemp("fleet"), redis.url)
+def s3(tmp_path_factory):
+    """moto's S3 server with one bucket: (endpoint, s3:// URL of the fleet's outputs)."""
+    import boto3
+
+    with moto_s3_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        ).create_bucket(Bucket="fleet")
+        yield endpoint, "s3://fleet/outputs"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, redis, s3):
+    endpoint, bucket_url = s3
+    fleet = Fleet(tmp_path_factory.mktemp("fleet"), redis.url, bucket_url, endpoint)
     with fleet.stack:
         fleet.start("a", "b")
         yield fleet
@@ -169,8 +189,10 @@ def test_any_replica_answers_every_route_for_a_request_the_other_took(fleet):
     assert any(line["message"].startswith("step ") for line in events[-1]["logs"])
     result = httpx.get(f"{b}/{REQUESTS}/{request_id}", timeout=30)
     assert result.status_code == 200 and result.json()["images"][0]["width"] == 256
-    name = result.json()["images"][0]["url"].rsplit("/", 1)[1]
-    assert httpx.get(f"{b}/files/{name}", timeout=30).status_code == 200  # one store for the fleet
+    image_url = result.json()["images"][0]["url"]
+    assert image_url.startswith(fleet.env["FLUX_STORE_ENDPOINT_URL"] + "/fleet/outputs/")  # the bucket, not a replica
+    image = httpx.get(image_url, timeout=30)  # a presigned GET, whichever replica answered
+    assert image.status_code == 200 and image.content[:3] == b"\xff\xd8\xff"  # the JPEG A stored
 
     # A cancel sent to one replica stops the request where it runs, at a step boundary.
     slow = submit(a, SLOW)

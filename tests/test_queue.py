@@ -22,11 +22,13 @@ class FakeWorker:
     def __init__(self):
         self.release: dict[str, asyncio.Event] = {}
         self.started: list[str] = []
+        self.attempts: list[int] = []  # each run's Record.attempt
         self.cancelled: list[str] = []
         self.fail: set[str] = set()
 
     async def run(self, record):
         self.started.append(record.id)
+        self.attempts.append(record.attempt)
         event = self.release.setdefault(record.id, asyncio.Event())
         await event.wait()
         if record.id in self.fail:
@@ -277,5 +279,72 @@ def test_waiting_input_bytes_are_bounded_and_finished_requests_drop_their_images
         await first.done.wait()
         assert first.request.image_url == "-" and first.request.prompt == REQUEST.prompt
         await queue.stop()
+
+    run(scenario())
+
+
+def test_a_rerun_reaches_the_model_under_its_own_id_so_a_worker_that_saw_the_first_attempt_runs_it(monkeypatch):
+    """The Redis queue runs a dead replica's request again under the same request id, maybe on a
+    replica whose model worker saw the first attempt: that worker's board keeps a cancel for an
+    hour and its ledger answers a repeated id from the first run. Each attempt must be new to it."""
+    from runners.errors import InpaintError, RequestCancelled
+    from runners.front import executor as executor_module
+    from runners.front.executor import Executor
+    from runners.front.queue import Record
+    from runners.protocol.jobs import InpaintJob, JobResult
+    from runners.worker.board import JobBoard
+
+    class BoardClient:  # the worker's rules: cancelled ids stay cancelled, each id runs once
+        def __init__(self):
+            self.board, self.seen, self.running = JobBoard(), set(), asyncio.Event()
+
+        async def infer(self, job):
+            if job.request_id in self.seen or self.board.is_cancelled(job.request_id):
+                return JobResult.failed(job.request_id, RequestCancelled())
+            self.seen.add(job.request_id)
+            self.board.start(job.request_id, "started")
+            self.running.set()
+            while not self.board.is_cancelled(job.request_id):
+                await asyncio.sleep(0.01)
+                if len(self.seen) > 1:  # the re-run: let it finish
+                    return JobResult(request_id=job.request_id, logs=self.board.finish(job.request_id))
+            return JobResult.failed(job.request_id, RequestCancelled())
+
+        async def cancel(self, request_id):
+            self.board.cancel(request_id)
+
+        async def progress(self, request_ids):
+            return self.board.snapshot(request_ids)
+
+    async def prepare(request, limits, request_id, *args, **kwargs):
+        return InpaintJob(
+            request_id=request_id, request=request, width=16, height=16, seed=1, image_png=b"", mask_png=b""
+        )
+
+    monkeypatch.setattr(executor_module, "prepare_job", prepare)
+    monkeypatch.setattr(
+        executor_module,
+        "fal_output",
+        lambda job, result, *a: type(
+            "Out",
+            (),
+            {"timings": {"total": 0.0}, "images": [], "model_dump": lambda self: {"request_id": result.request_id}},
+        )(),
+    )
+
+    async def scenario():
+        client = BoardClient()
+        executor = Executor(client, type("S", (), {"images": None})(), None, None, None, "tiny")
+        record = Record(request=REQUEST, base_url="http://h/")
+        first = asyncio.create_task(executor.run(record))
+        await client.running.wait()
+        assert (await executor.progress([record.id]))[record.id].logs[0].message == "started"
+        await executor.cancel(record.id)  # its replica lost the claim: the worker stops it
+        with pytest.raises(InpaintError) as ended:
+            await first
+        assert ended.value.error_type == "request_cancelled"
+        rerun = Record(request=REQUEST, base_url="http://h/", id=record.id, attempt=2)  # claimed again
+        outcome = await executor.run(rerun)
+        assert outcome.output == {"request_id": f"{record.id}-attempt-2"} and outcome.logs[0].message == "started"
 
     run(scenario())

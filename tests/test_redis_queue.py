@@ -142,6 +142,7 @@ def test_a_dead_replicas_request_runs_again_elsewhere_same_id_reported_once(redi
         b = Replica(redis_url)
         b.queue.ensure_started()
         await until(lambda: b.worker.started == [record.id])  # the lease ran out: B claimed it
+        assert (a.worker.attempts, b.worker.attempts) == ([1], [2])  # the model tier knows it as a new attempt
         snapshot = await b.queue.get(record.id)
         assert "queued again" in " ".join(line["message"] for line in snapshot.logs)
         b.worker.finish(record)
@@ -287,6 +288,94 @@ def test_a_password_from_a_mounted_secret_file_is_used(tmp_path):
             await wrong.stop()
 
         run(scenario())
+
+
+def certificates(directory) -> tuple:
+    """A CA and a server certificate for 127.0.0.1 signed by it, made with openssl."""
+    import subprocess
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr"
+    )
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "1", "-extfile", "san.ext", "-out", "server.pem",
+    )  # fmt: skip
+    return directory / "ca.pem", directory / "server.pem", directory / "server.key"
+
+
+def test_rediss_with_tls_and_a_password_from_a_secret_file(tmp_path):
+    """``rediss://`` against a redis-server that speaks only TLS and wants a password: with the CA
+    file the queue works; without it (the system's CAs do not know ours) it is unavailable (503),
+    never an unencrypted fallback."""
+    import subprocess
+
+    from tests.conftest import free_port
+
+    ca, cert, key = certificates(tmp_path)
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        + ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca)]
+        + ["--tls-auth-clients", "no", "--requirepass", "s3cret", "--dir", str(tmp_path)],
+        stdout=open(tmp_path / "redis.log", "ab"),  # noqa: SIM115 (the child keeps it)
+        stderr=subprocess.STDOUT,
+    )
+    url = f"rediss://127.0.0.1:{port}/0"
+    try:
+
+        async def scenario():
+            worker = FakeWorker()
+            queue = RedisQueue(QueueSettings(url=url, redis_password_file=secret, redis_ca_file=ca), 1, worker)
+            async with asyncio.timeout(30):
+                while True:  # the server is up once it answers over TLS
+                    try:
+                        record = await queue.submit(REQUEST, "http://a/")
+                        break
+                    except QueueUnavailable:
+                        await asyncio.sleep(0.2)
+            await until(lambda: worker.started == [record.id])  # claimed over TLS, run
+            worker.finish(record)
+            await until(lambda: not queue._held)
+            done = await queue.get(record.id)
+            assert done.status == Status.COMPLETED and done.outcome.output["seed"] == 1
+            await queue.stop()
+            unverified = RedisQueue(QueueSettings(url=url, redis_password_file=secret), 1, FakeWorker())
+            with pytest.raises(QueueUnavailable):  # certificate verify failed
+                await unverified.submit(REQUEST, "http://a/")
+            await unverified.stop()
+            plain = RedisQueue(
+                QueueSettings(url=f"redis://127.0.0.1:{port}/0", redis_password_file=secret), 1, FakeWorker()
+            )
+            with pytest.raises(QueueUnavailable):  # a TLS port does not speak plain Redis
+                await plain.submit(REQUEST, "http://a/")
+            await plain.stop()
+
+        run(scenario())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_queue_overhead_benchmark_smoke(redis_url, tmp_path):

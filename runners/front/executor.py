@@ -43,8 +43,24 @@ class Executor:
         self.client, self.settings, self.fetcher, self.store, self.sources = client, settings, fetcher, store, sources
         self.model_label = model_label
         self.lora_feed = CounterFeed()
+        self._worker_ids: dict[str, str] = {}  # request id -> the id its current attempt has at the model
+
+    @staticmethod
+    def worker_id(record: Record) -> str:
+        """The id the model tier knows this attempt by. A re-run (``attempt`` > 1) gets its own: a
+        worker that saw the first attempt remembers that id (its ledger answers a repeat from the
+        first run, its board keeps a cancel for an hour), and would answer the re-run with the
+        first attempt's end instead of running it."""
+        return record.id if record.attempt <= 1 else f"{record.id}-attempt-{record.attempt}"
 
     async def run(self, record: Record) -> Outcome:
+        self._worker_ids[record.id] = self.worker_id(record)
+        try:
+            return await self._run(record)
+        finally:
+            self._worker_ids.pop(record.id, None)
+
+    async def _run(self, record: Record) -> Outcome:
         started = time.perf_counter()
         try:
             job = await prepare_job(
@@ -68,7 +84,10 @@ class Executor:
                 )
         if record.status == Status.COMPLETED:  # ended (cancelled, hung up, out of time) while we prepared it
             raise record.error
-        result = await self.client.infer(job)
+        worker_id = self._worker_ids[record.id]
+        result = await self.client.infer(
+            job if worker_id == job.request_id else job.model_copy(update={"request_id": worker_id})
+        )
         if result.error is not None:
             raise result.error.as_exception()
         output = await anyio.to_thread.run_sync(
@@ -91,10 +110,11 @@ class Executor:
         )
 
     async def cancel(self, request_id: str) -> None:
-        await self.client.cancel(request_id)
+        await self.client.cancel(self._worker_ids.get(request_id, request_id))
 
     async def progress(self, request_ids: list[str]) -> dict[str, JobProgress]:
-        return await self.client.progress(request_ids)
+        asked = {self._worker_ids.get(i, i): i for i in request_ids}
+        return {asked[key]: report for key, report in (await self.client.progress(list(asked))).items() if key in asked}
 
 
 class BentoWorkerClient:

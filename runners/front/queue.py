@@ -71,6 +71,7 @@ class Record:
     error: InpaintError | None = None
     finished_at: float | None = None
     position: int | None = None  # a Redis snapshot's place in the line when it was read
+    attempt: int = 1  # which start of this request this is (the Redis queue runs a dead replica's again)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

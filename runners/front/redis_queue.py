@@ -425,7 +425,7 @@ class RedisQueue:
                 return
             if attempts > 1:
                 log.info("request %s: running again (attempt %d)", record.id, attempts)
-            record.dispatched = True
+            record.attempt, record.dispatched = attempts, True
             self._changed()
             outcome = error = None
             self._in_model.add(record.id)
