@@ -153,6 +153,49 @@ def test_a_dead_replicas_request_runs_again_elsewhere_same_id_reported_once(redi
     run(scenario())
 
 
+def test_the_report_claim_lets_one_replica_report_a_request_even_if_two_finish_it(redis_url):
+    """First-wins finishing already stops a second report in every path the tests drive; this
+    guard is for one they cannot (a finish recorded twice, e.g. across a Redis failover that
+    lost the first): two replicas each reporting the same record fire one webhook."""
+    from runners.front.queue import Record
+
+    async def scenario():
+        a, b = Replica(redis_url), Replica(redis_url)
+        record = Record(request=None, base_url="http://a/")
+        await a.queue._report(record)
+        await b.queue._report(record)
+        await a.queue._report(record)
+        await asyncio.sleep(0.1)  # the hooks run as tasks
+        assert a.reported + b.reported == [record.id]
+        await a.queue.stop(), await b.queue.stop()
+
+    run(scenario())
+
+
+def test_a_waiting_request_ends_at_its_deadline_while_every_feeder_is_busy(redis_url):
+    async def scenario():
+        reported = []
+
+        async def report(record):
+            reported.append((record.id, record.error.error_type if record.error else None))
+
+        worker = FakeWorker()
+        settings = QueueSettings(url=redis_url, lease_s=1.0)
+        queue = RedisQueue(settings, 1, worker, on_finish=report, request_timeout_s=1.0)
+        queue.POLL_INTERVAL_S = 0.05
+        busy = await queue.submit(REQUEST, "http://a/")
+        await until(lambda: worker.started == [busy.id])
+        worker.release.setdefault(busy.id, asyncio.Event())  # held past the deadline (the feeder is busy)
+        waiting = await queue.submit(REQUEST, "http://a/")
+        await until(lambda: (waiting.id, "request_timeout") in reported, timeout=10)
+        ended = await queue.get(waiting.id)
+        assert ended.status == Status.COMPLETED and ended.error.status == 504
+        assert worker.started == [busy.id] and await queue.redis.zcard(queue.p + "waiting") == 0  # never ran
+        await queue.stop()
+
+    run(scenario())
+
+
 def test_past_the_attempts_a_request_fails_with_a_clear_error(redis_url):
     async def scenario():
         a = Replica(redis_url, max_attempts=1)
@@ -280,7 +323,7 @@ def test_a_password_from_a_mounted_secret_file_is_used(tmp_path):
         async def scenario():
             queue = RedisQueue(QueueSettings(url=server.url, redis_password_file=secret), 1, FakeWorker())
             record = await queue.submit(REQUEST, "http://a/")
-            assert (await queue.get(record.id)).status == Status.IN_QUEUE
+            assert (await queue.get(record.id)).id == record.id  # written and read back with the password
             await queue.stop()
             wrong = RedisQueue(QueueSettings(url=server.url, redis_password="nope"), 1, FakeWorker())
             with pytest.raises(QueueUnavailable):  # redis-py's AuthenticationError is a connection error

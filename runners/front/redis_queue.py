@@ -62,6 +62,7 @@ from runners.front.redis_scripts import (
     HAND_BACK,
     HEARTBEAT,
     LUA_HELPERS,
+    PAST_DEADLINE,
     PROGRESS,
     REQUEUE_EXPIRED,
     SUBMIT,
@@ -191,6 +192,7 @@ class RedisQueue:
                 ("hand_back", HAND_BACK),
                 ("progress", PROGRESS),
                 ("finish", FINISH),
+                ("past_deadline", PAST_DEADLINE),
             )
         }
         self._held: dict[str, Record] = {}  # claimed by this replica's feeders, running here
@@ -567,11 +569,26 @@ class RedisQueue:
                 RERUNS.inc(requeued)
                 log.warning("%d request(s) whose replica stopped renewing its lease queued again", requeued)
             await self._progress()
+            await self._end_waiting_past_deadline()
             for record in list(self._held.values()):
                 grace = self.DEADLINE_GRACE_S if record.dispatched else 0.0
                 if record.deadline is not None and time.time() > record.deadline + grace:
                     with contextlib.suppress(InpaintError):
                         await self.end(record, RequestTimedOut())
+
+    async def _end_waiting_past_deadline(self) -> None:
+        """A request that waits past its deadline ends then (504), as in the memory queue, not
+        when a replica next claims it: with every feeder busy that could be much later."""
+        try:
+            expired = await self.scripts["past_deadline"](args=[self.p, time.time(), 16])
+            for request_id in expired:
+                record = await self.get(request_id)
+                if record is not None and record.status != Status.COMPLETED:
+                    await self._end(record, RequestTimedOut("the request waited past this server's time limit"))
+        except UNREACHABLE as exc:
+            self._redis_failed("deadline", exc)
+        except QueueUnavailable:
+            pass  # the read counted it; the next poll tries again
 
     async def _heartbeat(self) -> None:
         held = [record_id for record_id in self._held if record_id not in self._handed_back]

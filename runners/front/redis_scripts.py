@@ -161,3 +161,15 @@ end
 redis.call('PUBLISH', p .. 'done', id)
 return 1
 """
+
+# ARGV: prefix, now (unix s), how many. The ids at the head of the line whose deadline has passed:
+# deadlines follow arrival (one FLUX_REQUEST_TIMEOUT_S for the fleet), so the head is where they are.
+PAST_DEADLINE = """
+local p, now = ARGV[1], tonumber(ARGV[2])
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', p .. 'waiting', 0, tonumber(ARGV[3]) - 1)) do
+  local deadline = redis.call('HGET', p .. 'req:' .. id, 'deadline')
+  if deadline and deadline ~= '' and tonumber(deadline) < now then table.insert(out, id) end
+end
+return out
+"""
