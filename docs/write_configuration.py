@@ -4,7 +4,7 @@
     .venv/bin/python docs/write_configuration.py          # rewrite the page
     .venv/bin/python docs/write_configuration.py --check  # exit 1 when the page is stale
 
-The names are the ones pydantic-settings reads (its own ``EnvSettingsSource`` lists them, aliases
+The names are the ones pydantic-settings reads (``runners.config.variable_names``, checked against its own ``EnvSettingsSource`` in tests/test_config.py; aliases
 included), the bounds come from each field's constraints (``ge``/``le``, lengths, patterns, Literal
 choices) and the text from the docstring under the field (``SettingsGroup``: ``use_attribute_docstrings``).
 tests/test_configuration_docs.py fails when the page is stale or a setting has no docstring.
@@ -23,13 +23,13 @@ from pathlib import Path
 import annotated_types
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
-from pydantic_settings import BaseSettings, EnvSettingsSource
+from pydantic_settings import BaseSettings
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from anywhere: the repository's packages first
     sys.path.insert(0, str(REPO))
 
-from runners.config import Settings  # noqa: E402
+from runners.config import Settings, variable_names  # noqa: E402
 from runners.worker.triton_server import TritonServerSettings  # noqa: E402
 
 PAGE = REPO / "docs" / "configuration.md"
@@ -63,13 +63,6 @@ Where each setting matters: [docs/api.md](api.md) (limits, deadlines, shutdown),
 def groups() -> list[type[BaseSettings]]:
     """Every group, in ``Settings``' order, then the Triton server's."""
     return [field.annotation for field in Settings.model_fields.values()] + [TritonServerSettings]
-
-
-def env_names(group: type[BaseSettings], name: str, field: FieldInfo) -> list[str]:
-    """The variables pydantic-settings reads for this field, as it computes them (prefix, aliases)."""
-    source = EnvSettingsSource(group)
-    names = [env_name.upper() for _, env_name, _ in source._extract_field_info(field, name)]
-    return list(dict.fromkeys(names))
 
 
 def is_bytes(name: str) -> bool:
@@ -197,7 +190,7 @@ class Row:
 def rows(group: type[BaseSettings]) -> list[Row]:
     return [
         Row(
-            names=env_names(group, name, field),
+            names=variable_names(group, name),
             default=default(field, name),
             bounds=bounds(field, name),
             doc=rst_to_markdown(field.description or ""),
@@ -214,9 +207,7 @@ def undocumented() -> list[str]:
             missing.append(f"{group.__module__}.{group.__name__} (the class)")
         for name, field in group.model_fields.items():
             if not (field.description or "").strip():
-                missing.append(
-                    f"{group.__module__}.{group.__name__}.{name} ({', '.join(env_names(group, name, field))})"
-                )
+                missing.append(f"{group.__module__}.{group.__name__}.{name} ({', '.join(variable_names(group, name))})")
     return missing
 
 

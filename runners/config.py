@@ -479,15 +479,26 @@ class SettingsError(ValueError):
     """A ``FLUX_*`` value the server cannot run with; the message names the variable."""
 
 
-def variable_name(group: type[BaseSettings], field: str) -> str:
-    """The environment variable a settings field is read from (pydantic-settings' own rule: the
-    field's alias, else the group's prefix and the field's name, upper-cased)."""
+def variable_names(group: type[BaseSettings], field: str) -> list[str]:
+    """The environment variables a settings field is read from, as pydantic-settings computes them:
+    its alias(es), and the group's prefix plus the field's name (upper-cased) when there is no alias
+    or the group also populates by name. The first is the one errors name; docs/configuration.md
+    lists them all."""
     info = group.model_fields.get(field)
     if info is None:  # pydantic reports an aliased field by its alias, which is the variable
-        return field
-    if isinstance(info.validation_alias, str):
-        return info.validation_alias
-    return (group.model_config.get("env_prefix", "") + field).upper()
+        return [field]
+    alias = info.validation_alias
+    aliases = [alias] if isinstance(alias, str) else [c for c in getattr(alias, "choices", []) if isinstance(c, str)]
+    by_name = not aliases or group.model_config.get("populate_by_name") or group.model_config.get("validate_by_name")
+    names = [a.upper() for a in aliases] + (
+        [(group.model_config.get("env_prefix", "") + field).upper()] if by_name else []
+    )
+    return list(dict.fromkeys(names))
+
+
+def variable_name(group: type[BaseSettings], field: str) -> str:
+    """The environment variable a bad value of this field is reported by."""
+    return variable_names(group, field)[0]
 
 
 def load_settings() -> Settings:

@@ -8,7 +8,7 @@ import types
 import pytest
 from pydantic import ValidationError
 
-from runners.config import BatchingSettings, ServerSettings
+from runners.config import BatchingSettings, LoraSettings, ServerSettings, Settings
 
 
 def test_a_batch_size_of_one_is_refused_with_the_alternative_named(monkeypatch):
@@ -188,3 +188,23 @@ def test_the_batching_mode_is_read_from_flux_batching_and_a_bad_one_is_named(mon
     assert "FLUX_BATCHING" in str(error.value)
     monkeypatch.delenv("FLUX_BATCHING")
     assert BatchingSettings().mode == "adaptive"  # the default: p95 at 80% load, benchmarks/results/batching.md
+
+
+def test_variable_names_are_the_ones_pydantic_settings_reads():
+    """Errors and docs/configuration.md name variables through runners.config.variable_names; this
+    holds it to pydantic-settings' own computation (a private helper, so it lives in the test)."""
+    from pydantic_settings import EnvSettingsSource
+
+    from runners.config import variable_names
+    from runners.worker.triton_server import TritonServerSettings
+
+    groups = [info.annotation for info in Settings.model_fields.values()] + [TritonServerSettings]
+    compared = 0
+    for group in groups:
+        source = EnvSettingsSource(group)
+        for name, field in group.model_fields.items():
+            read = list(dict.fromkeys(env.upper() for _, env, _ in source._extract_field_info(field, name)))
+            assert variable_names(group, name) == read, (group.__name__, name)
+            compared += 1
+    assert compared > 70
+    assert variable_names(LoraSettings, "fused") == ["FLUX_FUSED_LORAS", "FLUX_LORA_FUSED"]  # an alias, and by name

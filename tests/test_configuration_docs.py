@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from runners.config import variable_names
 from tests.conftest import REPO
 
 
@@ -52,7 +53,7 @@ def test_every_group_is_on_the_page_with_its_prefix():
 def test_the_page_shows_each_variables_bounds_and_choices(group, name, field):
     """Each variable's row shows the bounds and choices the code enforces (that the code refuses a
     value just outside them, by the variable's name, is tests/test_config.py's)."""
-    names = generator.env_names(group, name, field)
+    names = variable_names(group, name)
     row = next(line for line in generator.render().splitlines() if line.startswith(f"| `{names[0]}`"))
     shown = re.split(r"\s*(?:\.\.|;|≥|≤)\s*", row.split(" | ")[2])
     for item in field.metadata:
