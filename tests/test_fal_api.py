@@ -391,6 +391,21 @@ def test_status_stream_sends_events_until_completed(server):
     assert len(in_progress) == len({json.dumps(e["logs"]) for e in in_progress})
 
 
+def test_status_stream_without_logs_sends_one_event_per_status(server):
+    """Without logs the body changes only with the status: a 30-step request stays IN_PROGRESS over
+    several of the stream's reads, and each status must still come once."""
+    from httpx_sse import connect_sse
+
+    body = {**FAST, "num_inference_steps": 30}
+    request_id = httpx.post(f"{server}/queue/{APP}", json=body, headers=auth()).json()["request_id"]
+    url = f"{server}/queue/fal-ai/flux-lora/requests/{request_id}/status/stream"
+    with httpx.Client(headers=auth(), timeout=60) as http, connect_sse(http, "GET", url) as source:
+        events = [json.loads(event.data) for event in source.iter_sse()]
+    statuses = [e["status"] for e in events]
+    assert statuses[-2:] == ["IN_PROGRESS", "COMPLETED"] and len(statuses) == len(set(statuses)), statuses
+    assert all(e["logs"] is None for e in events)
+
+
 def test_queue_positions_cancel_of_a_queued_request_and_429(server):
     def submit(body):
         return httpx.post(f"{server}/queue/{APP}", json=body, headers=auth())
