@@ -167,15 +167,18 @@ class LocalHandler(BaseHTTPRequestHandler):
         pass
 
 
-class _QuietServer(ThreadingHTTPServer):
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A threaded test server that does not print a traceback when a client hangs up early: the
+    server under test and several tests do that on purpose (a body over its limit, a slow read)."""
+
     def handle_error(self, request, client_address):
-        pass  # the server under test hangs up on some answers on purpose (a body over its limit)
+        pass
 
 
 @contextmanager
 def local_http_server(handler: type[BaseHTTPRequestHandler]):
     """A threaded HTTP server on 127.0.0.1 (a free port) for the server under test to call; yields its URL."""
-    httpd = _QuietServer(("127.0.0.1", 0), handler)
+    httpd = QuietHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}"

@@ -12,7 +12,7 @@ import ssl
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -21,6 +21,7 @@ import pytest
 from runners import fetch as fetch_module
 from runners.config import FetchSettings
 from runners.fetch import FetchFailed, HostPolicy, SafeFetcher, UrlRefused
+from tests.conftest import QuietHTTPServer
 
 IMAGE = bytes(range(256)) * 40  # 10 KiB, every byte value
 CAP = 64 * 1024
@@ -100,14 +101,9 @@ class Handler(BaseHTTPRequestHandler):
 GZIP_BOMB = gzip.compress(b"\0" * (20 * 1024 * 1024), compresslevel=9)
 
 
-class QuietServer(ThreadingHTTPServer):
-    def handle_error(self, request, client_address):
-        pass  # clients hanging up early is what several tests do on purpose
-
-
 @pytest.fixture(scope="module")
 def server():
-    httpd = QuietServer(("127.0.0.1", 0), Handler)
+    httpd = QuietHTTPServer(("127.0.0.1", 0), Handler)
     httpd.seen = []
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -220,7 +216,7 @@ def tls_server(tmp_path_factory):
     )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    httpd = QuietServer(("127.0.0.1", 0), Handler)
+    httpd = QuietHTTPServer(("127.0.0.1", 0), Handler)
     httpd.seen, httpd.sni = [], []
     context.sni_callback = lambda sock, name, ctx: httpd.sni.append(name)
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True)

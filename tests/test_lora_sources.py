@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,6 +18,7 @@ import pytest
 from runners.config import FetchSettings, LoraSettings
 from runners.fetch import HostPolicy, SafeFetcher
 from runners.lora.sources import LoraFile, LoraSourceError, LoraSources
+from tests.conftest import QuietHTTPServer
 
 MiB = 1024 * 1024
 FILES = {f"/{name}.safetensors": bytes([i]) * 400_000 for i, name in enumerate("abc")}  # two fit 1 MiB, three do not
@@ -46,7 +47,7 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = QuietHTTPServer(("127.0.0.1", 0), Handler)
     httpd.gets = Counter()
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield httpd
