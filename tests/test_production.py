@@ -238,7 +238,14 @@ def test_sigterm_drains_accepted_work_and_reports_what_it_cannot_finish(tmp_path
 
 
 def drain_under_load(tmp_path, webhook: str) -> None:
-    env = {"FLUX_DRAIN_TIMEOUT_S": "8", "FLUX_ALLOW_PRIVATE_HOSTS": "127.0.0.1", "FLUX_QUEUE_CONCURRENCY": "1"}
+    # The long request is LONG: its steps sleep (tests/faults), so it outlasts the 8 s grace on any
+    # CPU (SLOW, which only computes, once finished inside it on an idle runner).
+    env = {
+        "FLUX_DRAIN_TIMEOUT_S": "8",
+        "FLUX_ALLOW_PRIVATE_HOSTS": "127.0.0.1",
+        "FLUX_QUEUE_CONCURRENCY": "1",
+        "PYTHONPATH": FAULT_PATH,
+    }
     with bentoml_server(tmp_path, **env) as served:
         base = served[0]
         queued = [
@@ -248,7 +255,7 @@ def drain_under_load(tmp_path, webhook: str) -> None:
             for i in range(3)
         ]
         queued.append(
-            httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json=SLOW, timeout=10).json()[
+            httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": webhook}, json=LONG, timeout=10).json()[
                 "request_id"
             ]
         )  # too long for the grace period
@@ -275,5 +282,5 @@ def drain_under_load(tmp_path, webhook: str) -> None:
     assert set(by_id) == set(queued)  # every accepted request was reported to its webhook
     statuses = [by_id[i]["status"] for i in queued]
     assert statuses[:3] == ["OK"] * 3  # the quick ones finished inside the grace period
-    assert statuses[-1] == "ERROR"  # 50 large steps do not fit in 8 s: failed, not dropped
+    assert statuses[-1] == "ERROR"  # 50 steps of 0.3 s or more do not fit in 8 s: failed, not dropped
     assert "server shut down" in json.dumps(by_id[queued[-1]]["payload"])
