@@ -411,9 +411,12 @@ def test_triton_stopping_under_load_fails_cleanly_and_readyz_goes_false(stack):
     front, process = stack["front"], stack["process"]
     assert httpx.get(f"{front}/readyz", timeout=5).status_code == 200
     with ThreadPoolExecutor(6) as pool:
-        # Enough work that Triton's 2 s exit grace cannot finish it all, even on an idle machine.
+        # Enough work that Triton's 2 s exit grace cannot finish it all on any CPU: steps that sleep
+        # (tests/faults, 0.3 s or more each), not only compute.
         futures = [
-            pool.submit(httpx.post, f"{front}/{APP}", json=body(seed, steps=50, size=512), timeout=180)
+            pool.submit(
+                httpx.post, f"{front}/{APP}", json=body(seed, steps=50, size=512, prompt=SLOW_PROMPT), timeout=180
+            )
             for seed in range(6)
         ]
         time.sleep(1.5)  # the first batch is running, the rest queued at Triton
