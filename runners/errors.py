@@ -165,6 +165,11 @@ class RequestTimedOut(InpaintError):
     def __init__(self, message: str = "the request ran past this server's time limit and was stopped"):
         super().__init__(message)
 
+    @classmethod
+    def while_waiting(cls) -> RequestTimedOut:
+        """One that reached its deadline in the line, before any model tier took it."""
+        return cls("the request waited past this server's time limit")
+
 
 class ServerDraining(InpaintError):
     """The server is shutting down (SIGTERM): new work is refused, unfinished work is failed at the

@@ -186,7 +186,7 @@ class MemoryQueue:
             REQUEST_ID.set(record.id)  # this feeder task's log lines belong to this request now
             if record.deadline is not None and time.time() > record.deadline:
                 self._changed()
-                self._finish(record, error=RequestTimedOut("the request waited past this server's time limit"))
+                self._finish(record, error=RequestTimedOut.while_waiting())
                 continue
             self._busy += 1
             self._changed()

@@ -423,7 +423,7 @@ class RedisQueue:
                 await self._finish(record, error=AttemptsExhausted(message))
                 return
             if record.deadline is not None and time.time() > record.deadline:
-                await self._finish(record, error=RequestTimedOut("the request waited past this server's time limit"))
+                await self._finish(record, error=RequestTimedOut.while_waiting())
                 return
             if attempts > 1:
                 log.info("request %s: running again (attempt %d)", record.id, attempts)
@@ -584,7 +584,7 @@ class RedisQueue:
             for request_id in expired:
                 record = await self.get(request_id)
                 if record is not None and record.status != Status.COMPLETED:
-                    await self._end(record, RequestTimedOut("the request waited past this server's time limit"))
+                    await self._end(record, RequestTimedOut.while_waiting())
         except UNREACHABLE as exc:
             self._redis_failed("deadline", exc)
         except QueueUnavailable:

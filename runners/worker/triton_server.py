@@ -249,22 +249,25 @@ def stop_processes(processes: list, grace_s: float = 5.0) -> None:
     psutil.wait_procs(alive, timeout=grace_s)
 
 
+def _command_line(process) -> str | None:
+    """Its command line, or None when it is gone meanwhile (or not ours to read)."""
+    try:
+        return " ".join(process.cmdline())
+    except Exception:
+        return None
+
+
 def _resource_tracker(process) -> bool:
     """multiprocessing's resource tracker ignores SIGTERM by design and exits when we do, after it
     has removed the shared memory PyTriton leaked: leave it to that."""
-    try:
-        return "multiprocessing.resource_tracker" in " ".join(process.cmdline())
-    except Exception:  # gone meanwhile
-        return False
+    return "multiprocessing.resource_tracker" in (_command_line(process) or "")
 
 
 def _names(processes) -> list[str]:
     names = []
     for process in processes:
-        try:
-            names.append(f"{process.pid}: {' '.join(process.cmdline())[:160]}")
-        except Exception:  # gone meanwhile
-            names.append(str(process.pid))
+        command = _command_line(process)
+        names.append(str(process.pid) if command is None else f"{process.pid}: {command[:160]}")
     return names
 
 
