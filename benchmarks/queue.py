@@ -34,6 +34,11 @@ class InstantExecutor:
         return {}
 
 
+async def reported(record) -> None:
+    """The front's finish hook without a webhook: with it the Redis queue also takes and drops
+    each request's report claim, as in production."""
+
+
 async def level(queue, concurrency: int, requests: int) -> dict:
     from runners.protocol.schema import InpaintRequest
 
@@ -66,12 +71,12 @@ async def measure(kind: str, redis_url: str, concurrencies: list[int], requests:
     if kind == "memory":
         from runners.front.memory_queue import MemoryQueue
 
-        queue = MemoryQueue(QueueSettings(max_length=1000), max(concurrencies), InstantExecutor())
+        queue = MemoryQueue(QueueSettings(max_length=1000), max(concurrencies), InstantExecutor(), reported)
     else:
         from runners.front.redis_queue import RedisQueue
 
         settings = QueueSettings(url=redis_url, key_prefix=f"bench-{time.time_ns()}:", max_length=1000)
-        queue = RedisQueue(settings, max(concurrencies), InstantExecutor())
+        queue = RedisQueue(settings, max(concurrencies), InstantExecutor(), reported)
     queue.ensure_started()
     await level(queue, 1, 20)  # warm: connections, scripts loaded
     rows = [{"queue": kind, **await level(queue, c, requests)} for c in concurrencies]

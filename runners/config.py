@@ -350,12 +350,14 @@ class QueueSettings(SettingsGroup):
     key_prefix: str = Field("flux:", pattern=r"^[A-Za-z0-9:_.-]{1,64}$")
     """Prefix of every Redis key this fleet uses, so several fleets can share one Redis."""
     lease_s: float = Field(30.0, ge=1.0, le=3600.0)
-    """How long a replica's claim on a running request lasts without renewal (it renews it four
-    times a second while it runs). A replica killed while running requests leaves them to be run
-    again by another replica this long after its last renewal."""
+    """How long a replica's claim on a running request, or on delivering a finished request's
+    webhook, lasts without renewal (it renews it four times a second). A replica killed while
+    running requests or delivering their webhooks leaves them to another replica this long after
+    its last renewal."""
     max_attempts: int = Field(3, ge=1, le=20)
     """Most times one request is started: past it, a request whose replicas keep dying fails with
-    500 ``attempts_exhausted`` instead of being run again."""
+    500 ``attempts_exhausted`` instead of being run again. Bounds the replicas that try one
+    request's webhook the same way (past it, the webhook is dropped with an error in the log)."""
     redis_timeout_s: float = Field(5.0, ge=0.1, le=60.0)
     """Longest wait for one Redis answer (and to connect); past it the call counts as Redis being
     unreachable: new requests get 503 ``queue_unavailable``."""

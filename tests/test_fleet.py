@@ -34,10 +34,17 @@ SLOW = {**EXAMPLE, "image_size": "square_hd", "num_inference_steps": 50, "streng
 
 
 class Hooks(LocalHandler):
-    received: list[dict] = []
+    received: list[dict] = []  # the deliveries answered 200
+    refused: list[dict] = []  # those answered 503 while ``refuse`` is set (the sender retries them)
+    refuse = threading.Event()
 
     def do_POST(self):
-        Hooks.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if Hooks.refuse.is_set():
+            Hooks.refused.append(body)
+            self.send(503, b"", "text/plain")
+            return
+        Hooks.received.append(body)
         self.send(200, b"", "text/plain")
 
 
@@ -275,6 +282,28 @@ def test_a_replica_killed_while_running_leaves_every_request_to_the_other(fleet,
     fleet.start("a")
 
 
+def test_a_replica_killed_while_delivering_a_webhook_leaves_it_to_the_other(fleet, hooks):
+    Hooks.received.clear(), Hooks.refused.clear()
+    Hooks.refuse.set()  # the receiver is down for now: the replica that finished it keeps retrying
+    try:
+        request_id = submit(fleet.url("a"), QUICK, hooks)
+        wait_for(lambda: any(hook["request_id"] == request_id for hook in Hooks.refused), 120)
+        retrying = f"webhook for {request_id} attempt 1 failed: HTTP 503"
+        deliverer = wait_for(lambda: next((n for n in ("a", "b") if retrying in fleet.log(n)), None), 30)
+        fleet.kill(deliverer)  # between two of its retries
+        time.sleep(0.5)  # dead, so what the receiver accepts from now on comes from the other replica
+    finally:
+        Hooks.refuse.clear()
+    other = "b" if deliverer == "a" else "a"
+    wait_for(lambda: Hooks.received, 60)  # after the killed replica's report claim ran out (3 s here)
+    time.sleep(2)  # a second delivery would come now
+    assert [(hook["request_id"], hook["status"]) for hook in Hooks.received] == [(request_id, "OK")]
+    assert Hooks.received[0]["payload"]["images"][0]["width"] == 64  # the stored result
+    assert metric(fleet.url(other), "flux_queue_reports_taken_over_total") >= 1
+    assert f"request {request_id}: its replica stopped before reporting it" in fleet.log(other)
+    fleet.start(deliverer)
+
+
 def test_load_over_both_replicas_with_one_killed_and_restarted_loses_nothing(fleet, hooks):
     Hooks.received.clear()
     outcomes: dict[int, str] = {}
@@ -329,16 +358,18 @@ def test_load_over_both_replicas_with_one_killed_and_restarted_loses_nothing(fle
     assert len(outcomes) == total and set(counted) <= {"ok", "429"}, counted
     accepted = [ids[n] for n in ids if outcomes[n] == "ok"]
     assert len(set(accepted)) == len(accepted)
-    deadline = time.monotonic() + 60
-    while not {hook["request_id"] for hook in Hooks.received} >= set(accepted) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(2)
+    # A webhook A was delivering when it was killed is delivered by B (or A restarted) once A's
+    # report claim runs out (FLUX_QUEUE_LEASE_S=3 here).
+    delivered = lambda: {hook["request_id"] for hook in Hooks.received}  # noqa: E731
+    wait_for(lambda: delivered() >= set(accepted), 60, seen=lambda: f"no webhook for {set(accepted) - delivered()}")
+    time.sleep(2)  # a second delivery would come now
     counts = collections.Counter(hook["request_id"] for hook in Hooks.received)
-    assert all(counts[i] <= 1 for i in accepted), counts  # none answered twice
-    if missing := [i for i in accepted if counts[i] == 0]:
-        # Known gap (issue 13 stays open): the report claim (SET NX) is taken before delivery, so a
-        # webhook whose replica is killed between finishing the request and delivering is lost.
-        pytest.xfail(f"webhook lost with its killed replica for {len(missing)} completed request(s): {missing}")
+    assert all(counts[i] >= 1 for i in accepted), counts
+    # Twice only if the kill fell in the milliseconds between the receiver's 2xx and A dropping its
+    # claim (docs/fleet.md): at most one request, for the one kill.
+    assert sum(n - 1 for n in counts.values()) <= 1 and set(counts) <= set(accepted), counts
+    taken_over = sum(metric(fleet.url(n), "flux_queue_reports_taken_over_total") for n in ("a", "b"))
+    print(f"webhooks taken over from the killed replica: {taken_over:.0f}; most delivered: {counts.most_common(1)}")
 
 
 def test_sigterm_with_a_full_queue_hands_the_waiting_work_to_the_other_replica(fleet):

@@ -33,17 +33,23 @@ def run(coroutine, timeout=60):
 
 
 class Replica:
-    """One queue with its fake worker and what it reported (its on_finish calls)."""
+    """One queue with its fake worker and what it reported (its on_finish calls, ended). With
+    ``report_gate``, a report (a webhook delivery) goes on until the test sets it."""
 
     def __init__(self, url: str, concurrency: int = 1, **settings) -> None:
         self.worker = FakeWorker()
+        self.reporting: list[str] = []
         self.reported: list[str] = []
+        self.report_gate: asyncio.Event | None = None
         self.queue = RedisQueue(
             QueueSettings(url=url, lease_s=1.0, **settings), concurrency, self.worker, on_finish=self.report
         )
         self.queue.POLL_INTERVAL_S = 0.05
 
     async def report(self, record) -> None:
+        self.reporting.append(record.id)
+        if self.report_gate is not None:
+            await self.report_gate.wait()
         self.reported.append(record.id)
 
     def holds(self) -> list[str]:
@@ -52,7 +58,7 @@ class Replica:
     async def die(self) -> None:
         """As SIGKILL would: no hand-back, no finish, its lease simply stops being renewed."""
         self.queue._let_go_done = True
-        for task in self.queue._tasks:
+        for task in [*self.queue._tasks, *self.queue._after_finish.tasks]:
             while not task.done():  # as RedisQueue.stop: redis-py may swallow one cancellation
                 task.cancel()
                 await asyncio.wait([task], timeout=0.5)
@@ -153,21 +159,57 @@ def test_a_dead_replicas_request_runs_again_elsewhere_same_id_reported_once(redi
     run(scenario())
 
 
-def test_the_report_claim_lets_one_replica_report_a_request_even_if_two_finish_it(redis_url):
-    """First-wins finishing already stops a second report in every path the tests drive; this
-    guard is for one they cannot (a finish recorded twice, e.g. across a Redis failover that
-    lost the first): two replicas each reporting the same record fire one webhook."""
-    from runners.front.queue import Record
+async def finished_and_reporting(replica: Replica):
+    """A request that ``replica`` runs and finishes, and whose report it has begun (and holds)."""
+    replica.report_gate = asyncio.Event()
+    replica.queue.ensure_started()
+    record = await replica.queue.submit(REQUEST, "http://a/")
+    await until(lambda: replica.worker.started == [record.id])
+    replica.worker.finish(record)
+    await until(lambda: replica.reporting == [record.id])
+    return record
 
+
+def test_a_webhook_cut_short_by_its_replicas_death_is_delivered_once_by_another(redis_url):
     async def scenario():
         a, b = Replica(redis_url), Replica(redis_url)
-        record = Record(request=None, base_url="http://a/")
-        await a.queue._report(record)
-        await b.queue._report(record)
-        await a.queue._report(record)
-        await asyncio.sleep(0.1)  # the hooks run as tasks
-        assert a.reported + b.reported == [record.id]
+        record = await finished_and_reporting(a)
+        await a.die()  # killed mid-delivery: its report claim stops being renewed
+        b.queue.ensure_started()
+        await until(lambda: b.reported == [record.id])  # B's poller took the lapsed claim over
+        await asyncio.sleep(2.5)  # over two leases: B's claim went with its delivery, nobody takes it again
+        assert (a.reported, b.reported) == ([], [record.id])
+        assert await b.queue.redis.zcard(b.queue.p + "unreported") == 0
+        await b.queue.stop()
+
+    run(scenario())
+
+
+def test_a_report_longer_than_the_lease_stays_with_its_live_replica(redis_url):
+    async def scenario():
+        a, b = Replica(redis_url), Replica(redis_url)
+        record = await finished_and_reporting(a)
+        b.queue.ensure_started()
+        await asyncio.sleep(2.5)  # a webhook retried past two leases: A's heartbeat renews the claim
+        a.report_gate.set()
+        await until(lambda: a.reported == [record.id])
+        await asyncio.sleep(1.5)
+        assert b.reporting == [] and await b.queue.redis.zcard(b.queue.p + "unreported") == 0
         await a.queue.stop(), await b.queue.stop()
+
+    run(scenario())
+
+
+def test_a_report_cut_short_on_every_attempt_is_dropped_with_an_error(redis_url, caplog):
+    async def scenario():
+        a, b = Replica(redis_url, max_attempts=1), Replica(redis_url, max_attempts=1)
+        record = await finished_and_reporting(a)
+        await a.die()
+        b.queue.ensure_started()
+        await until(lambda: f"request {record.id}: its report (webhook) was cut short" in caplog.text)
+        assert b.reporting == [] and await b.queue.redis.zcard(b.queue.p + "unreported") == 0
+        assert (await b.queue.get(record.id)).status == Status.COMPLETED  # the result itself stays
+        await b.queue.stop()
 
     run(scenario())
 

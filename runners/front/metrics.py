@@ -34,6 +34,10 @@ RERUNS = bentoml.metrics.Counter(
     name="flux_queue_reruns",
     documentation="Requests queued again because the replica running them stopped renewing its lease",
 )
+REPORTS_TAKEN_OVER = bentoml.metrics.Counter(
+    name="flux_queue_reports_taken_over",
+    documentation="Finished requests whose report (webhook) a replica took over, the one finishing them having stopped",
+)
 REDIS_ERRORS = bentoml.metrics.Counter(
     name="flux_queue_redis_errors",
     documentation="Redis calls of the queue that failed (unreachable, timed out), by operation",

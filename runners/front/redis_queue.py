@@ -14,8 +14,11 @@ request at once). The keys, under the prefix:
   in the line, and it runs again, same id, up to ``FLUX_QUEUE_MAX_ATTEMPTS`` starts.
 - ``bytes`` (inputs held by unfinished requests, bounded by ``FLUX_QUEUE_MAX_WAITING_BYTES``),
   ``seq``, ``replicas`` (heartbeats), ``wake`` (a list a submit pushes to, that idle feeders block
-  on), ``reported:<id>`` (the SET NX claim that reports a request, webhook included, once) and the
-  pub/sub channel ``done``, which wakes the replica whose sync caller waits for a request.
+  on) and the pub/sub channel ``done``, which wakes the replica whose sync caller waits for a request.
+- ``unreported``, a sorted set scored by claim expiry: finished requests whose report (metrics,
+  webhook) is not done. The finisher holds the claim and renews it while it delivers; a claim that
+  runs out (its replica died) is taken over by another replica's poller, so a webhook is delivered
+  once, by one replica, even when its first reporter was killed mid-delivery.
 
 A feeder claims a request only when it is idle, so a replica pulls no more than its model tier has
 room for. A cancel (or any end) from any replica marks the record finished; the replica running it
@@ -54,7 +57,7 @@ from runners.errors import (
     RequestTimedOut,
     ServerDraining,
 )
-from runners.front.metrics import REDIS_ERRORS, RERUNS
+from runners.front.metrics import REDIS_ERRORS, REPORTS_TAKEN_OVER, RERUNS
 from runners.front.queue import AfterFinish, Executor, Outcome, Record, RequestQueue, Status, finished_line
 from runners.front.redis_scripts import (
     CLAIM,
@@ -62,7 +65,6 @@ from runners.front.redis_scripts import (
     HAND_BACK,
     HEARTBEAT,
     LUA_HELPERS,
-    PAST_DEADLINE,
     PROGRESS,
     REQUEUE_EXPIRED,
     SUBMIT,
@@ -159,6 +161,7 @@ class RedisQueue:
     """``RequestQueue`` in Redis, shared by every replica that names the same URL and key prefix."""
 
     POLL_INTERVAL_S = 0.25
+    REPORTS_PER_POLL = 8  # the most reports of other replicas one poll takes over
     DEADLINE_GRACE_S = DEADLINE_GRACE_S
     MIN_PAUSE_S, MAX_PAUSE_S = 2.0, 30.0  # pulling pauses, doubling, while the model tier answers 503
 
@@ -192,7 +195,6 @@ class RedisQueue:
                 ("hand_back", HAND_BACK),
                 ("progress", PROGRESS),
                 ("finish", FINISH),
-                ("past_deadline", PAST_DEADLINE),
             )
         }
         self._held: dict[str, Record] = {}  # claimed by this replica's feeders, running here
@@ -202,7 +204,8 @@ class RedisQueue:
         self._handed_back: set[str] = set()
         self._waiters: dict[str, _Waiter] = {}
         self._reported_logs: dict[str, int] = {}  # worker log lines last written, per held id
-        self._after_finish = AfterFinish(on_finish)
+        self._reporting: set[str] = set()  # the finished requests whose report (webhook) runs here
+        self._after_finish = AfterFinish(self._report if on_finish is not None else None)
         self._tasks: list[asyncio.Task] = []
         self._let_go_done = False
         self._depth, self._oldest_s, self._replicas = 0, 0.0, 1
@@ -488,6 +491,8 @@ class RedisQueue:
             record.id,
             token,
             owner,
+            self.replica if self.on_finish is not None else "",
+            self.lease_ms,
             self.settings.result_retention_s,
             self.settings.max_retained,
             line.model_dump_json(),
@@ -516,26 +521,40 @@ class RedisQueue:
             record.finished_at = time.monotonic()
             if waiter is not None:
                 waiter.finished = record
-            await self._report(record)
+            self._after_finish.start(record)
         if waiter is not None:
             waiter.woken.set()
         return won
 
     async def _report(self, record: Record) -> None:
-        """The finish hook (metrics, webhook) once per request, fleet-wide: a SET NX claim, so a
-        request that ran twice, or whose finish was retried, is reported by one replica once."""
-        if self.on_finish is None:
-            return
+        """The finish hook (metrics, webhook) of a request this replica finished, or whose report it
+        took over. Its claim in ``unreported`` is renewed by the heartbeat meanwhile; once the hook
+        has ended (delivered or given up), the claim goes. Cut short (this replica stopping), the
+        claim stays and runs out, and another replica reports the request."""
+        self._reporting.add(record.id)
+        cut_short = False
         try:
-            claimed = await self.redis.set(
-                f"{self.p}reported:{record.id}", self.replica, nx=True, ex=self.settings.result_retention_s
-            )
-        except UNREACHABLE as exc:
-            self._redis_failed("report", exc)
-            claimed = True  # the finish was ours: better a rare second webhook than none
-        if not claimed:
-            return
-        self._after_finish.start(record)
+            await self.on_finish(record)
+        except asyncio.CancelledError:
+            cut_short = True
+            raise
+        finally:
+            if not cut_short:
+                await self._reported(record.id)
+            self._reporting.discard(record.id)
+
+    async def _reported(self, request_id: str) -> None:
+        """Drop the report claim, waiting for Redis if need be (the heartbeat renews the claim
+        meanwhile): a claim left to run out would make another replica deliver its webhook again."""
+        delay = 0.5
+        while True:
+            try:
+                await self.redis.zrem(self.p + "unreported", request_id)
+                return
+            except UNREACHABLE as exc:
+                self._redis_failed("report", exc)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     async def _listen(self) -> None:
         """Wake this replica's waiters when another replica finishes their request."""
@@ -558,7 +577,7 @@ class RedisQueue:
         while True:
             await asyncio.sleep(self.POLL_INTERVAL_S)
             try:
-                await self._heartbeat()
+                late, taken = await self._heartbeat()
                 requeued = await self.scripts["requeue"](
                     args=[self.p, LogLine(message=REQUEUED_LINE, source="queue", level="WARNING").model_dump_json()]
                 )
@@ -569,31 +588,23 @@ class RedisQueue:
                 RERUNS.inc(requeued)
                 log.warning("%d request(s) whose replica stopped renewing its lease queued again", requeued)
             await self._progress()
-            await self._end_waiting_past_deadline()
+            await self._end_waiting(late)
+            await self._take_over_reports(taken)
             for record in list(self._held.values()):
                 grace = self.DEADLINE_GRACE_S if record.dispatched else 0.0
                 if record.deadline is not None and time.time() > record.deadline + grace:
                     with contextlib.suppress(InpaintError):
                         await self.end(record, RequestTimedOut())
 
-    async def _end_waiting_past_deadline(self) -> None:
-        """A request that waits past its deadline ends then (504), as in the memory queue, not
-        when a replica next claims it: with every feeder busy that could be much later."""
-        try:
-            expired = await self.scripts["past_deadline"](args=[self.p, time.time(), 16])
-            for request_id in expired:
-                record = await self.get(request_id)
-                if record is not None and record.status != Status.COMPLETED:
-                    await self._end(record, RequestTimedOut.while_waiting())
-        except UNREACHABLE as exc:
-            self._redis_failed("deadline", exc)
-        except QueueUnavailable:
-            pass  # the read counted it; the next poll tries again
-
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self) -> tuple[list[str], list[str]]:
+        """This replica's upkeep in one call (HEARTBEAT in redis_scripts.py); the waiting requests
+        past their deadline, and the reports this replica has taken over."""
         held = [record_id for record_id in self._held if record_id not in self._handed_back]
-        depth, oldest_ms, replicas, lost = await self.scripts["heartbeat"](
-            args=[self.p, self.replica, self.lease_ms, TAKEN_BACK_LINE, *held]
+        # Reports are taken over only by a replica that will be around to deliver them.
+        wanted = 0 if self.on_finish is None or self.draining else self.REPORTS_PER_POLL
+        args = [self.p, self.replica, self.lease_ms, TAKEN_BACK_LINE, time.time(), wanted]
+        depth, oldest_ms, replicas, lost, late, taken, dropped = await self.scripts["heartbeat"](
+            args=[*args, self.settings.max_attempts, len(held), *held, *self._reporting]
         )
         self._depth, self._oldest_s, self._replicas = int(depth), int(oldest_ms) / 1000, max(1, int(replicas))
         self._changed()
@@ -605,6 +616,39 @@ class RedisQueue:
             record.status = Status.COMPLETED
             record.error = RequestCancelled("the request was ended by another replica")
             await self._stop_in_model(record_id)
+        for record_id in dropped:
+            log.error(
+                "request %s: its report (webhook) was cut short with its replica %d times; not delivered",
+                record_id,
+                self.settings.max_attempts,
+            )
+        return late, taken
+
+    async def _end_waiting(self, late: list[str]) -> None:
+        """A request that waits past its deadline ends then (504), as in the memory queue, not
+        when a replica next claims it: with every feeder busy that could be much later."""
+        for request_id in late:
+            try:
+                record = await self.get(request_id)
+                if record is not None and record.status != Status.COMPLETED:
+                    await self._end(record, RequestTimedOut.while_waiting())
+            except QueueUnavailable:
+                return  # counted; the next poll tries again
+
+    async def _take_over_reports(self, taken: list[str]) -> None:
+        """Report the requests whose reporter stopped renewing its claim (killed while delivering)."""
+        for request_id in taken:
+            if request_id in self._reporting:  # its own claim, run out while Redis was slow: goes on
+                continue
+            try:
+                record = await self.get(request_id)
+            except QueueUnavailable:
+                return  # the claim runs out again, and this or another replica takes it then
+            if record is None or record.status != Status.COMPLETED:
+                continue
+            REPORTS_TAKEN_OVER.inc()
+            log.warning("request %s: its replica stopped before reporting it; reporting it here", request_id)
+            self._after_finish.start(record)
 
     async def _progress(self) -> None:
         """The worker's progress of what runs here, written to Redis for every replica's status route."""

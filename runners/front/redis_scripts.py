@@ -61,17 +61,26 @@ while true do
 end
 """
 
-# ARGV: prefix, owner, lease ms, log line, ids held. Renews this replica's leases, and takes back a
-# request re-queued while this replica was silent (Redis away past the lease) that nobody has claimed
-# since; answers the line's depth, the head's wait (ms), the live replicas, and the held ids whose
-# claim is gone (ended elsewhere, or claimed by another replica).
+# ARGV: prefix, owner, lease ms, log line, now (unix s), reports wanted, report attempts, how many held,
+# the ids held, then the ids this replica is reporting. One call per poll does all of a replica's
+# upkeep:
+# - renews its leases, and takes back a request re-queued while this replica was silent (Redis away
+#   past the lease) that nobody has claimed since;
+# - renews the claims of the reports (webhooks) it is delivering, and claims up to "reports wanted"
+#   whose replica stopped renewing theirs (past "report attempts" claims, one is dropped instead);
+# - finds the requests at the head of the line past their deadline: deadlines follow arrival (one
+#   FLUX_REQUEST_TIMEOUT_S for the fleet), so the head is where they are.
+# Answers the line's depth, the head's wait (ms), the live replicas, the held ids whose claim is gone
+# (ended elsewhere, or claimed by another replica), the ids past their deadline, the reports this
+# replica now delivers, and the reports dropped.
 HEARTBEAT = """
 local p, owner, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 redis.call('ZADD', p .. 'replicas', now, owner)
 redis.call('ZREMRANGEBYSCORE', p .. 'replicas', '-inf', now - lease)
+local held_end = 8 + tonumber(ARGV[8])
 local lost = {}
-for i = 5, #ARGV do
+for i = 9, held_end do
   local id = ARGV[i]
   local key = p .. 'req:' .. id
   if redis.call('ZSCORE', p .. 'running', id) and redis.call('HGET', key, 'owner') == owner then
@@ -85,10 +94,37 @@ for i = 5, #ARGV do
     table.insert(lost, id)
   end
 end
-local head = redis.call('ZRANGE', p .. 'waiting', 0, 0)
+for i = held_end + 1, #ARGV do
+  if redis.call('HGET', p .. 'req:' .. ARGV[i], 'reporter') == owner then
+    redis.call('ZADD', p .. 'unreported', 'XX', now + lease, ARGV[i])
+  end
+end
+local taken, dropped = {}, {}
+if tonumber(ARGV[6]) > 0 then
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'unreported', '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))) do
+    local key = p .. 'req:' .. id
+    if redis.call('EXISTS', key) == 0 then
+      redis.call('ZREM', p .. 'unreported', id)  -- past its retention: nothing left to report
+    elseif redis.call('HINCRBY', key, 'report_claims', 1) > tonumber(ARGV[7]) then
+      redis.call('ZREM', p .. 'unreported', id)
+      table.insert(dropped, id)
+    else
+      redis.call('ZADD', p .. 'unreported', now + lease, id)
+      redis.call('HSET', key, 'reporter', owner)
+      table.insert(taken, id)
+    end
+  end
+end
+local now_s = tonumber(ARGV[5])
+local head = redis.call('ZRANGE', p .. 'waiting', 0, 15)
+local late = {}
+for _, id in ipairs(head) do
+  local deadline = redis.call('HGET', p .. 'req:' .. id, 'deadline')
+  if deadline and deadline ~= '' and tonumber(deadline) < now_s then table.insert(late, id) end
+end
 local oldest = 0
 if #head > 0 then oldest = now - tonumber(redis.call('HGET', p .. 'req:' .. head[1], 'submitted_ms') or now) end
-return {redis.call('ZCARD', p .. 'waiting'), oldest, redis.call('ZCARD', p .. 'replicas'), lost}
+return {redis.call('ZCARD', p .. 'waiting'), oldest, redis.call('ZCARD', p .. 'replicas'), lost, late, taken, dropped}
 """
 
 # ARGV: prefix, log line. Every request whose lease ran out goes back to its place in the line.
@@ -126,9 +162,12 @@ end
 return 0
 """
 
-# ARGV: prefix, id, token, owner ('' for anyone: a cancel), retention s, max retained, log line,
-# then field, value, ... (outcome or error, worker logs). 1 when this call (its token) finished it:
-# the first finish wins, and a retry of the same call after a lost answer still sees its win.
+# ARGV: prefix, id, token, owner ('' for anyone: a cancel), reporter, lease ms, retention s, max
+# retained, log line, then field, value, ... (outcome or error, worker logs). 1 when this call (its
+# token) finished it: the first finish wins, and a retry of the same call after a lost answer still
+# sees its win. The winner (the reporter, unless '') holds the claim to report it (metrics, webhook)
+# in ``unreported``, scored by when that claim runs out; it renews it with its heartbeat and removes
+# it once reported, and any replica's heartbeat takes over a claim that ran out.
 FINISH = """
 local p, id, token = ARGV[1], ARGV[2], ARGV[3]
 local key = p .. 'req:' .. id
@@ -144,32 +183,25 @@ redis.call('ZREM', p .. 'waiting', id)
 redis.call('DECRBY', p .. 'bytes', redis.call('HGET', key, 'size') or 0)
 local now = now_ms()
 redis.call('HDEL', key, 'request')
-redis.call('HSET', key, 'status', 'COMPLETED', 'finished_by', token, 'finished_ms', now, unpack(ARGV, 8))
-append_log(key, ARGV[7])
-local retention = tonumber(ARGV[5])
+redis.call('HSET', key, 'status', 'COMPLETED', 'finished_by', token, 'finished_ms', now, unpack(ARGV, 10))
+append_log(key, ARGV[9])
+if ARGV[5] ~= '' then
+  redis.call('HSET', key, 'reporter', ARGV[5], 'report_claims', 1)
+  redis.call('ZADD', p .. 'unreported', now + tonumber(ARGV[6]), id)
+end
+local retention = tonumber(ARGV[7])
 redis.call('EXPIRE', key, retention)
 local finished = p .. 'finished'
 redis.call('ZADD', finished, now, id)
 redis.call('ZREMRANGEBYSCORE', finished, '-inf', now - retention * 1000)
-local excess = redis.call('ZCARD', finished) - tonumber(ARGV[6])
+local excess = redis.call('ZCARD', finished) - tonumber(ARGV[8])
 if excess > 0 then
   for _, old in ipairs(redis.call('ZRANGE', finished, 0, excess - 1)) do
     redis.call('DEL', p .. 'req:' .. old)
+    redis.call('ZREM', p .. 'unreported', old)
   end
   redis.call('ZREMRANGEBYRANK', finished, 0, excess - 1)
 end
 redis.call('PUBLISH', p .. 'done', id)
 return 1
-"""
-
-# ARGV: prefix, now (unix s), how many. The ids at the head of the line whose deadline has passed:
-# deadlines follow arrival (one FLUX_REQUEST_TIMEOUT_S for the fleet), so the head is where they are.
-PAST_DEADLINE = """
-local p, now = ARGV[1], tonumber(ARGV[2])
-local out = {}
-for _, id in ipairs(redis.call('ZRANGE', p .. 'waiting', 0, tonumber(ARGV[3]) - 1)) do
-  local deadline = redis.call('HGET', p .. 'req:' .. id, 'deadline')
-  if deadline and deadline ~= '' and tonumber(deadline) < now then table.insert(out, id) end
-end
-return out
 """

@@ -17,4 +17,4 @@ done
 # BentoML's dispatcher trains on its first calls: warm both before measuring
 for port in 3101 3102; do .venv/bin/python -m benchmarks load --url http://127.0.0.1:$port --concurrency 4 --duration 8 --sizes 64x64 --steps 2 --routes sync --out $T/warm-$port > /dev/null; done
 .venv/bin/python -m benchmarks load --targets memory=http://127.0.0.1:3101,redis=http://127.0.0.1:3102 \
-  --concurrency 1,4,8 --rounds 5 --duration 10 --sizes 64x64 --steps 2 --routes sync --out benchmarks/results/queue-redis-rounds
+  --concurrency 1,4,8 --rounds 9 --duration 10 --sizes 64x64 --steps 2 --routes sync --out benchmarks/results/queue-redis-rounds
