@@ -23,6 +23,7 @@ from runners.config import load_settings
 from runners.front.app import Front, model_client
 from runners.front.fal_http import FalApi
 from runners.front.metrics import reject
+from runners.lifecycle import keep_bentoml_sockets_through_the_drain
 from runners.logs import configure_logging
 from runners.protocol.jobs import InpaintJob, JobResult
 from runners.protocol.progress import ProgressReport
@@ -33,6 +34,7 @@ from runners.worker.model_worker import ModelWorker
 # worker whose model cannot load exits (runners/worker/model_worker.py), so `bentoml serve` ends
 # non-zero instead of serving unready forever, and Kubernetes restarts the pod.
 os.environ.setdefault("BENTOML_CONTAINERIZED", "true")
+keep_bentoml_sockets_through_the_drain()  # so that the front can reach its worker while it drains
 
 SETTINGS = load_settings()  # every process reads the same environment; bad values fail here
 configure_logging(SETTINGS.server.log_format)  # ours: one JSON line per event (BentoML's keep theirs)

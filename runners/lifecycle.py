@@ -91,3 +91,28 @@ def drain_on_sigterm(
     except ValueError:  # not the main thread
         return False
     return True
+
+
+def keep_bentoml_sockets_through_the_drain() -> None:
+    """BentoML's process manager, on SIGTERM, deletes the directory of its Unix sockets *before* it
+    stops the processes (its ``Arbiter.stop`` runs its cleanup first, then circus's stop). The
+    front's calls to the model worker during the drain then find no socket to connect to: its
+    ``front_drained`` call failed, so an idle worker waited ``FLUX_DRAIN_TIMEOUT_S + 10`` s before
+    exiting, and any call not on an already open connection failed. Call in the process that runs
+    ``bentoml serve`` (it imports service.py): the cleanup then runs after the processes are gone,
+    with circus's own socket cleanup. Written against BentoML 1.4 (requirements.lock pins it)."""
+    from bentoml._internal.utils import circus as bentoml_circus
+    from circus.arbiter import Arbiter as CircusArbiter
+
+    arbiter = bentoml_circus.Arbiter
+    if getattr(arbiter, "_cleanup_after_the_processes", False):
+        return
+
+    def stop_controller_and_close_sockets(self) -> None:
+        CircusArbiter.stop_controller_and_close_sockets(self)
+        self.exit_stack.__exit__(None, None, None)  # BentoML's cleanup, the socket directory included
+
+    arbiter.stop = CircusArbiter.stop  # circus's: stop the processes (they drain), then the sockets
+    arbiter.stop_controller_and_close_sockets = stop_controller_and_close_sockets
+    arbiter._cleanup_after_the_processes = True
+

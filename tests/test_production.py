@@ -232,6 +232,23 @@ class LateWebhooks(Webhooks):
         self.send(200, b"", "text/plain")
 
 
+def test_an_idle_server_exits_soon_after_sigterm_its_front_still_reaching_its_worker(tmp_path):
+    """BentoML deleted its sockets' directory before stopping the processes, so a drain's call from
+    the front to its worker on a new connection failed: here the worker never heard the front was
+    done and exited only after the drain time plus 10 s (runners/lifecycle.py)."""
+    with bentoml_server(tmp_path, FLUX_DRAIN_TIMEOUT_S="60") as served:
+        assert post(served[0], QUICK).status_code == 200
+        time.sleep(8)  # past the keep-alive of the front's connections to its worker: the next call opens one
+        signalled = time.monotonic()
+        served.process.send_signal(signal.SIGTERM)
+        served.process.wait(timeout=120)
+        took = time.monotonic() - signalled
+    log = served[1].read_text()
+    print(f"\nidle: exited {took:.1f} s after SIGTERM")
+    assert "front_drained call" not in log  # neither lost nor failed: the worker's socket was there
+    assert took < 30, log[-3000:]  # not 70 s (60 s + 10 s): the worker left when the front said so
+
+
 def test_sigterm_drains_accepted_work_and_reports_what_it_cannot_finish(tmp_path):
     with local_http_server(Webhooks) as hooks:
         drain_under_load(tmp_path, f"{hooks}/hook")
