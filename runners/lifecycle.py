@@ -115,4 +115,3 @@ def keep_bentoml_sockets_through_the_drain() -> None:
     arbiter.stop = CircusArbiter.stop  # circus's: stop the processes (they drain), then the sockets
     arbiter.stop_controller_and_close_sockets = stop_controller_and_close_sockets
     arbiter._cleanup_after_the_processes = True
-

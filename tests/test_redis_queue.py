@@ -159,6 +159,28 @@ def test_a_dead_replicas_request_runs_again_elsewhere_same_id_reported_once(redi
     run(scenario())
 
 
+def test_a_model_tier_slow_to_answer_progress_does_not_let_the_lease_run_out(redis_url):
+    async def scenario():
+        a, b = Replica(redis_url), Replica(redis_url)
+
+        async def slow_progress(request_ids):
+            await asyncio.sleep(3.0)  # three leases
+            return {}
+
+        a.worker.progress = slow_progress
+        a.queue.ensure_started()
+        record = await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [record.id])
+        b.queue.ensure_started()
+        await asyncio.sleep(4.0)
+        assert b.worker.started == [] and "queued again" not in str((await b.queue.get(record.id)).logs)
+        a.worker.finish(record)
+        await until(lambda: a.reported == [record.id])
+        await a.queue.stop(), await b.queue.stop()
+
+    run(scenario())
+
+
 async def finished_and_reporting(replica: Replica):
     """A request that ``replica`` runs and finishes, and whose report it has begun (and holds)."""
     replica.report_gate = asyncio.Event()

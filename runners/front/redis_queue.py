@@ -235,6 +235,7 @@ class RedisQueue:
             return
         self._tasks = [asyncio.create_task(self._feed(), name=f"feeder-{i}") for i in range(self.concurrency)]
         self._tasks.append(asyncio.create_task(self._poll(), name="queue-poller"))
+        self._tasks.append(asyncio.create_task(self._poll_progress(), name="progress-poller"))
         self._tasks.append(asyncio.create_task(self._listen(), name="done-listener"))
         log.info("queue: Redis at %s, replica %s, %d feeders", self._where(), self.replica, self.concurrency)
 
@@ -587,7 +588,6 @@ class RedisQueue:
             if requeued:
                 RERUNS.inc(requeued)
                 log.warning("%d request(s) whose replica stopped renewing its lease queued again", requeued)
-            await self._progress()
             await self._end_waiting(late)
             await self._take_over_reports(taken)
             for record in list(self._held.values()):
@@ -649,6 +649,13 @@ class RedisQueue:
             REPORTS_TAKEN_OVER.inc()
             log.warning("request %s: its replica stopped before reporting it; reporting it here", request_id)
             self._after_finish.start(record)
+
+    async def _poll_progress(self) -> None:
+        """Apart from the heartbeat's loop: a model tier slow to answer must not hold up the
+        renewal of this replica's leases (another replica would run its requests again)."""
+        while True:
+            await asyncio.sleep(self.POLL_INTERVAL_S)
+            await self._progress()
 
     async def _progress(self) -> None:
         """The worker's progress of what runs here, written to Redis for every replica's status route."""
