@@ -499,20 +499,20 @@ class RedisQueue:
             line.model_dump_json(),
             *_pairs(fields),
         ]
-        delay = 0.5
-        while True:
+        if retry:
+            # Shutting down, it stops trying: its lease runs out and another replica runs it.
+            answer = await self._until_answered(
+                "finish", lambda: self.scripts["finish"](args=args), give_up=lambda: self._let_go_done
+            )
+            if answer is None:
+                log.error("request %s: finished, but Redis is unreachable to record it", record.id)
+                return False
+        else:
             try:
-                won = bool(await self.scripts["finish"](args=args))
-                break
+                answer = await self.scripts["finish"](args=args)
             except UNREACHABLE as exc:
-                if not retry:
-                    raise self._unavailable("finish", exc) from None
-                self._redis_failed("finish", exc)
-                if self._let_go_done:  # shutting down: its lease runs out and another replica runs it
-                    log.error("request %s: finished, but Redis is unreachable to record it", record.id)
-                    return False
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 1.0)  # soon after Redis is back: before the lease runs out
+                raise self._unavailable("finish", exc) from None
+        won = bool(answer)
         waiter = self._waiters.get(record.id)
         if won:
             record.status, record.outcome, record.error = Status.COMPLETED, outcome, error
@@ -547,15 +547,23 @@ class RedisQueue:
     async def _reported(self, request_id: str) -> None:
         """Drop the report claim, waiting for Redis if need be (the heartbeat renews the claim
         meanwhile): a claim left to run out would make another replica deliver its webhook again."""
+        await self._until_answered("report", lambda: self.redis.zrem(self.p + "unreported", request_id))
+
+    async def _until_answered(
+        self, operation: str, call: Callable[[], Awaitable[Any]], give_up: Callable[[], bool] = lambda: False
+    ) -> Any:
+        """``call()`` until Redis answers, trying again soon after it is back (0.5 s, then every
+        1 s: before a lease runs out); None once ``give_up()`` says so after a failed try."""
         delay = 0.5
         while True:
             try:
-                await self.redis.zrem(self.p + "unreported", request_id)
-                return
+                return await call()
             except UNREACHABLE as exc:
-                self._redis_failed("report", exc)
+                self._redis_failed(operation, exc)
+                if give_up():
+                    return None
                 await asyncio.sleep(delay)
-                delay = min(2 * delay, 2.0)
+                delay = min(2 * delay, 1.0)
 
     async def _listen(self) -> None:
         """Wake this replica's waiters when another replica finishes their request."""
