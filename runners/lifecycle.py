@@ -105,7 +105,7 @@ def keep_bentoml_sockets_through_the_drain() -> None:
     from circus.arbiter import Arbiter as CircusArbiter
 
     arbiter = bentoml_circus.Arbiter
-    if getattr(arbiter, "_cleanup_after_the_processes", False):
+    if arbiter.stop is CircusArbiter.stop:  # done already (or BentoML stopped overriding it)
         return
 
     def stop_controller_and_close_sockets(self) -> None:
@@ -114,4 +114,3 @@ def keep_bentoml_sockets_through_the_drain() -> None:
 
     arbiter.stop = CircusArbiter.stop  # circus's: stop the processes (they drain), then the sockets
     arbiter.stop_controller_and_close_sockets = stop_controller_and_close_sockets
-    arbiter._cleanup_after_the_processes = True
