@@ -358,9 +358,12 @@ def test_load_over_both_replicas_with_one_killed_and_restarted_loses_nothing(fle
     assert len(outcomes) == total and set(counted) <= {"ok", "429"}, counted
     accepted = [ids[n] for n in ids if outcomes[n] == "ok"]
     assert len(set(accepted)) == len(accepted)
+
     # A webhook A was delivering when it was killed is delivered by B (or A restarted) once A's
     # report claim runs out (FLUX_QUEUE_LEASE_S=3 here).
-    delivered = lambda: {hook["request_id"] for hook in Hooks.received}  # noqa: E731
+    def delivered() -> set[str]:
+        return {hook["request_id"] for hook in Hooks.received}
+
     wait_for(lambda: delivered() >= set(accepted), 60, seen=lambda: f"no webhook for {set(accepted) - delivered()}")
     time.sleep(2)  # a second delivery would come now
     counts = collections.Counter(hook["request_id"] for hook in Hooks.received)
