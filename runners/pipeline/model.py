@@ -40,6 +40,7 @@ class FluxModel:
     source: str
     is_tiny: bool
     max_sequence_length: int
+    vae_batch_pixels: int = 2 * 1024 * 1024  # most pixels one VAE call encodes or decodes (FLUX_VAE_BATCH_PIXELS)
     lora_layers: dict | None = None  # LoraLinear modules by path, when per-request LoRAs are on
     adapters: Any = None  # runners.lora.adapters.AdapterCache
     fuse_uniform_loras: bool = False  # fuse a batch's LoRAs when all its requests share one set
@@ -115,6 +116,7 @@ def load_model(
         source=source,
         is_tiny=settings.is_tiny,
         max_sequence_length=settings.max_sequence_length,
+        vae_batch_pixels=settings.vae_batch_pixels,
         lora_layers=lora_layers,
         adapters=adapters,
         fuse_uniform_loras=lora_settings.fuse_uniform_batches,
