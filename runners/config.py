@@ -63,11 +63,13 @@ class ModelSettings(SettingsGroup):
     float16 is refused: FLUX's transformer and T5-XXL overflow its range (their activations pass
     65504), which gives black or NaN images."""
 
-    vae_batch_pixels: int = Field(2 * 1024 * 1024, ge=16 * 16, le=256 * 1024 * 1024)
-    """Most image pixels one VAE call encodes or decodes; a larger group goes through in chunks
-    (at least one image each). Bounds the VAE's activation memory: about 1.5 GB per megapixel in
-    bf16, so the default (two 1024x1024 images) needs about 3 GB, where 16 such images at once
-    would need about 25 GB."""
+    vae_batch_images: int = Field(1, ge=1, le=64)
+    """Most images one VAE call encodes or decodes; a group goes through in chunks of this many.
+    Bounds the VAE's activation memory (about 1.5 GB per 1024x1024 image in bf16: 16 at once would
+    need about 25 GB). 1, the default, also keeps an image independent of its batch-mates: in bf16
+    the VAE's convolutions round differently by batch size (measured on the CPU: up to 7 levels of
+    255 between an image decoded alone and in a pair), while one image per call costs next to
+    nothing at FLUX's sizes, where one image already fills a GPU."""
 
     safety_checker: str | None = Field(None, min_length=1, max_length=4096)
     """Hub id or folder of a ``StableDiffusionSafetyChecker``. Unset: the tiny model's own tiny

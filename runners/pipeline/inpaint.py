@@ -200,11 +200,13 @@ class Inpainter:
     def loras_applied(self, per_request: list) -> Iterator[None]:
         """The group's LoRAs on the transformer for the denoising loop, and off again after, whatever
         happens: per-sample deltas, or, when every request uses one LoRA set and the model is set to
-        fuse such batches, fused into the weights and the originals copied back bit for bit."""
+        fuse such batches (float32 only: ``load_model`` says why), fused into the weights and the
+        originals copied back bit for bit. A group without LoRAs runs with no delta layer at all:
+        it costs what it would on a server with LoRAs off."""
         from runners.lora import adapters as lora
 
         layers, pad_to = self.model.lora_layers, self.model.lora_pad_to
-        if layers is None or (not any(per_request) and pad_to is None):
+        if layers is None or not any(per_request):
             yield
             return
         first = [(id(a), s) for a, s in per_request[0]]
@@ -238,15 +240,15 @@ class Inpainter:
         )
         by_prompt = {p: i for i, p in enumerate(prompts)}
 
-        # 2. images through the VAE encoder, in chunks of at most FLUX_VAE_BATCH_PIXELS; masks
-        # binarised at latent resolution
+        # 2. images through the VAE encoder, FLUX_VAE_BATCH_IMAGES at a time; masks binarised at
+        # latent resolution
         pixels = torch.cat(
             [self.pipe.image_processor.preprocess(r.image, height=height, width=width) for r in requests]
         )
         moments = torch.cat(
             [
                 vae.encode(pixels[chunk].to(device=device, dtype=dtype))
-                for chunk in vae_chunks(len(requests), width * height, model.vae_batch_pixels)
+                for chunk in vae_chunks(len(requests), model.vae_batch_images)
             ]
         )
         masks = torch.cat([self.pipe.mask_processor.preprocess(r.mask, height=height, width=width) for r in requests])
@@ -401,8 +403,9 @@ class Inpainter:
     # 6. latents to checked PIL images
     def decode(self, samples: list[Sample], width: int, height: int, check_safety: list[bool]):
         """PIL images and NSFW flags of ``samples``; ``check_safety``: per sample, run the checker?
-        The VAE decodes at most FLUX_VAE_BATCH_PIXELS at a time: a group of 16 images at 1024x1024
-        in one call would need tens of GB of activations."""
+        The VAE decodes FLUX_VAE_BATCH_IMAGES at a time (one by default): a group of 16 images at
+        1024x1024 in one call would need tens of GB of activations, and in bf16 an image would
+        depend on its batch-mates."""
         vae = self.model.vae
         latents = unpack(
             torch.stack([s.latents for s in samples]), height // vae.scale_factor, width // vae.scale_factor
@@ -412,7 +415,7 @@ class Inpainter:
                 self.pipe.image_processor.postprocess(
                     vae.decode(latents[chunk] / vae.scaling_factor + vae.shift_factor), output_type="np"
                 )
-                for chunk in vae_chunks(len(samples), width * height, self.model.vae_batch_pixels)
+                for chunk in vae_chunks(len(samples), self.model.vae_batch_images)
             ]
         )
         flags = [False] * len(samples)
@@ -425,7 +428,6 @@ class Inpainter:
         return self.pipe.image_processor.numpy_to_pil(images), flags
 
 
-def vae_chunks(count: int, pixels_each: int, max_pixels: int) -> list[slice]:
-    """Slices of ``count`` images, each holding at most ``max_pixels`` (and at least one image)."""
-    per_chunk = max(1, max_pixels // pixels_each)
+def vae_chunks(count: int, per_chunk: int) -> list[slice]:
+    """``count`` images as consecutive slices of at most ``per_chunk``."""
     return [slice(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
