@@ -13,10 +13,11 @@ from runners.config import BatchingSettings
 from runners.worker.batch import run_jobs
 from runners.worker.board import JobBoard
 from runners.worker.engine import StepEngine
+from tests.conftest import BATCH_ROUNDING_LEVELS
 from tests.test_batch import decoded, job
 from tests.test_lora import lora_inpainter, lora_model, loras, shapes, weights_digest  # noqa: F401 (fixtures)
 
-BOUND = 2  # levels: what tests/test_batch.py holds the adaptive path to
+BOUND = BATCH_ROUNDING_LEVELS  # docs/api.md ("Seeds"): the one bound every batch composition is held to
 
 
 class WatchedBoard(JobBoard):
@@ -219,9 +220,14 @@ def test_admission_keeps_each_forward_within_the_sample_and_token_budget(inpaint
         inpainter.on_forward = None
 
 
-def test_requests_with_different_lora_sets_share_forwards_and_keep_their_images(lora_inpainter, loras, engine_for):  # noqa: F811
+def test_requests_with_different_lora_sets_share_forwards_and_keep_their_images(
+    lora_inpainter,  # noqa: F811
+    loras,  # noqa: F811
+    engine_for,
+    monkeypatch,
+):
     before = weights_digest(lora_inpainter.model)
-    steps = dict(num_inference_steps=6, strength=1.0)
+    steps = dict(num_inference_steps=4 * JOIN_SLACK, strength=1.0)
 
     def with_loras(name, seed, *entries):
         j = job(name, seed=seed, **steps)
@@ -234,16 +240,35 @@ def test_requests_with_different_lora_sets_share_forwards_and_keep_their_images(
         lambda: with_loras("both", 3, loras["product"], loras["face"].model_copy(update={"scale": -0.5})),
     ]
     solo = [decoded(run_jobs(lora_inpainter, [make()])[0]) for make in requests]
+    real_step = type(lora_inpainter).step
+    shared = []  # per forward: the LoRA sets of its samples' requests
+
+    def paced_step(self, active, *args):
+        time.sleep(PACE_S)
+        shared.append({tuple(id(a) for a, _ in engine_rows[s.row]) for s in active})
+        return real_step(self, active, *args)
+
+    monkeypatch.setattr(type(lora_inpainter), "step", paced_step)
     board = WatchedBoard()
     engine = engine_for(lora_inpainter, board)
+    engine_rows = {}
+    apply = engine._apply_loras
+
+    def recording_apply():
+        apply()
+        engine_rows.clear()
+        engine_rows.update({row: r.inputs.loras for row, r in enumerate(engine._all_running())})
+
+    engine._apply_loras = recording_apply
     later = {}
-    board.hooks[("style", "step 2/6")] = lambda: later.update(
+    board.hooks[("style", "step 2/16")] = lambda: later.update(
         none=engine.submit(requests[1]()), both=engine.submit(requests[2]())
     )
     first = result(engine.submit(requests[0]()))
     rest = [result(later["none"]), result(later["both"])]
     for got, expected in zip([first, *rest], solo):
         assert got.error is None and np.abs(decoded(got) - expected).max() <= BOUND
+    assert max(len(sets) for sets in shared) == 3  # one forward held all three LoRA sets: none, one, two
     assert weights_digest(lora_inpainter.model) == before  # idle: the base weights, bit for bit
 
 
