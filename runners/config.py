@@ -410,7 +410,8 @@ class LoraSettings(SettingsGroup):
     """Fuse a batch's LoRAs into the weights (and restore them bit for bit after) when all its requests
     use the same LoRA set, instead of per-sample deltas. On by measurement (benchmarks/lora.py): deltas
     cost 1.3x fused per step, fusing and restoring costs less than one step. Needs a copy of the
-    touched weights while fused; on a GPU without room for it, deltas are used."""
+    touched weights while fused; on a GPU without room for it, deltas are used. float32 only: in
+    bfloat16 a fused LoRA's image differs from its delta image, so deltas serve every batch there."""
     fused: Annotated[list[str], NoDecode] = Field(
         default_factory=list, max_length=64, validation_alias="FLUX_FUSED_LORAS"
     )
