@@ -165,12 +165,16 @@ def meta_twin(module: torch.nn.Module, dtype: torch.dtype = GRAPH_DTYPE) -> torc
     return twin
 
 
-def _host_weight(tensor: torch.Tensor, dtype: torch.dtype, name: str):
-    """The ONNX tensor of one live weight in ``dtype``, on the host: made when the writer asks for it."""
+def _host_weight(tensor: torch.Tensor, dtype: torch.dtype, name: str, perm: tuple[int, ...] | None = None):
+    """The ONNX tensor of one live weight in ``dtype`` (permuted by ``perm``), on the host: made when
+    the writer asks for it, dropped once written."""
     import onnx_ir as ir
 
     target = dtype if tensor.is_floating_point() else tensor.dtype
-    return ir.tensor(tensor.detach().to(device="cpu", dtype=target).contiguous().numpy(), name=name)
+    host = tensor.detach().to(device="cpu", dtype=target)
+    if perm is not None:
+        host = host.permute(perm)
+    return ir.tensor(host.contiguous().numpy(), name=name)
 
 
 def _is_meta(value) -> bool:
@@ -180,11 +184,13 @@ def _is_meta(value) -> bool:
 
 def bind_weights(graph_model, tensors: dict[str, torch.Tensor], dtype: torch.dtype = GRAPH_DTYPE) -> int:
     """Point every initializer of ``graph_model`` (an onnx_ir Model traced from a meta twin) named in
-    ``tensors`` at the live weight, cast to ``dtype`` lazily (``onnx_ir.LazyTensor``, not cached).
-    Returns how many were bound; refuses a graph left with a weight that has no data."""
+    ``tensors`` at the live weight, cast to ``dtype`` lazily (``onnx_ir.LazyTensor``, not cached), and
+    fold the transposes of weights (a Linear's ``Transpose(W)``) into lazy transposed weights, as the
+    exporter's optimizer would, but without computing them now. Returns how many weights were bound;
+    refuses a graph left with a weight that has no data."""
     import onnx_ir as ir
 
-    bound = 0
+    bound: dict[str, torch.Tensor] = {}
     for name, value in graph_model.graph.initializers.items():
         tensor = tensors.get(name)
         if tensor is None or value.const_value is None:
@@ -195,11 +201,67 @@ def bind_weights(graph_model, tensors: dict[str, torch.Tensor], dtype: torch.dty
             shape=ir.Shape(tuple(tensor.shape)),
             name=name,
         )
-        bound += 1
+        bound[name] = tensor
     unbound = [name for name, value in graph_model.graph.initializers.items() if _is_meta(value.const_value)]
     if unbound:
         raise RuntimeError(f"exported graph initializers with no live weight behind them: {unbound[:5]}")
-    return bound
+    _fold_weight_transposes(graph_model.graph, bound, dtype)
+    return len(bound)
+
+
+def _fold_weight_transposes(graph, bound: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
+    """Replace ``Transpose(weight)``, where the bound weight has no other use, by a lazy initializer
+    holding the transposed weight under the transpose's output name (what the exporter's constant
+    folding makes of it, eagerly and for every weight at once)."""
+    import onnx_ir as ir
+
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+            continue
+        source = node.inputs[0]
+        if source is None or source.name not in bound or len(source.uses()) != 1:
+            continue
+        if graph.initializers.get(source.name) is not source:
+            continue
+        rank = len(source.const_value.shape)
+        perm_attribute = node.attributes.get("perm")
+        perm = tuple(perm_attribute.as_ints()) if perm_attribute is not None else tuple(reversed(range(rank)))
+        output = node.outputs[0]
+        name = output.name
+        shape = ir.Shape([source.const_value.shape[i] for i in perm])
+        lazy = ir.LazyTensor(
+            functools.partial(_host_weight, bound[source.name], dtype, name, perm),
+            dtype=source.const_value.dtype,
+            shape=shape,
+            name=name,
+        )
+        value = ir.Value(shape=shape, type=ir.TensorType(source.const_value.dtype), const_value=lazy)
+        ir.convenience.replace_all_uses_with(output, value)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
+        value.name = name
+        graph.register_initializer(value)
+        folded += 1
+    return folded
+
+
+MATERIALIZED_LIMIT = 1 << 20  # elements: a weight this large is only ever made while it is written
+
+
+def check_lazy(graph_model) -> None:
+    """Every large initializer is still lazy after the optimizer ran: none holds its data in memory."""
+    import onnx_ir as ir
+
+    held = [
+        name
+        for name, value in graph_model.graph.initializers.items()
+        if value.const_value is not None
+        and value.const_value.size > MATERIALIZED_LIMIT
+        and not isinstance(value.const_value, ir.LazyTensor)
+    ]
+    if held:
+        raise RuntimeError(f"the ONNX optimizer materialised {len(held)} large weights in memory, e.g. {held[:3]}")
 
 
 def _check_no_active_lora(module: torch.nn.Module) -> None:
@@ -305,6 +367,7 @@ def export_onnx(
         program.exported_program = None  # the trace of the twin: not needed past this point
         bound = bind_weights(program.model, live_tensors(live))
         program.optimize()
+        check_lazy(program.model)
         name_output_dims(spec, program.model)
         path.with_name(f"{path.name}.data").unlink(missing_ok=True)  # no stale weights beside a new graph
         program.save(str(path), external_data=external)
