@@ -195,7 +195,9 @@ def test_the_export_traces_a_meta_twin_and_copies_no_weight_before_writing(tiny_
 
     events = []
     real_weight = onnx_export._host_weight
-    monkeypatch.setattr(onnx_export, "_host_weight", lambda *a, **k: events.append((a[2], a[0].numel())) or real_weight(*a, **k))
+    monkeypatch.setattr(
+        onnx_export, "_host_weight", lambda *a, **k: events.append((a[2], a[0].numel())) or real_weight(*a, **k)
+    )
     real_save = torch.onnx.ONNXProgram.save
     monkeypatch.setattr(
         torch.onnx.ONNXProgram, "save", lambda self, *a, **k: events.append("save") or real_save(self, *a, **k)
