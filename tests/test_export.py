@@ -133,10 +133,11 @@ def test_cli_detects_a_corrupt_graph(export_env, exported, tmp_path):
     try:
         verify = run_export(export_env, "--verify")
         assert verify.returncode == 1 and "vae_decoder" in verify.stderr and "corrupt" in verify.stderr
-    finally:  # the damaged bytes put back (a rebuild of a corrupt artifact: test_a_corrupt_artifact_is_detected_and_rebuilt)
+    finally:
+        # The damaged bytes put back rather than a 45 s re-export (the rebuild of a corrupt artifact is
+        # test_a_corrupt_artifact_is_detected_and_rebuilt's); the later tests verify the artifact again.
         with open(graph, "wb") as handle:
             handle.write(original)
-    assert run_export(export_env, "--verify").returncode == 0
 
 
 def test_onnxruntime_backend_images_match_torch(export_env, exported, tiny_dir):
