@@ -79,7 +79,7 @@ def onnx_artifact(
 
     def make(folder: Path) -> dict[str, Any]:
         files = {}
-        peaks = []
+        stages = []
         with PeakMemory(device) as whole:
             for name in NETWORKS:
                 spec = SPECS[name]
@@ -104,7 +104,7 @@ def onnx_artifact(
                     p.name for p in folder.iterdir() if p.name.startswith(f"{name}.onnx") and p.name != path.name
                 ]
                 memory = {"export": exporting.result.as_dict(), "validation": validating.result.as_dict()}
-                peaks += [exporting.result.peak, validating.result.peak]
+                stages += [exporting.result, validating.result]
                 files[name] = {
                     "file": path.name,
                     "network": name,
@@ -124,17 +124,18 @@ def onnx_artifact(
                 )
         # Each stage restarts the high-water mark, so the run's peak is the highest stage's; measured
         # from the resident set before the first export, it also catches memory one stage leaves behind.
-        peak = max(peaks) - whole.result.start
+        peak = max(stage.peak for stage in stages) - whole.result.start
+        cuda_peaks = [stage.cuda_peak for stage in stages if stage.cuda_peak is not None]
         extra["memory"] = {
             "model_dtype": str(model.dtype).removeprefix("torch."),
             "device": str(device),
             "transformer_bytes": transformer_bytes,
             "rss_before_export": whole.result.start,
-            "rss_peak": max(peaks),
+            "rss_peak": max(stage.peak for stage in stages),
             "peak_added": peak,
             "peak_added_per_transformer_byte": round(peak / transformer_bytes, 3),
             "peak_reset_per_stage": whole.result.reset,  # False: peaks are the process's lifetime peak
-            **({"cuda_peak": whole.result.cuda_peak} if whole.result.cuda_peak is not None else {}),
+            **({"cuda_peak": max(cuda_peaks)} if cuda_peaks else {}),
         }
         extra["disk_estimate"] = needed.files
         return files

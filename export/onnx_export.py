@@ -328,7 +328,7 @@ def export_onnx(
     """Export ``spec``'s network of ``model`` to ``path`` (float32, dynamic axes) and return the
     .onnx path. Weights over 1.5 GB go to an external data file beside it (``<name>.data``);
     smaller graphs are one self-contained file. ``opset``: None for the exporter's default.
-    Nothing is copied from the live network but one weight at a time while the file is written."""
+    Nothing is copied from the live network but the weights being written (a few at a time)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     live = spec.module(model)

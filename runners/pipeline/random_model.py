@@ -9,7 +9,9 @@ are noise. The tokenizers are the tiny model's (runners/pipeline/tiny.py): promp
 ``max_sequence_length`` tokens either way, which is what sets the cost.
 
 The configurations are FLUX.1-dev's published ones; tests/test_random_model.py checks the parameter
-counts they give on the meta device against the published sizes.
+counts they give on the meta device against the published sizes. ``random:flux-dev-2block`` is FLUX.1-dev
+at every width with one block of each kind (a 1.1 GB transformer in bf16): what proves on a CPU that
+the export (docs/export.md) works at FLUX's real widths, and measures its memory per transformer byte.
 """
 
 from __future__ import annotations
