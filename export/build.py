@@ -61,6 +61,7 @@ def onnx_artifact(
     from export.memory import PeakMemory
     from export.networks import SPECS, module_device, transformer_module
     from export.onnx_export import default_tolerance, export_onnx, validate
+    from runners.backends.onnx_runtime import session_providers
 
     store = ArtifactStore(engine_root(settings), "onnx")
     fields = onnx_fields(model, settings)
@@ -74,6 +75,7 @@ def onnx_artifact(
     extra: dict[str, Any] = {}
 
     def prepare() -> None:
+        session_providers(device)  # validation on a GPU model needs ONNX Runtime's CUDA provider: refuse now
         free = check_disk(store.root, needed)
         progress(f"disk: this export needs {needed.total / 1e9:.2f} GB ({needed.describe()}); {free / 1e9:.2f} GB free")
 

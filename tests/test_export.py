@@ -399,6 +399,31 @@ def test_onnxruntime_without_its_cuda_provider_is_refused_for_a_cuda_model(expor
     assert asked == [[("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]]
 
 
+def test_an_export_of_a_cuda_model_without_the_cuda_provider_is_refused_before_writing(
+    tiny_model, tmp_path, monkeypatch
+):
+    """Validation runs on the model's device; without ONNX Runtime's CUDA provider the export of a
+    CUDA model stops before its first graph, naming the package (device and providers faked)."""
+    import onnxruntime
+    import torch
+
+    import export.networks
+    from export.build import onnx_artifact
+    from runners.config import Settings
+
+    monkeypatch.setattr(export.networks, "module_device", lambda module: torch.device("cuda", 0))
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    settings = Settings.model_validate(
+        {
+            "model": {"max_sequence_length": 32, "cache_dir": str(tmp_path / "cache")},
+            "backend": {"engine_dir": str(tmp_path / "engines")},
+        }
+    )
+    with pytest.raises(RuntimeError, match="no CUDA provider.*pip install onnxruntime-gpu"):
+        onnx_artifact(tiny_model, settings, build=True, progress=lambda _: None)
+    assert not (tmp_path / "engines").exists()
+
+
 def test_onnxruntime_steps_bind_tensors_in_place(export_env, exported, monkeypatch):
     """IO binding: each input is bound by its address on the model's device, and the output is the
     very torch tensor ONNX Runtime wrote into (no numpy round trip)."""
