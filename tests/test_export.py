@@ -466,7 +466,8 @@ def test_onnxruntime_steps_bind_tensors_in_place(export_env, exported, monkeypat
 
 # The export adds at most this many bytes of host memory per byte of the served transformer: the
 # validating ONNX Runtime session holds the float32 graph (2x a bf16 transformer) and its arena; the
-# export itself adds ~0.45x (the writer's in-flight weights). docs/export.md scales it to FLUX.1-dev.
+# export itself adds ~0.45x here (the graph and twice the largest weight, one written at a time: a
+# constant, not a share of the model). docs/export.md scales it to FLUX.1-dev.
 PEAK_MULTIPLE = 2.5
 SCALED = {
     "FLUX_MODEL": "random:flux-dev-2block",
