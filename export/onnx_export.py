@@ -478,7 +478,8 @@ def ort_session(path: Path, device: torch.device | str = "cpu"):
     CUDA model, refused without one: see ``runners.backends.onnx_runtime.session_providers``)."""
     from runners.backends.onnx_runtime import create_session
 
-    return create_session(path, torch.device(device))
+    # One forward only: no packed copies of the weights, which stay in the memory-mapped .data file.
+    return create_session(path, torch.device(device), prepack=False)
 
 
 def compare(network: str, shape: str, actual: np.ndarray, expected: np.ndarray, tolerance: float) -> ValidationRow:

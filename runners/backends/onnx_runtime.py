@@ -49,14 +49,20 @@ def session_providers(device: torch.device) -> list:
     return [CPU_PROVIDER]
 
 
-def create_session(path: Path, device: torch.device):
+def create_session(path: Path, device: torch.device, *, prepack: bool = True):
     """An ``InferenceSession`` for ``path`` on ``device``'s provider; refused if CUDA was asked for and
-    the session did not get it (e.g. CUDA libraries that onnxruntime-gpu could not load)."""
+    the session did not get it (e.g. CUDA libraries that onnxruntime-gpu could not load).
+
+    ``prepack=False``: the CPU provider reads the weights straight from the memory-mapped external
+    data file (file-backed pages the kernel can drop) instead of packing its own copies in anonymous
+    memory; slower matmuls, so only for a session that runs once (the export's validation)."""
     import onnxruntime as ort
 
     providers = session_providers(device)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unused initialisers are noise here
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     if torch.device(device).type == "cuda" and CUDA_PROVIDER not in session.get_providers():
         raise RuntimeError(
