@@ -144,7 +144,9 @@ class BackendSettings(SettingsGroup):
     """Where exported artifacts live. Unset: ``<FLUX_CACHE_DIR>/engines``."""
     export_precision: Literal["fp32", "fp16", "bf16", "fp8"] = "bf16"
     """TensorRT engine precision (fp8 needs compute capability 8.9 or above). ONNX graphs are exported in
-    fp32, and ONNX Runtime runs them so."""
+    fp32 (straight from the served weights, without a copy of the network), and ONNX Runtime runs them so.
+    The engines' disk at this precision is counted and checked before the export writes anything
+    (``python -m export --estimate``; FLUX.1-dev: docs/export.md)."""
     export_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["1024x1024", "512x512", "768x1024", "1024x768", "576x1024", "1024x576"], max_length=32
     )
