@@ -52,8 +52,10 @@ class ModelSettings(SettingsGroup):
 
     model: str = Field(TINY_MODEL, min_length=1, max_length=4096)
     """A hub id (``black-forest-labs/FLUX.1-dev``), a diffusers-layout folder, ``tiny``: the
-    embedded random-weight model of the true architecture (outputs are noise), or ``random:flux-dev``:
-    the full-size architecture with random weights, built on the device (for measuring speed)."""
+    embedded random-weight model of the true architecture (outputs are noise), ``random:flux-dev``:
+    the full-size architecture with random weights, built on the device (for measuring speed), or
+    ``random:flux-dev-2block``: FLUX.1-dev's widths with one block of each kind (about 1 GB in bf16,
+    for proving the export and the backends at FLUX's widths on a CPU)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` takes CUDA when a GPU is visible, else the CPU."""
