@@ -29,10 +29,11 @@ SLOW_PROMPT = "take your time"  # tests/faults: every forward holding such a sam
 # share its forwards) and its encode/decode are a fraction of that.
 LONG = {**BASE, "num_inference_steps": 50, "seed": 1, "prompt": f"a garden shed, {SLOW_PROMPT}"}
 SHORT = {**BASE, "num_inference_steps": 4, "seed": 2, "guidance_scale": 5.0, "prompt": "a red door"}
-# FLUX_REQUEST_TIMEOUT_S of this server: what a short request needs many times over, even sharing the
-# slow one's forwards, and less than the 15 s that 50 sleeping steps take at the least: the doomed
-# request is past it on any CPU, and the long one is cancelled by its tests well before it.
-DEADLINE_S = 10
+# FLUX_REQUEST_TIMEOUT_S of this server: less than the 15 s that 50 sleeping steps take at the least,
+# so the doomed request is past it on any CPU; and what the short request needs many times over, even
+# sharing the slow one's forwards, so the long one (whose deadline it is too) outlives it before its
+# test cancels it.
+DEADLINE_S = 14
 DOOMED = {**BASE, "num_inference_steps": 50, "seed": 8, "prompt": f"a shed, {SLOW_PROMPT}"}
 SMALL = {**BASE, "num_inference_steps": 2, "seed": 7}
 
