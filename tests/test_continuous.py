@@ -96,7 +96,9 @@ def solo(base: str, body: dict) -> np.ndarray:
 
 def logged_at(state: dict, prefix: str) -> str:
     """The ISO timestamp of the first log line starting with ``prefix``."""
-    return next(line["timestamp"] for line in state["logs"] if line["message"].startswith(prefix))
+    times = [line["timestamp"] for line in state.get("logs") or [] if line["message"].startswith(prefix)]
+    assert times, f"{state['request_id']} logged no '{prefix}' line: {messages(state)}"
+    return times[0]
 
 
 def last_step_at(state: dict) -> str:
