@@ -54,7 +54,9 @@ async function waitFor(requestId, wanted) {
     input: { ...FAST, num_inference_steps: 4, prompt: `${FAST.prompt}, ${SLOW_PROMPT}` },
     logs: true,
     mode: "streaming",
-    onQueueUpdate: (update) => updates.push(update),
+    // A copy of each update as it arrives: in streaming mode the client hands every update the same
+    // logs array, which it keeps appending to, so read afterwards they would all hold every line.
+    onQueueUpdate: (update) => updates.push({ status: update.status, logs: [...(update.logs || [])] }),
   });
   const steps = (some) => some.flatMap((u) => (u.logs || []).map((l) => l.message)).filter((m) => /^step \d+\/\d+$/.test(m));
   report("subscribe_streaming", {
