@@ -18,16 +18,19 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, bentoml_server
+from tests.conftest import REPO, bentoml_server, require
 
 JS = REPO / "tests" / "js"
 README_SERVER = 'const SERVER = "http://127.0.0.1:3000";'
 FAULT_PATH = os.pathsep.join([str(REPO / "tests" / "faults"), str(REPO)])  # SLOW_PROMPT's steps sleep (client.mjs)
 NODE = shutil.which("node")
-pytestmark = pytest.mark.skipif(
-    not NODE or not (JS / "node_modules" / "@fal-ai" / "client").is_dir(),
-    reason="needs node and `npm ci` in tests/js (make test runs it)",
-)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def node():
+    """Skipped without node or the pinned client, failed under CI=true (conftest.require)."""
+    require(NODE, "the JavaScript client tests need node (Debian's nodejs)")
+    require((JS / "node_modules" / "@fal-ai" / "client").is_dir(), "the JavaScript client tests need `make js-client`")
 
 
 def readme_snippet() -> str:
