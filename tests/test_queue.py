@@ -72,7 +72,7 @@ def test_positions_progress_and_completion():
         worker.finish(first)
         await first.done.wait()
         assert first.status == Status.COMPLETED and first.outcome.output["seed"] == 1
-        assert [line["message"] for line in first.logs] == ["queued", "completed", "step 1/1"]
+        assert [line["message"] for line in first.logs] == ["queued", "step 1/1", "completed"]  # docs/api.md's order
         assert await queue.position(third) == 0  # second moved to the worker
         await queue.stop()
 

@@ -42,7 +42,10 @@ class Replica:
         self.reported: list[str] = []
         self.report_gate: asyncio.Event | None = None
         self.queue = RedisQueue(
-            QueueSettings(url=url, lease_s=1.0, **settings), concurrency, self.worker, on_finish=self.report
+            QueueSettings(url=url, **{"lease_s": 2.0, "redis_timeout_s": 1.0, **settings}),
+            concurrency,
+            self.worker,
+            on_finish=self.report,
         )
         self.queue.POLL_INTERVAL_S = 0.05
 
@@ -93,7 +96,7 @@ def test_one_line_for_two_replicas_with_global_positions_and_a_fleet_wide_bound(
         await until(lambda: set(a.holds()) | set(b.holds()) == {third.id, fourth.id})
         done = await b.queue.get(first.id)
         assert done.status == Status.COMPLETED and done.outcome.output["seed"] == 1 and done.base_url == "http://a/"
-        assert [line["message"] for line in done.logs][:2] == ["queued", "completed"]
+        assert [line["message"] for line in done.logs] == ["queued", "step 1/1", "completed"]  # docs/api.md's order
         assert sorted(a.reported + b.reported) == sorted([first.id, second.id])
         await a.queue.stop(), await b.queue.stop()
 
@@ -124,7 +127,7 @@ def test_a_cancel_on_one_replica_stops_the_request_running_on_the_other(redis_ur
         await until(lambda: a.holds() == [record.id] and a.worker.started == [record.id])
         await until(lambda: a.queue._reported_logs.get(record.id) is not None)  # progress written
         assert await status(b.queue, record.id) == Status.IN_PROGRESS
-        await asyncio.sleep(2.0)  # twice the lease: A renews it while it runs, so nobody re-runs it
+        await asyncio.sleep(2.5)  # past the lease (2 s): A renews it while it runs, so nobody re-runs it
         assert "queued again" not in str((await b.queue.get(record.id)).logs) and a.worker.started == [record.id]
         assert await b.queue.cancel(record.id) == "CANCELLATION_REQUESTED"
         await until(lambda: a.worker.cancelled == [record.id])  # A saw it at its next poll
@@ -199,7 +202,7 @@ def test_a_webhook_cut_short_by_its_replicas_death_is_delivered_once_by_another(
         await a.die()  # killed mid-delivery: its report claim stops being renewed
         b.queue.ensure_started()
         await until(lambda: b.reported == [record.id])  # B's poller took the lapsed claim over
-        await asyncio.sleep(2.5)  # over two leases: B's claim went with its delivery, nobody takes it again
+        await asyncio.sleep(2.5)  # past a lease: B's claim went with its delivery, nobody takes it again
         assert (a.reported, b.reported) == ([], [record.id])
         assert await b.queue.redis.zcard(b.queue.p + "unreported") == 0
         await b.queue.stop()
@@ -212,7 +215,7 @@ def test_a_report_longer_than_the_lease_stays_with_its_live_replica(redis_url):
         a, b = Replica(redis_url), Replica(redis_url)
         record = await finished_and_reporting(a)
         b.queue.ensure_started()
-        await asyncio.sleep(2.5)  # a webhook retried past two leases: A's heartbeat renews the claim
+        await asyncio.sleep(2.5)  # a webhook retried past a lease: A's heartbeat renews the claim
         a.report_gate.set()
         await until(lambda: a.reported == [record.id])
         await asyncio.sleep(1.5)
@@ -244,7 +247,7 @@ def test_a_waiting_request_ends_at_its_deadline_while_every_feeder_is_busy(redis
             reported.append((record.id, record.error.error_type if record.error else None))
 
         worker = FakeWorker()
-        settings = QueueSettings(url=redis_url, lease_s=1.0)
+        settings = QueueSettings(url=redis_url, lease_s=2.0, redis_timeout_s=1.0)
         queue = RedisQueue(settings, 1, worker, on_finish=report, request_timeout_s=1.0)
         queue.POLL_INTERVAL_S = 0.05
         busy = await queue.submit(REQUEST, "http://a/")

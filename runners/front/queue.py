@@ -65,8 +65,9 @@ class Record:
     submitted_at: float = field(default_factory=time.time)  # unix time
     status: Status = Status.IN_QUEUE
     dispatched: bool = False
-    front_logs: list[LogLine] = field(default_factory=list)
-    worker_logs: list[LogLine] = field(default_factory=list)
+    front_logs: list[LogLine] = field(default_factory=list)  # the queue's: queued, queued again ...
+    worker_logs: list[LogLine] = field(default_factory=list)  # the model tier's: started, step i/N ...
+    end_log: LogLine | None = None  # the queue's last: completed, or failed
     outcome: Outcome | None = None
     error: InpaintError | None = None
     finished_at: float | None = None
@@ -81,7 +82,12 @@ class Record:
 
     @property
     def logs(self) -> list[dict[str, Any]]:
-        return [line.model_dump() for line in self.front_logs + self.worker_logs]
+        """In the order they happened, as docs/api.md promises: "queued", then the model tier's
+        ("started", "step i/N", ...) of the attempt that ran, then "completed" (or "failed: ...").
+        A line the queue adds while a request waits again ("queued again") comes before the worker
+        lines of the attempt after it: a re-run starts its worker lines afresh."""
+        lines = [*self.front_logs, *self.worker_logs, *([self.end_log] if self.end_log else [])]
+        return [line.model_dump() for line in lines]
 
 
 def finished_line(error: InpaintError | None) -> LogLine:
