@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from redis.exceptions import ResponseError
 
 from runners.config import QueueSettings
-from runners.errors import QueueFull, QueueUnavailable, ServerDraining, WorkerUnavailable
+from runners.errors import QueueFull, QueueUnavailable, ServerDraining, StorageUnavailable, WorkerUnavailable
 from runners.front.queue import Status
 from runners.front.redis_queue import RedisQueue
 from tests.conftest import redis_server
@@ -495,3 +496,184 @@ def test_queue_overhead_benchmark_smoke(redis_url, tmp_path):
     assert {(r["queue"], r["concurrency"]) for r in rows} == {("memory", 1), ("memory", 2), ("redis", 1), ("redis", 2)}
     assert all(r["requests"] == 10 and r["p50_ms"] > 0 for r in rows)
     assert "added at the median" in (tmp_path / "queue-overhead.md").read_text()
+
+
+def loop_errors(loop: str) -> float:
+    import prometheus_client
+
+    return prometheus_client.REGISTRY.get_sample_value("flux_queue_loop_errors_total", {"loop": loop}) or 0.0
+
+
+class StorageDown(FakeWorker):
+    """A model tier whose outputs cannot be stored (the bucket refuses): a 503 that is not the replica's."""
+
+    async def run(self, record):
+        self.started.append(record.id)
+        raise StorageUnavailable("could not store the output image: the endpoint refused the connection")
+
+
+def test_a_storage_outage_ends_the_request_once_and_is_not_handed_to_another_replica(redis_url):
+    async def scenario():
+        a, b = Replica(redis_url), Replica(redis_url)
+        a.worker = a.queue.executor = StorageDown()
+        b.worker = b.queue.executor = StorageDown()
+        a.queue.ensure_started(), b.queue.ensure_started()
+        records = [await a.queue.submit(REQUEST, "http://a/") for _ in range(3)]
+        await until(lambda: len(a.reported) + len(b.reported) == 3)
+        for record in records:
+            ended = await b.queue.get(record.id)
+            assert ended.error.status == 503 and ended.error.error_type == "storage_unavailable"
+            assert [line["message"].split(":")[0] for line in ended.logs] == ["queued", "failed"]  # never queued again
+        assert sorted(a.worker.started + b.worker.started) == sorted(r.id for r in records)  # each ran once
+        await a.queue.stop(), await b.queue.stop()
+
+    run(scenario())
+
+
+class FailingScripts:
+    """The queue's scripts, each failing ``fail[name]`` times with a Redis error that is not a lost
+    connection (as a script error, OOM or READONLY answer)."""
+
+    def __init__(self, scripts, **fail: int) -> None:
+        self.inner, self.fixed, self.key, self.fail = scripts, scripts.fixed, scripts.key, fail
+
+    async def __call__(self, name, ids=(), **named):
+        if self.fail.get(name):
+            self.fail[name] -= 1
+            raise ResponseError(f"ERR injected failure of {name}")
+        return await self.inner(name, ids, **named)
+
+
+def test_an_error_in_each_background_loop_is_counted_and_the_loop_goes_on(redis_url):
+    """One non-connection failure injected into each loop: the feeders' claim, the heartbeat, the
+    progress write, the pub/sub listener (Redis errors), the worker's progress and the deadline
+    sweep (plain exceptions: a bug in one pass). Every loop survives, the metric counts each, and
+    the work goes on."""
+    from redis.exceptions import ResponseError as RedisResponseError
+
+    async def scenario():
+        a = Replica(redis_url)
+        a.queue.scripts = FailingScripts(a.queue.scripts, claim=1, heartbeat=2, progress=1)
+        progress, sweep, subscribe = a.worker.progress, a.queue._deadlines_once, a.queue.redis.pubsub
+        failed: set[str] = set()
+
+        def once(name, call):
+            def wrapped(*args, **kwargs):
+                if name not in failed:
+                    failed.add(name)
+                    raise (RedisResponseError if name == "listener" else RuntimeError)(f"injected {name} error")
+                return call(*args, **kwargs)
+
+            return wrapped
+
+        a.worker.progress = once("worker progress", progress)
+        a.queue._deadlines_once = once("deadlines", sweep)
+        a.queue.redis.pubsub = once("listener", subscribe)
+        before = {loop: loop_errors(loop) for loop in ("feeder", "heartbeat", "progress", "deadlines", "listener")}
+        a.queue.ensure_started()
+        record = await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [record.id])  # claimed after the claim's failure
+        await until(lambda: a.queue._reported_logs.get(record.id) is not None)  # progress written after two failures
+        assert "step 1/2" in str((await a.queue.get(record.id)).logs)
+        await until(
+            lambda: failed == {"worker progress", "deadlines", "listener"} and a.queue.scripts.fail["heartbeat"] == 0
+        )
+        after = {loop: loop_errors(loop) - before[loop] for loop in before}
+        assert after == {"feeder": 1, "heartbeat": 2, "progress": 2, "deadlines": 1, "listener": 1}, after
+        assert all(not task.done() for task in a.queue._tasks)  # every loop still runs
+        waiter = asyncio.create_task(a.queue.wait(record))
+        a.worker.finish(record)
+        assert (await waiter).status == Status.COMPLETED
+        second = await a.queue.submit(REQUEST, "http://a/")  # the feeder goes on pulling
+        await until(lambda: a.worker.started == [record.id, second.id])
+        a.worker.finish(second)
+        await until(lambda: len(a.reported) == 2)
+        await a.queue.stop()
+
+    run(scenario())
+
+
+def test_a_full_redis_answers_503_while_accepted_work_goes_on_and_recovers_when_memory_is_freed(redis_url):
+    """Redis at its maxmemory (noeviction, as the shipped manifest): a submit is refused with 503
+    ``queue_unavailable`` (never a 500); what was accepted is claimed, renewed, finished and reported
+    (those scripts may run out of memory: they free it); once memory is freed, new requests are taken
+    with no restart, and a dead replica's lease runs out and its work runs elsewhere again."""
+    import redis as sync_redis
+
+    async def scenario():
+        a, b = Replica(redis_url), Replica(redis_url)
+        a.queue.ensure_started()
+        running, waiting = await a.queue.submit(REQUEST, "http://a/"), await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [running.id])
+        admin = sync_redis.Redis.from_url(redis_url)
+        # What the line, the results and the inputs filled, in small writes (a large one's query
+        # buffer would count until the server frees it, then leave Redis under its limit again).
+        admin.mset({f"ballast:{i}": b"x" * 32 * 1024 for i in range(128)})
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) - 1024**2)  # over it from here
+        try:
+            with pytest.raises(QueueUnavailable) as refused:
+                await a.queue.submit(REQUEST, "http://a/")
+            assert refused.value.status == 503 and refused.value.error_type == "queue_unavailable"
+            b.queue.ensure_started()
+            await until(lambda: b.worker.started == [waiting.id])  # claimed though Redis is full
+            await asyncio.sleep(2.5)  # past a lease: A's heartbeat renews its claim though Redis is full
+            assert running.id not in b.worker.started and "queued again" not in str(
+                (await b.queue.get(running.id)).logs
+            )
+            a.worker.finish(running), b.worker.finish(waiting)  # their finishes are written (freeing the inputs)
+            await until(lambda: (a.reported, b.reported) == ([running.id], [waiting.id]))
+            with pytest.raises(QueueUnavailable):  # still full all along
+                await a.queue.submit(REQUEST, "http://a/")
+        finally:
+            admin.delete(*(f"ballast:{i}" for i in range(128)))
+            admin.config_set("maxmemory", 0)
+        record = await a.queue.submit(REQUEST, "http://a/")  # recovered by itself, no restart
+        await until(lambda: record.id in a.worker.started + b.worker.started)
+        holder, survivor = (a, b) if record.id in a.worker.started else (b, a)
+        await holder.die()  # the leases work again: its claim runs out and the other replica runs it
+        await until(lambda: record.id in survivor.worker.started)
+        survivor.worker.finish(record)
+        await until(lambda: record.id in survivor.reported)
+        assert (await survivor.queue.get(record.id)).error is None
+        await survivor.queue.stop()
+
+    run(scenario())
+
+
+def test_the_redis_side_limits_hold_on_redis(redis_url):
+    """Waiting bytes (inputs held by unfinished requests), the retention of a finished record, the
+    most finished records kept, and key-prefix isolation, checked on Redis itself."""
+
+    async def scenario():
+        big = REQUEST.model_copy(update={"image_url": "data:image/png;base64," + "A" * 600_000})
+        a = Replica(redis_url, max_waiting_bytes=1024**2, max_retained=10, result_retention_s=60)
+        a.queue.ensure_started()
+        first = await a.queue.submit(big, "http://a/")
+        await until(lambda: a.worker.started == [first.id])
+        with pytest.raises(QueueFull):  # the running one's inputs still count: a re-run needs them
+            await a.queue.submit(big, "http://a/")
+        a.worker.finish(first)
+        await until(lambda: a.reported == [first.id])
+        assert await a.queue.redis.hget(a.queue.scripts.key(first.id), "request") is None  # inputs dropped
+        assert 0 < await a.queue.redis.ttl(a.queue.scripts.key(first.id)) <= 60  # kept for the retention
+        records = [first]
+        for _ in range(11):
+            record = await a.queue.submit(REQUEST, "http://a/")
+            await until(lambda record=record: record.id in a.worker.started)
+            a.worker.finish(record)
+            await until(lambda record=record: record.id in a.reported)
+            records.append(record)
+        assert [await a.queue.get(r.id) for r in records[:2]] == [None, None]  # the oldest two forgotten
+        assert (await a.queue.get(records[2].id)).status == Status.COMPLETED
+        other = Replica(redis_url, key_prefix="other:")
+        other.queue.ensure_started()
+        assert await other.queue.get(records[-1].id) is None  # another fleet's prefix sees none of it
+        theirs = await other.queue.submit(REQUEST, "http://o/")
+        await until(lambda: other.worker.started == [theirs.id])
+        assert theirs.id not in a.worker.started and await a.queue.get(theirs.id) is None
+        other.worker.finish(theirs)
+        await until(lambda: other.reported == [theirs.id])
+        await a.queue.stop(), await other.queue.stop()
+
+    run(scenario())
