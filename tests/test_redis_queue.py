@@ -5,6 +5,8 @@ the test releases it. The served fleet (two ``bentoml serve`` processes) is test
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 
 import pytest
 from redis.exceptions import ResponseError
@@ -342,6 +344,7 @@ def test_a_sync_caller_on_one_replica_gets_the_answer_of_a_run_on_the_other(redi
         await until(lambda: a.worker.started == [busy.id])  # A's one feeder is taken
         b.queue.ensure_started()
         record = await a.queue.submit(REQUEST, "http://a/")
+        a.queue.WAIT_READ_EVERY_S = 120  # no fallback read in time: only the done channel can wake it
         waiting = asyncio.create_task(a.queue.wait(record))  # as the sync route on A waits
         await until(lambda: b.worker.started == [record.id])
         b.worker.finish(record)
@@ -677,3 +680,72 @@ def test_the_redis_side_limits_hold_on_redis(redis_url):
         await a.queue.stop(), await other.queue.stop()
 
     run(scenario())
+
+
+def test_after_a_sentinel_failover_the_queue_follows_the_new_primary_and_accepted_requests_complete(tmp_path):
+    """A real ``redis-sentinel`` watching a primary and its replica; the queue names the master
+    through ``redis+sentinel://``. The primary is killed while a request runs and another waits:
+    Sentinel promotes the replica, the queue's connections find it, and both requests complete
+    (the running one's finish waited for it); new requests are taken with no restart."""
+    import subprocess
+
+    import redis as sync_redis
+
+    from tests.conftest import RedisServer, free_port
+
+    (tmp_path / "primary").mkdir(), (tmp_path / "replica").mkdir()
+    primary = RedisServer(tmp_path / "primary")
+    primary.start()
+    replica = RedisServer(tmp_path / "replica", extra=["--replicaof", "127.0.0.1", str(primary.port)])
+    replica.start()
+    port = free_port()
+    (tmp_path / "sentinel.conf").write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor flux 127.0.0.1 {primary.port} 1\n"
+        "sentinel down-after-milliseconds flux 1000\nsentinel failover-timeout flux 10000\n"
+    )
+    sentinel = subprocess.Popen(
+        ["redis-sentinel", str(tmp_path / "sentinel.conf")],
+        stdout=open(tmp_path / "sentinel.log", "ab"),  # noqa: SIM115 (the child keeps it)
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        async def scenario():
+            watcher = sync_redis.Redis(port=port, decode_responses=True)
+            async with asyncio.timeout(30):  # the sentinel is up, and has found the replica
+                while True:
+                    with contextlib.suppress(sync_redis.RedisError):
+                        if watcher.sentinel_slaves("flux") and "up" in str(
+                            sync_redis.Redis(port=replica.port).info("replication")
+                        ):
+                            break
+                    await asyncio.sleep(0.1)
+            a = Replica(f"redis+sentinel://127.0.0.1:{port}/flux/0")
+            a.queue.ensure_started()
+            running, waiting = await a.queue.submit(REQUEST, "http://a/"), await a.queue.submit(REQUEST, "http://a/")
+            await until(lambda: a.worker.started == [running.id])
+            assert sync_redis.Redis(port=primary.port).wait(1, 5000) == 1  # replicated, as a live replica is
+            primary.stop(signal.SIGKILL)
+            async with asyncio.timeout(60):  # Sentinel's failover: down after 1 s, then the promotion
+                while sync_redis.Redis(port=replica.port).info("replication")["role"] != "master":
+                    await asyncio.sleep(0.1)
+            a.worker.finish(running)  # its finish reaches the new primary
+            await until(lambda: a.reported == [running.id], timeout=60)
+            await until(lambda: a.worker.started == [running.id, waiting.id], timeout=60)  # the line survived
+            a.worker.finish(waiting)
+            await until(lambda: len(a.reported) == 2)
+            record = await a.queue.submit(REQUEST, "http://a/")  # on the new primary, no restart
+            await until(lambda: a.worker.started[-1] == record.id)
+            a.worker.finish(record)
+            await until(lambda: len(a.reported) == 3)
+            for request_id in (running.id, waiting.id, record.id):
+                assert (await a.queue.get(request_id)).error is None
+            assert sync_redis.Redis(port=replica.port).exists(a.queue.scripts.key(record.id))
+            await a.queue.stop()
+
+        run(scenario(), timeout=180)
+    finally:
+        sentinel.terminate()
+        sentinel.wait(timeout=30)
+        replica.stop(), primary.stop()
