@@ -4,14 +4,15 @@ Every request, synchronous or queued, becomes a ``Record``: it waits in a FIFO (
 ``queue_position``), is handed to the model tier by one of a fixed number of feeder tasks (enough to
 keep one batch running and the next forming in BentoML's dispatcher), and ends COMPLETED with an
 output or an error. The routes (runners/front/fal_http.py) and the front (runners/front/app.py) see
-only ``RequestQueue`` below:
+only ``RequestQueue`` below. The life cycle behind it is written once (runners/front/life_cycle.py,
+``LifeCycle``), over two transports:
 
 - ``MemoryQueue`` (runners/front/memory_queue.py), the default: the line and the records live in
   this process's memory; one replica, and a restart loses them.
-- ``RedisQueue`` (runners/front/redis_queue.py), with ``FLUX_QUEUE_URL``: the whole life cycle lives
-  in Redis, shared by every replica: any replica answers any request, each replica's feeders pull
-  from one line when their model tier has room, and a dead replica's claimed work is run again by
-  another (docs/fleet.md).
+- ``RedisQueue`` (runners/front/redis_queue.py), with ``FLUX_QUEUE_URL``: the records and the line
+  live in Redis, shared by every replica: any replica answers any request, each replica's feeders
+  pull from one line when their model tier has room, and a dead replica's claimed work is run again
+  by another (docs/fleet.md).
 """
 
 from __future__ import annotations
@@ -169,21 +170,14 @@ class AfterFinish:
             await asyncio.wait(self.tasks, timeout=timeout_s)
 
 
-def make_queue(
-    settings: QueueSettings,
-    concurrency: int,
-    executor: Executor,
-    on_finish: Callable[[Record], Awaitable[None]] | None = None,
-    request_timeout_s: float | None = None,
-    on_change: Callable[[RequestQueue], None] | None = None,
-) -> RequestQueue:
-    """The configured queue: in Redis with ``FLUX_QUEUE_URL``, else in memory."""
+def make_queue(settings: QueueSettings, *args, **kwargs) -> RequestQueue:
+    """The configured queue: in Redis with ``FLUX_QUEUE_URL``, else in memory. The other arguments
+    are the life cycle's (runners/front/life_cycle.py, ``LifeCycle``): concurrency, executor,
+    on_finish, request_timeout_s, on_change."""
     if settings.url:
         from runners.front.redis_queue import RedisQueue
 
-        return RedisQueue(settings, concurrency, executor, on_finish, request_timeout_s, on_change)
+        return RedisQueue(settings, *args, **kwargs)
     from runners.front.memory_queue import MemoryQueue
 
-    return MemoryQueue(
-        settings, concurrency, executor, on_finish, request_timeout_s=request_timeout_s, on_change=on_change
-    )
+    return MemoryQueue(settings, *args, **kwargs)
