@@ -749,3 +749,43 @@ def test_after_a_sentinel_failover_the_queue_follows_the_new_primary_and_accepte
         sentinel.terminate()
         sentinel.wait(timeout=30)
         replica.stop(), primary.stop()
+
+
+def test_a_demoted_primary_answers_503_and_the_queue_goes_on_when_it_is_primary_again(redis_url):
+    """With a plain ``redis://`` URL there is no failover to follow: a primary turned into a replica
+    (``REPLICAOF``) answers READONLY to every write. A submit gets 503 (never 500), a script error
+    too, running work keeps its result until it can be written, and all goes on once it is a
+    primary again."""
+    import redis as sync_redis
+
+    from tests.conftest import free_port
+
+    async def scenario():
+        a = Replica(redis_url)
+        a.queue.ensure_started()
+        running = await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [running.id])
+        admin = sync_redis.Redis.from_url(redis_url)
+        beats_failed = loop_errors("heartbeat")
+        admin.replicaof("127.0.0.1", free_port())  # a primary nobody runs: read-only from here
+        try:
+            with pytest.raises(QueueUnavailable) as refused:
+                await a.queue.submit(REQUEST, "http://a/")
+            assert refused.value.status == 503
+            a.worker.finish(running)  # its finish waits for a primary
+            await until(lambda: loop_errors("heartbeat") > beats_failed)  # READONLY: counted, the loop goes on
+            assert a.reported == [] and running.id in a.queue._held
+        finally:
+            admin.replicaof("NO", "ONE")
+        await until(lambda: a.reported == [running.id])
+        assert (await a.queue.get(running.id)).status == Status.COMPLETED
+        a.queue.scripts = FailingScripts(a.queue.scripts, submit=1)
+        with pytest.raises(QueueUnavailable):  # a script error is a 503 too
+            await a.queue.submit(REQUEST, "http://a/")
+        record = await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started[-1] == record.id)
+        a.worker.finish(record)
+        await until(lambda: len(a.reported) == 2)
+        await a.queue.stop()
+
+    run(scenario())
