@@ -65,7 +65,7 @@ class Replica:
         """As SIGKILL would: no hand-back, no finish, its lease simply stops being renewed."""
         self.queue._let_go_done = True
         for task in [*self.queue._tasks, *self.queue._after_finish.tasks]:
-            while not task.done():  # as RedisQueue.stop: redis-py may swallow one cancellation
+            while not task.done():  # as LifeCycle.stop: redis-py may swallow one cancellation (redis/redis-py#2028)
                 task.cancel()
                 await asyncio.wait([task], timeout=0.5)
         self.queue._tasks = []
