@@ -170,7 +170,7 @@ def test_a_model_tier_slow_to_answer_progress_does_not_let_the_lease_run_out(red
         a, b = Replica(redis_url), Replica(redis_url)
 
         async def slow_progress(request_ids):
-            await asyncio.sleep(3.0)  # three leases
+            await asyncio.sleep(3.0)  # longer than a lease (2 s)
             return {}
 
         a.worker.progress = slow_progress

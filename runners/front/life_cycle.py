@@ -121,7 +121,10 @@ class LifeCycle:
     def ensure_started(self) -> None:
         if self._tasks:
             return
-        pulling = lambda: not self.draining or self.PULLS_WHILE_DRAINING  # noqa: E731
+
+        def pulling() -> bool:
+            return not self.draining or self.PULLS_WHILE_DRAINING
+
         self._tasks = [self._loop(f"feeder-{i}", self._feed_once, while_=pulling) for i in range(self.concurrency)]
         self._tasks.append(self._loop("progress", self._progress_once, every=True))
         self._tasks.append(self._loop("deadlines", self._deadlines_once, every=True))
