@@ -55,9 +55,11 @@ tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package
 	touch $@
 
 
-# The fleet tests (tests/test_redis_queue.py, tests/test_fleet.py) run a real redis-server.
+# The fleet tests (tests/test_redis_queue.py, tests/test_fleet.py) run a real redis-server, and the
+# failover test a real redis-sentinel (Debian packages it apart).
 redis-server:
-	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	@command -v redis-server >/dev/null && command -v redis-sentinel >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq redis-server redis-sentinel)
 
 test: venv venv-triton lint browser js-client redis-server
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)

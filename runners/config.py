@@ -22,6 +22,10 @@ TINY_WARNING = (
 # How long past its deadline a running request may go unanswered before the queue fails it itself;
 # the timeouts of the calls that carry a request must outlast the deadline by at least this much.
 DEADLINE_GRACE_S = 30.0
+# How long an idle feeder of the Redis queue blocks on its wake-up list per call (runners/front/
+# redis_queue.py). FLUX_QUEUE_REDIS_TIMEOUT_S must leave room above it, or an idle, healthy fleet
+# would read its own blocking pops as "Redis unreachable".
+REDIS_BLOCKING_POP_S = 0.5
 DEFAULT_SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
 
 
@@ -359,9 +363,11 @@ class QueueSettings(SettingsGroup):
     """Most finished requests kept (the oldest are forgotten first)."""
 
     # The shared queue of a fleet (runners/front/redis_queue.py, docs/fleet.md).
-    url: str | None = Field(None, pattern=r"^rediss?://\S+$", max_length=2048)
+    url: str | None = Field(None, pattern=r"^rediss?(\+sentinel)?://\S+$", max_length=2048)
     """``redis://host:6379/0`` (``rediss://`` for TLS): every replica keeps the whole request life
     cycle in this Redis, so any replica answers any request and a dead one's work is run again.
+    ``redis+sentinel://host1:26379,host2:26379/<master name>/0`` (``rediss+sentinel://`` for TLS to
+    the primary): ask these Redis Sentinels for the primary, and follow it after a failover.
     Unset: the queue lives in this process's memory (one replica, lost on restart)."""
     redis_password: SecretStr | None = Field(None, min_length=1, max_length=4096)
     """Redis password, when the URL does not carry one (``redis://:password@host``)."""
@@ -384,7 +390,26 @@ class QueueSettings(SettingsGroup):
     request's webhook the same way (past it, the webhook is dropped with an error in the log)."""
     redis_timeout_s: float = Field(5.0, ge=0.1, le=60.0)
     """Longest wait for one Redis answer (and to connect); past it the call counts as Redis being
-    unreachable: new requests get 503 ``queue_unavailable``."""
+    unreachable: new requests get 503 ``queue_unavailable``. At least 0.5 s over an idle feeder's
+    blocking pop (0.5 s), and at least 1 s under ``FLUX_QUEUE_LEASE_S``."""
+
+    @model_validator(mode="after")
+    def _timeouts_fit_together(self):
+        least = REDIS_BLOCKING_POP_S + 0.5
+        if self.redis_timeout_s < least:
+            raise ValueError(
+                f"FLUX_QUEUE_REDIS_TIMEOUT_S={self.redis_timeout_s:g} must be at least {least:g}: an idle "
+                f"feeder's blocking pop waits {REDIS_BLOCKING_POP_S:g} s for an answer, which a shorter "
+                "timeout would read as Redis being unreachable"
+            )
+        # A renewal may wait the whole timeout, and the next comes within a second: a shorter lease
+        # would let a slow but healthy Redis hand a live replica's work to another.
+        if self.lease_s < self.redis_timeout_s + 1.0:
+            raise ValueError(
+                f"FLUX_QUEUE_LEASE_S={self.lease_s:g} must be at least FLUX_QUEUE_REDIS_TIMEOUT_S + 1 = "
+                f"{self.redis_timeout_s + 1.0:g}: one lease renewal may wait the whole timeout for Redis"
+            )
+        return self
 
     def redis_password_value(self) -> str | None:
         if self.redis_password_file is not None:
@@ -501,6 +526,29 @@ class Settings(BaseSettings):
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     acceleration: AccelerationSettings = Field(default_factory=AccelerationSettings)
 
+    @model_validator(mode="after")
+    def _groups_fit_together(self):
+        """The rules across groups, checked however the settings are built (``Settings()`` in code
+        too, not only ``load_settings``)."""
+        # A request may run until its deadline plus the queue's grace; the timeouts of the calls that
+        # carry it must not cut it short first (they would answer a bare 504 and leave the work running).
+        needed = self.server.request_timeout_s + DEADLINE_GRACE_S
+        for name, value in (
+            ("FLUX_BATCH_TIMEOUT_S", self.batching.timeout_s),
+            ("FLUX_TRITON_TIMEOUT_S", self.executor.triton_timeout_s),
+        ):
+            if value < needed:
+                raise ValueError(
+                    f"{name}={value:g} must be at least FLUX_REQUEST_TIMEOUT_S + {DEADLINE_GRACE_S:g} = {needed:g}"
+                )
+        # A finished request's result names its images' URLs for as long as it is kept.
+        if self.store.ttl_s < self.queue.result_retention_s:
+            raise ValueError(
+                f"FLUX_STORE_TTL_S={self.store.ttl_s} must be at least FLUX_QUEUE_RESULT_RETENTION_S="
+                f"{self.queue.result_retention_s}: a result still kept would name deleted images"
+            )
+        return self
+
 
 class SettingsError(ValueError):
     """A ``FLUX_*`` value the server cannot run with; the message names the variable."""
@@ -531,23 +579,13 @@ def variable_name(group: type[BaseSettings], field: str) -> str:
 def load_settings() -> Settings:
     groups = {info.annotation.__name__: info.annotation for info in Settings.model_fields.values()}
     try:
-        settings = Settings()
-    except ValidationError as exc:  # raised by one group's own validation: exc.title is its class
+        return Settings()
+    except ValidationError as exc:  # raised by one group's own validation (exc.title is its class), or across groups
         group = groups.get(exc.title)
         problems = [
-            f"{variable_name(group, str(error['loc'][0])) if group and error['loc'] else exc.title}: {error['msg']}"
+            f"{variable_name(group, str(error['loc'][0]))}: {error['msg']}"
+            if group and error["loc"]
+            else error["msg"].removeprefix("Value error, ")  # a cross-field rule: its message names the variables
             for error in exc.errors()
         ]  # never the values: some are secrets (FLUX_API_KEYS)
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
-    # A request may run until its deadline plus the queue's grace; the timeouts of the calls that
-    # carry it must not cut it short first (they would answer a bare 504 and leave the work running).
-    needed = settings.server.request_timeout_s + DEADLINE_GRACE_S
-    for name, value in (
-        ("FLUX_BATCH_TIMEOUT_S", settings.batching.timeout_s),
-        ("FLUX_TRITON_TIMEOUT_S", settings.executor.triton_timeout_s),
-    ):
-        if value < needed:
-            raise SettingsError(
-                f"{name}={value:g} must be at least FLUX_REQUEST_TIMEOUT_S + {DEADLINE_GRACE_S:g} = {needed:g}"
-            )
-    return settings

@@ -10,12 +10,28 @@ from __future__ import annotations
 
 from typing import Any
 
+# The error types whose failure is the replica's, not the request's (see ``InpaintError.retry_elsewhere``),
+# filled in by the classes that say so: an error reported across a tier keeps only its type.
+RETRY_ELSEWHERE_TYPES: set[str] = set()
+
 
 class InpaintError(Exception):
-    """Base of every error the service answers on purpose."""
+    """Base of every error the service answers on purpose.
+
+    ``retry_elsewhere`` is the error's kind, read by the queues: True for a failure of this
+    replica's model tier (not loaded yet, restarting, unreachable), which another replica may not
+    have, so a fleet's queue puts the request back in the line instead of failing it. Everything
+    else (bad input, a storage outage, a failure inside the model, a timeout) ends the request
+    once, with its own type, whatever its HTTP status: a 503 is not a kind."""
 
     status: int = 500
     error_type: str = "internal_error"
+    retry_elsewhere: bool = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("retry_elsewhere"):
+            RETRY_ELSEWHERE_TYPES.add(cls.error_type)
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -77,6 +93,7 @@ class ModelNotReady(InpaintError):
 
     status = 503
     error_type = "model_not_ready"
+    retry_elsewhere = True
 
 
 class InferenceFailed(InpaintError):
@@ -104,6 +121,7 @@ class ReportedError(InpaintError):
         self.status = status
         self.error_type = error_type
         self._detail = detail
+        self.retry_elsewhere = error_type in RETRY_ELSEWHERE_TYPES  # the kind of the class it stood for
 
     def detail(self) -> Any:
         return self._detail
@@ -114,11 +132,13 @@ class WorkerUnavailable(InpaintError):
 
     status = 503
     error_type = "worker_unavailable"
+    retry_elsewhere = True
 
 
 class StorageUnavailable(InpaintError):
     """The output store could not keep an image (object storage unreachable, credentials refused, no
-    such bucket): this request fails, nothing else does. ``sync_mode`` needs no store."""
+    such bucket): this request fails, once, nothing else does (another replica shares the store, so
+    running it again elsewhere would fail the same way). ``sync_mode`` needs no store."""
 
     status = 503
     error_type = "storage_unavailable"
@@ -183,13 +203,17 @@ class ServerDraining(InpaintError):
 
 
 class QueueUnavailable(InpaintError):
-    """The shared queue (Redis, FLUX_QUEUE_URL) cannot be reached: nothing can be accepted or looked
-    up until it answers again. Work already running goes on; the server reconnects by itself."""
+    """The shared queue (Redis, FLUX_QUEUE_URL) failed a call: unreachable, timed out, out of
+    memory, read-only after a failover, a script error. Nothing can be accepted or looked up until
+    it answers again; work already running goes on, and the server recovers by itself."""
 
     status = 503
     error_type = "queue_unavailable"
 
-    def __init__(self, message: str = "the request queue (Redis) is unreachable; retry shortly") -> None:
+    def __init__(
+        self,
+        message: str = "the request queue (Redis) is unreachable or refusing writes (full, failing over); retry shortly",
+    ) -> None:
         super().__init__(message)
 
 

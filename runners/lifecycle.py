@@ -93,20 +93,39 @@ def drain_on_sigterm(
     return True
 
 
-def keep_bentoml_sockets_through_the_drain() -> None:
+# The BentoML release the patch below was written against and checked on (requirements.lock pins it;
+# tests/test_lifecycle.py fails when the installed one differs, so an upgrade re-reads BentoML's
+# ``Arbiter.stop`` before it ships). On another version the patch is not applied, with a warning.
+BENTOML_PATCHED_FOR = "1.4.39"
+
+
+def keep_bentoml_sockets_through_the_drain() -> bool:
     """BentoML's process manager, on SIGTERM, deletes the directory of its Unix sockets *before* it
     stops the processes (its ``Arbiter.stop`` runs its cleanup first, then circus's stop). The
     front's calls to the model worker during the drain then find no socket to connect to: its
     ``front_drained`` call failed, so an idle worker waited ``FLUX_DRAIN_TIMEOUT_S + 10`` s before
     exiting, and any call not on an already open connection failed. Call in the process that runs
     ``bentoml serve`` (it imports service.py): the cleanup then runs after the processes are gone,
-    with circus's own socket cleanup. Written against BentoML 1.4 (requirements.lock pins it)."""
+    with circus's own socket cleanup. BentoML's ``Arbiter`` (bentoml/_internal/utils/circus) adds
+    the ``exit_stack`` cleanup to circus's ``stop`` in that order; BentoML's graceful-shutdown work
+    on circus (bentoml/BentoML#5024, and #3813 for the errors seen stopping) left it so. Applied on
+    ``BENTOML_PATCHED_FOR`` only; True if it is in place."""
+    from importlib.metadata import version
+
     from bentoml._internal.utils import circus as bentoml_circus
     from circus.arbiter import Arbiter as CircusArbiter
 
     arbiter = bentoml_circus.Arbiter
-    if arbiter.stop is CircusArbiter.stop:  # done already (or BentoML stopped overriding it)
-        return
+    if arbiter.stop is CircusArbiter.stop:  # done already
+        return True
+    if (installed := version("bentoml")) != BENTOML_PATCHED_FOR:
+        log.warning(
+            "BentoML %s is not %s, which keep_bentoml_sockets_through_the_drain was written for: not "
+            "patched (a drain may lose its model worker's socket); check Arbiter.stop and update it",
+            installed,
+            BENTOML_PATCHED_FOR,
+        )
+        return False
 
     def stop_controller_and_close_sockets(self) -> None:
         CircusArbiter.stop_controller_and_close_sockets(self)
@@ -114,3 +133,4 @@ def keep_bentoml_sockets_through_the_drain() -> None:
 
     arbiter.stop = CircusArbiter.stop  # circus's: stop the processes (they drain), then the sockets
     arbiter.stop_controller_and_close_sockets = stop_controller_and_close_sockets
+    return True

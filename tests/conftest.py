@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -179,20 +180,32 @@ def moto_s3_server(tmp: Path, **env_overrides: str):
             process.wait()
 
 
-class RedisServer:
-    """A real ``redis-server`` on a free loopback port, its data (AOF on) in a temp directory, so a
-    test can stop it and start it again on the same port with what it had written."""
+def shipped_redis_setting(name: str) -> str:
+    """A setting of the Redis that deploy/k8s/fleet/redis-statefulset.yaml ships (``--name value``
+    in its args), so that the tests' Redis persists as the shipped one does."""
+    import yaml
 
-    def __init__(self, directory: Path) -> None:
-        self.directory, self.port = directory, free_port()
+    manifest = yaml.safe_load((REPO / "deploy" / "k8s" / "fleet" / "redis-statefulset.yaml").read_text())
+    args = manifest["spec"]["template"]["spec"]["containers"][0]["args"]
+    return args[args.index(f"--{name}") + 1]
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port, its data (AOF on, fsynced as the shipped
+    manifest does) in a temp directory, so a test can stop it and start it again on the same port
+    with what it had written. ``extra``: more ``redis-server`` arguments (``--replicaof``)."""
+
+    def __init__(self, directory: Path, extra: list[str] = ()) -> None:
+        self.directory, self.port, self.extra = directory, free_port(), list(extra)
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         require(shutil.which("redis-server"), "redis-server is needed (make test installs Debian's package)")
+        fsync = shipped_redis_setting("appendfsync")
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
-            + ["--save", "", "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"],
+            + ["--save", "", "--appendonly", "yes", "--appendfsync", fsync, "--daemonize", "no", *self.extra],
             stdout=open(self.directory / "redis.log", "ab"),  # noqa: SIM115 (the child keeps it)
             stderr=subprocess.STDOUT,
         )
@@ -207,10 +220,11 @@ class RedisServer:
                 pytest.fail(f"redis-server did not start:\n{(self.directory / 'redis.log').read_text()[-2000:]}")
             time.sleep(0.1)
 
-    def stop(self) -> None:
-        """SIGTERM: Redis writes its AOF and exits (a restart then finds what it held)."""
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: Redis writes its AOF and exits (a restart then finds what it held). SIGKILL:
+        it dies at once, with what its AOF had on disk (``appendfsync``)."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(sig)
             self.process.wait(timeout=30)
         self.process = None
 

@@ -8,7 +8,7 @@ import types
 import pytest
 from pydantic import ValidationError
 
-from runners.config import BatchingSettings, LoraSettings, ServerSettings, Settings
+from runners.config import BatchingSettings, LoraSettings, QueueSettings, ServerSettings, Settings, StoreSettings
 
 
 def test_a_batch_size_of_one_is_refused_with_the_alternative_named(monkeypatch):
@@ -208,3 +208,44 @@ def test_variable_names_are_the_ones_pydantic_settings_reads():
             compared += 1
     assert compared > 70
     assert variable_names(LoraSettings, "fused") == ["FLUX_FUSED_LORAS", "FLUX_LORA_FUSED"]  # an alias, and by name
+
+
+@pytest.mark.parametrize(
+    "build, words",
+    [
+        # An idle feeder's blocking pop waits 0.5 s: a shorter timeout reads it as Redis unreachable.
+        (lambda: Settings(queue=QueueSettings(redis_timeout_s=0.9, lease_s=30)), "FLUX_QUEUE_REDIS_TIMEOUT_S=0.9"),
+        # One renewal may wait the whole timeout: a shorter lease hands a live replica's work away.
+        (lambda: Settings(queue=QueueSettings(redis_timeout_s=5, lease_s=5.5)), "FLUX_QUEUE_LEASE_S=5.5"),
+        # A kept result must not name images its store has deleted.
+        (
+            lambda: Settings(queue=QueueSettings(result_retention_s=7200), store=StoreSettings(ttl_s=3600)),
+            "FLUX_STORE_TTL_S=3600",
+        ),
+        (lambda: Settings(server=ServerSettings(request_timeout_s=1800)), "FLUX_BATCH_TIMEOUT_S=900"),
+    ],
+    ids=["timeout-vs-blocking-pop", "lease-vs-timeout", "store-ttl-vs-retention", "batch-vs-request-timeout"],
+)
+def test_cross_field_rules_hold_for_settings_built_in_code(build, words):
+    """The rules are model validators: a ``Settings()`` built in code (a test, a benchmark, an
+    embedding) is checked as ``load_settings`` is, and the message names the variables."""
+    with pytest.raises(ValidationError) as error:
+        build()
+    assert words in str(error.value)
+
+
+def test_cross_field_rules_name_the_variables_at_start(monkeypatch):
+    from runners.config import SettingsError, load_settings
+
+    monkeypatch.setenv("FLUX_QUEUE_RESULT_RETENTION_S", "7200")
+    monkeypatch.setenv("FLUX_STORE_TTL_S", "3600")
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert str(error.value).startswith("invalid settings: FLUX_STORE_TTL_S=3600 must be at least")
+    monkeypatch.setenv("FLUX_STORE_TTL_S", "7200")
+    monkeypatch.setenv("FLUX_QUEUE_REDIS_TIMEOUT_S", "0.5")
+    with pytest.raises(SettingsError, match="FLUX_QUEUE_REDIS_TIMEOUT_S=0.5 must be at least 1"):
+        load_settings()
+    monkeypatch.setenv("FLUX_QUEUE_REDIS_TIMEOUT_S", "1")
+    monkeypatch.setenv("FLUX_QUEUE_LEASE_S", "2")
+    assert load_settings().queue.lease_s == 2  # at the bounds: accepted

@@ -505,3 +505,25 @@ def test_the_managed_redis_overlay_of_the_readme_drops_the_statefulset(tmp_path)
     rendered = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, check=True)
     kinds = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(rendered.stdout)}
     assert kinds == set(fleet_objects()) - {("StatefulSet", "flux-inpaint-redis"), ("Service", "flux-inpaint-redis")}
+
+
+def test_fleet_redis_memory_and_the_queue_bounds_agree():
+    """The shipped Redis and the fleet's settings fit together: the inputs the queue may hold are at
+    most half of Redis's maxmemory (the rest holds retained results and Redis itself), and maxmemory
+    leaves a quarter of the container's limit spare for the finishes that may pass it (allow-oom) and
+    the AOF rewrite. Past maxmemory a submit gets 503, never a 500 or a lost request
+    (tests/test_redis_queue.py's full-Redis test)."""
+    from runners.config import QueueSettings
+
+    redis = fleet_objects()[("StatefulSet", "flux-inpaint-redis")]
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    units = {"kb": 1024, "mb": 1024**2, "gb": 1024**3}
+    maxmemory = args[args.index("--maxmemory") + 1].lower()
+    maxmemory_bytes = int(maxmemory[:-2]) * units[maxmemory[-2:]]
+    limit = container["resources"]["limits"]["memory"]
+    limit_bytes = int(limit[:-2]) * {"Mi": 1024**2, "Gi": 1024**3}[limit[-2:]]
+    waiting_bytes = int(fleet_env().get("FLUX_QUEUE_MAX_WAITING_BYTES") or QueueSettings().max_waiting_bytes)
+    assert waiting_bytes <= maxmemory_bytes // 2, (waiting_bytes, maxmemory_bytes)
+    assert maxmemory_bytes <= 0.75 * limit_bytes + 1, (maxmemory_bytes, limit_bytes)
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"

@@ -53,3 +53,36 @@ def test_sigterm_runs_the_drain_before_the_servers_handler_and_a_second_one_skip
 
 def test_outside_an_event_loop_it_declines():
     assert drain_on_sigterm(lambda: None, "test") is False
+
+
+def test_the_bentoml_socket_patch_is_pinned_to_the_bentoml_it_was_written_for():
+    """Fails on a BentoML upgrade: the patch reaches into BentoML's private ``Arbiter`` (its stop
+    runs the socket cleanup before circus stops the processes). Re-read that class in the new
+    version, then move ``BENTOML_PATCHED_FOR``."""
+    import inspect
+    from importlib.metadata import version
+
+    from bentoml._internal.utils import circus as bentoml_circus
+
+    from runners.lifecycle import BENTOML_PATCHED_FOR
+
+    assert version("bentoml") == BENTOML_PATCHED_FOR
+    # What the patch undoes, as this version has it (read from the source: the patch may be applied).
+    source = inspect.getsource(bentoml_circus.Arbiter)
+    assert "self.exit_stack.__exit__(None, None, None)\n        return super().stop()" in source
+
+
+def test_on_another_bentoml_the_patch_is_not_applied(monkeypatch):
+    import importlib.metadata
+
+    from bentoml._internal.utils import circus as bentoml_circus
+    from circus.arbiter import Arbiter as CircusArbiter
+
+    from runners import lifecycle
+
+    monkeypatch.setattr(bentoml_circus.Arbiter, "stop", bentoml_circus.Arbiter.stop)  # restored after
+    if bentoml_circus.Arbiter.stop is CircusArbiter.stop:  # patched by an import of service.py
+        return
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9")
+    assert lifecycle.keep_bentoml_sockets_through_the_drain() is False
+    assert bentoml_circus.Arbiter.stop is not CircusArbiter.stop

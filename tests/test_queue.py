@@ -72,7 +72,7 @@ def test_positions_progress_and_completion():
         worker.finish(first)
         await first.done.wait()
         assert first.status == Status.COMPLETED and first.outcome.output["seed"] == 1
-        assert [line["message"] for line in first.logs] == ["queued", "completed", "step 1/1"]
+        assert [line["message"] for line in first.logs] == ["queued", "step 1/1", "completed"]  # docs/api.md's order
         assert await queue.position(third) == 0  # second moved to the worker
         await queue.stop()
 
@@ -346,5 +346,79 @@ def test_a_rerun_reaches_the_model_under_its_own_id_so_a_worker_that_saw_the_fir
         rerun = Record(request=REQUEST, base_url="http://h/", id=record.id, attempt=2)  # claimed again
         outcome = await executor.run(rerun)
         assert outcome.output == {"request_id": f"{record.id}-attempt-2"} and outcome.logs[0].message == "started"
+
+    run(scenario())
+
+
+def test_an_errors_kind_is_its_class_not_its_status():
+    """Only a failure of the replica's model tier may run again elsewhere; a storage outage is a
+    503 too, and ends the request. The kind survives the trip across tiers (``ReportedError``)."""
+    from runners.errors import ModelNotReady, ReportedError, StorageUnavailable, WorkerUnavailable
+
+    assert WorkerUnavailable("x").retry_elsewhere and ModelNotReady("x").retry_elsewhere
+    assert not StorageUnavailable("x").retry_elsewhere and not ImageLoadError("image_url", "x").retry_elsewhere
+    assert ReportedError(503, "model_not_ready", "loading").retry_elsewhere
+    assert not ReportedError(503, "storage_unavailable", "refused").retry_elsewhere
+
+
+def test_a_storage_outage_ends_the_request_once_with_its_own_type():
+    from runners.errors import StorageUnavailable
+
+    class StorageDown(FakeWorker):
+        async def run(self, record):
+            self.started.append(record.id)
+            raise StorageUnavailable("could not store the output image: refused")
+
+    async def scenario():
+        worker = StorageDown()
+        queue = MemoryQueue(QueueSettings(), concurrency=1, executor=worker)
+        record = await queue.submit(REQUEST, "http://h/")
+        await record.done.wait()
+        assert (record.error.status, record.error.error_type) == (503, "storage_unavailable")
+        assert worker.started == [record.id] and [line["message"].split(":")[0] for line in record.logs] == [
+            "queued",
+            "failed",
+        ]
+        await queue.stop()
+
+    run(scenario())
+
+
+def test_an_error_in_each_background_loop_is_counted_and_the_loop_goes_on():
+    """The same supervision as the Redis queue's (one life cycle): a failing claim, progress read and
+    deadline sweep are each counted, and every loop goes on."""
+    import prometheus_client
+
+    def errors(loop):
+        return prometheus_client.REGISTRY.get_sample_value("flux_queue_loop_errors_total", {"loop": loop}) or 0.0
+
+    async def scenario():
+        worker = FakeWorker()
+        queue = MemoryQueue(QueueSettings(), concurrency=1, executor=worker)
+        queue.POLL_INTERVAL_S = 0.01
+        failed: set[str] = set()
+
+        def once(name, call):
+            def wrapped(*args, **kwargs):
+                if name not in failed:
+                    failed.add(name)
+                    raise RuntimeError(f"injected {name} error")
+                return call(*args, **kwargs)
+
+            return wrapped
+
+        queue._claim = once("feeder", queue._claim)
+        queue._deadlines_once = once("deadlines", queue._deadlines_once)
+        worker.progress = once("progress", worker.progress)
+        before = {loop: errors(loop) for loop in ("feeder", "progress", "deadlines")}
+        record = await queue.submit(REQUEST, "http://h/")
+        while not (failed == {"feeder", "progress", "deadlines"} and "step 1/2" in str(record.logs)):
+            await asyncio.sleep(0.01)
+        assert {loop: errors(loop) - before[loop] for loop in before} == {"feeder": 1, "progress": 1, "deadlines": 1}
+        assert all(not task.done() for task in queue._tasks)
+        worker.finish(record)
+        await record.done.wait()
+        assert record.error is None
+        await queue.stop()
 
     run(scenario())

@@ -5,11 +5,14 @@ the test releases it. The served fleet (two ``bentoml serve`` processes) is test
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 
 import pytest
+from redis.exceptions import ResponseError
 
 from runners.config import QueueSettings
-from runners.errors import QueueFull, QueueUnavailable, ServerDraining, WorkerUnavailable
+from runners.errors import QueueFull, QueueUnavailable, ServerDraining, StorageUnavailable, WorkerUnavailable
 from runners.front.queue import Status
 from runners.front.redis_queue import RedisQueue
 from tests.conftest import redis_server
@@ -42,7 +45,10 @@ class Replica:
         self.reported: list[str] = []
         self.report_gate: asyncio.Event | None = None
         self.queue = RedisQueue(
-            QueueSettings(url=url, lease_s=1.0, **settings), concurrency, self.worker, on_finish=self.report
+            QueueSettings(url=url, **{"lease_s": 2.0, "redis_timeout_s": 1.0, **settings}),
+            concurrency,
+            self.worker,
+            on_finish=self.report,
         )
         self.queue.POLL_INTERVAL_S = 0.05
 
@@ -59,7 +65,7 @@ class Replica:
         """As SIGKILL would: no hand-back, no finish, its lease simply stops being renewed."""
         self.queue._let_go_done = True
         for task in [*self.queue._tasks, *self.queue._after_finish.tasks]:
-            while not task.done():  # as RedisQueue.stop: redis-py may swallow one cancellation
+            while not task.done():  # as LifeCycle.stop: redis-py may swallow one cancellation (redis/redis-py#2028)
                 task.cancel()
                 await asyncio.wait([task], timeout=0.5)
         self.queue._tasks = []
@@ -93,7 +99,7 @@ def test_one_line_for_two_replicas_with_global_positions_and_a_fleet_wide_bound(
         await until(lambda: set(a.holds()) | set(b.holds()) == {third.id, fourth.id})
         done = await b.queue.get(first.id)
         assert done.status == Status.COMPLETED and done.outcome.output["seed"] == 1 and done.base_url == "http://a/"
-        assert [line["message"] for line in done.logs][:2] == ["queued", "completed"]
+        assert [line["message"] for line in done.logs] == ["queued", "step 1/1", "completed"]  # docs/api.md's order
         assert sorted(a.reported + b.reported) == sorted([first.id, second.id])
         await a.queue.stop(), await b.queue.stop()
 
@@ -124,7 +130,7 @@ def test_a_cancel_on_one_replica_stops_the_request_running_on_the_other(redis_ur
         await until(lambda: a.holds() == [record.id] and a.worker.started == [record.id])
         await until(lambda: a.queue._reported_logs.get(record.id) is not None)  # progress written
         assert await status(b.queue, record.id) == Status.IN_PROGRESS
-        await asyncio.sleep(2.0)  # twice the lease: A renews it while it runs, so nobody re-runs it
+        await asyncio.sleep(2.5)  # past the lease (2 s): A renews it while it runs, so nobody re-runs it
         assert "queued again" not in str((await b.queue.get(record.id)).logs) and a.worker.started == [record.id]
         assert await b.queue.cancel(record.id) == "CANCELLATION_REQUESTED"
         await until(lambda: a.worker.cancelled == [record.id])  # A saw it at its next poll
@@ -164,7 +170,7 @@ def test_a_model_tier_slow_to_answer_progress_does_not_let_the_lease_run_out(red
         a, b = Replica(redis_url), Replica(redis_url)
 
         async def slow_progress(request_ids):
-            await asyncio.sleep(3.0)  # three leases
+            await asyncio.sleep(3.0)  # longer than a lease (2 s)
             return {}
 
         a.worker.progress = slow_progress
@@ -199,7 +205,7 @@ def test_a_webhook_cut_short_by_its_replicas_death_is_delivered_once_by_another(
         await a.die()  # killed mid-delivery: its report claim stops being renewed
         b.queue.ensure_started()
         await until(lambda: b.reported == [record.id])  # B's poller took the lapsed claim over
-        await asyncio.sleep(2.5)  # over two leases: B's claim went with its delivery, nobody takes it again
+        await asyncio.sleep(2.5)  # past a lease: B's claim went with its delivery, nobody takes it again
         assert (a.reported, b.reported) == ([], [record.id])
         assert await b.queue.redis.zcard(b.queue.p + "unreported") == 0
         await b.queue.stop()
@@ -212,7 +218,7 @@ def test_a_report_longer_than_the_lease_stays_with_its_live_replica(redis_url):
         a, b = Replica(redis_url), Replica(redis_url)
         record = await finished_and_reporting(a)
         b.queue.ensure_started()
-        await asyncio.sleep(2.5)  # a webhook retried past two leases: A's heartbeat renews the claim
+        await asyncio.sleep(2.5)  # a webhook retried past a lease: A's heartbeat renews the claim
         a.report_gate.set()
         await until(lambda: a.reported == [record.id])
         await asyncio.sleep(1.5)
@@ -244,7 +250,7 @@ def test_a_waiting_request_ends_at_its_deadline_while_every_feeder_is_busy(redis
             reported.append((record.id, record.error.error_type if record.error else None))
 
         worker = FakeWorker()
-        settings = QueueSettings(url=redis_url, lease_s=1.0)
+        settings = QueueSettings(url=redis_url, lease_s=2.0, redis_timeout_s=1.0)
         queue = RedisQueue(settings, 1, worker, on_finish=report, request_timeout_s=1.0)
         queue.POLL_INTERVAL_S = 0.05
         busy = await queue.submit(REQUEST, "http://a/")
@@ -338,6 +344,7 @@ def test_a_sync_caller_on_one_replica_gets_the_answer_of_a_run_on_the_other(redi
         await until(lambda: a.worker.started == [busy.id])  # A's one feeder is taken
         b.queue.ensure_started()
         record = await a.queue.submit(REQUEST, "http://a/")
+        a.queue.WAIT_READ_EVERY_S = 120  # no fallback read in time: only the done channel can wake it
         waiting = asyncio.create_task(a.queue.wait(record))  # as the sync route on A waits
         await until(lambda: b.worker.started == [record.id])
         b.worker.finish(record)
@@ -492,3 +499,293 @@ def test_queue_overhead_benchmark_smoke(redis_url, tmp_path):
     assert {(r["queue"], r["concurrency"]) for r in rows} == {("memory", 1), ("memory", 2), ("redis", 1), ("redis", 2)}
     assert all(r["requests"] == 10 and r["p50_ms"] > 0 for r in rows)
     assert "added at the median" in (tmp_path / "queue-overhead.md").read_text()
+
+
+def loop_errors(loop: str) -> float:
+    import prometheus_client
+
+    return prometheus_client.REGISTRY.get_sample_value("flux_queue_loop_errors_total", {"loop": loop}) or 0.0
+
+
+class StorageDown(FakeWorker):
+    """A model tier whose outputs cannot be stored (the bucket refuses): a 503 that is not the replica's."""
+
+    async def run(self, record):
+        self.started.append(record.id)
+        raise StorageUnavailable("could not store the output image: the endpoint refused the connection")
+
+
+def test_a_storage_outage_ends_the_request_once_and_is_not_handed_to_another_replica(redis_url):
+    async def scenario():
+        a, b = Replica(redis_url), Replica(redis_url)
+        a.worker = a.queue.executor = StorageDown()
+        b.worker = b.queue.executor = StorageDown()
+        a.queue.ensure_started(), b.queue.ensure_started()
+        records = [await a.queue.submit(REQUEST, "http://a/") for _ in range(3)]
+        await until(lambda: len(a.reported) + len(b.reported) == 3)
+        for record in records:
+            ended = await b.queue.get(record.id)
+            assert ended.error.status == 503 and ended.error.error_type == "storage_unavailable"
+            assert [line["message"].split(":")[0] for line in ended.logs] == ["queued", "failed"]  # never queued again
+        assert sorted(a.worker.started + b.worker.started) == sorted(r.id for r in records)  # each ran once
+        await a.queue.stop(), await b.queue.stop()
+
+    run(scenario())
+
+
+class FailingScripts:
+    """The queue's scripts, each failing ``fail[name]`` times with a Redis error that is not a lost
+    connection (as a script error, OOM or READONLY answer)."""
+
+    def __init__(self, scripts, **fail: int) -> None:
+        self.inner, self.fixed, self.key, self.fail = scripts, scripts.fixed, scripts.key, fail
+
+    async def __call__(self, name, ids=(), **named):
+        if self.fail.get(name):
+            self.fail[name] -= 1
+            raise ResponseError(f"ERR injected failure of {name}")
+        return await self.inner(name, ids, **named)
+
+
+def test_an_error_in_each_background_loop_is_counted_and_the_loop_goes_on(redis_url):
+    """One non-connection failure injected into each loop: the feeders' claim, the heartbeat, the
+    progress write, the pub/sub listener (Redis errors), the worker's progress and the deadline
+    sweep (plain exceptions: a bug in one pass). Every loop survives, the metric counts each, and
+    the work goes on."""
+    from redis.exceptions import ResponseError as RedisResponseError
+
+    async def scenario():
+        a = Replica(redis_url)
+        a.queue.scripts = FailingScripts(a.queue.scripts, claim=1, heartbeat=2, progress=1)
+        progress, sweep, subscribe = a.worker.progress, a.queue._deadlines_once, a.queue.redis.pubsub
+        failed: set[str] = set()
+
+        def once(name, call):
+            def wrapped(*args, **kwargs):
+                if name not in failed:
+                    failed.add(name)
+                    raise (RedisResponseError if name == "listener" else RuntimeError)(f"injected {name} error")
+                return call(*args, **kwargs)
+
+            return wrapped
+
+        a.worker.progress = once("worker progress", progress)
+        a.queue._deadlines_once = once("deadlines", sweep)
+        a.queue.redis.pubsub = once("listener", subscribe)
+        before = {loop: loop_errors(loop) for loop in ("feeder", "heartbeat", "progress", "deadlines", "listener")}
+        a.queue.ensure_started()
+        record = await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [record.id])  # claimed after the claim's failure
+        await until(lambda: a.queue._reported_logs.get(record.id) is not None)  # progress written after two failures
+        assert "step 1/2" in str((await a.queue.get(record.id)).logs)
+        await until(
+            lambda: failed == {"worker progress", "deadlines", "listener"} and a.queue.scripts.fail["heartbeat"] == 0
+        )
+        after = {loop: loop_errors(loop) - before[loop] for loop in before}
+        assert after == {"feeder": 1, "heartbeat": 2, "progress": 2, "deadlines": 1, "listener": 1}, after
+        assert all(not task.done() for task in a.queue._tasks)  # every loop still runs
+        waiter = asyncio.create_task(a.queue.wait(record))
+        a.worker.finish(record)
+        assert (await waiter).status == Status.COMPLETED
+        second = await a.queue.submit(REQUEST, "http://a/")  # the feeder goes on pulling
+        await until(lambda: a.worker.started == [record.id, second.id])
+        a.worker.finish(second)
+        await until(lambda: len(a.reported) == 2)
+        await a.queue.stop()
+
+    run(scenario())
+
+
+def test_a_full_redis_answers_503_while_accepted_work_goes_on_and_recovers_when_memory_is_freed(redis_url):
+    """Redis at its maxmemory (noeviction, as the shipped manifest): a submit is refused with 503
+    ``queue_unavailable`` (never a 500); what was accepted is claimed, renewed, finished and reported
+    (those scripts may run out of memory: they free it); once memory is freed, new requests are taken
+    with no restart, and a dead replica's lease runs out and its work runs elsewhere again."""
+    import redis as sync_redis
+
+    async def scenario():
+        a, b = Replica(redis_url), Replica(redis_url)
+        a.queue.ensure_started()
+        running, waiting = await a.queue.submit(REQUEST, "http://a/"), await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [running.id])
+        admin = sync_redis.Redis.from_url(redis_url)
+        # What the line, the results and the inputs filled, in small writes (a large one's query
+        # buffer would count until the server frees it, then leave Redis under its limit again).
+        admin.mset({f"ballast:{i}": b"x" * 32 * 1024 for i in range(128)})
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) - 1024**2)  # over it from here
+        try:
+            with pytest.raises(QueueUnavailable) as refused:
+                await a.queue.submit(REQUEST, "http://a/")
+            assert refused.value.status == 503 and refused.value.error_type == "queue_unavailable"
+            b.queue.ensure_started()
+            await until(lambda: b.worker.started == [waiting.id])  # claimed though Redis is full
+            await asyncio.sleep(2.5)  # past a lease: A's heartbeat renews its claim though Redis is full
+            assert running.id not in b.worker.started and "queued again" not in str(
+                (await b.queue.get(running.id)).logs
+            )
+            a.worker.finish(running), b.worker.finish(waiting)  # their finishes are written (freeing the inputs)
+            await until(lambda: (a.reported, b.reported) == ([running.id], [waiting.id]))
+            with pytest.raises(QueueUnavailable):  # still full all along
+                await a.queue.submit(REQUEST, "http://a/")
+        finally:
+            admin.delete(*(f"ballast:{i}" for i in range(128)))
+            admin.config_set("maxmemory", 0)
+        record = await a.queue.submit(REQUEST, "http://a/")  # recovered by itself, no restart
+        await until(lambda: record.id in a.worker.started + b.worker.started)
+        holder, survivor = (a, b) if record.id in a.worker.started else (b, a)
+        await holder.die()  # the leases work again: its claim runs out and the other replica runs it
+        await until(lambda: record.id in survivor.worker.started)
+        survivor.worker.finish(record)
+        await until(lambda: record.id in survivor.reported)
+        assert (await survivor.queue.get(record.id)).error is None
+        await survivor.queue.stop()
+
+    run(scenario())
+
+
+def test_the_redis_side_limits_hold_on_redis(redis_url):
+    """Waiting bytes (inputs held by unfinished requests), the retention of a finished record, the
+    most finished records kept, and key-prefix isolation, checked on Redis itself."""
+
+    async def scenario():
+        big = REQUEST.model_copy(update={"image_url": "data:image/png;base64," + "A" * 600_000})
+        a = Replica(redis_url, max_waiting_bytes=1024**2, max_retained=10, result_retention_s=60)
+        a.queue.ensure_started()
+        first = await a.queue.submit(big, "http://a/")
+        await until(lambda: a.worker.started == [first.id])
+        with pytest.raises(QueueFull):  # the running one's inputs still count: a re-run needs them
+            await a.queue.submit(big, "http://a/")
+        a.worker.finish(first)
+        await until(lambda: a.reported == [first.id])
+        assert await a.queue.redis.hget(a.queue.scripts.key(first.id), "request") is None  # inputs dropped
+        assert 0 < await a.queue.redis.ttl(a.queue.scripts.key(first.id)) <= 60  # kept for the retention
+        records = [first]
+        for _ in range(11):
+            record = await a.queue.submit(REQUEST, "http://a/")
+            await until(lambda record=record: record.id in a.worker.started)
+            a.worker.finish(record)
+            await until(lambda record=record: record.id in a.reported)
+            records.append(record)
+        assert [await a.queue.get(r.id) for r in records[:2]] == [None, None]  # the oldest two forgotten
+        assert (await a.queue.get(records[2].id)).status == Status.COMPLETED
+        other = Replica(redis_url, key_prefix="other:")
+        other.queue.ensure_started()
+        assert await other.queue.get(records[-1].id) is None  # another fleet's prefix sees none of it
+        theirs = await other.queue.submit(REQUEST, "http://o/")
+        await until(lambda: other.worker.started == [theirs.id])
+        assert theirs.id not in a.worker.started and await a.queue.get(theirs.id) is None
+        other.worker.finish(theirs)
+        await until(lambda: other.reported == [theirs.id])
+        await a.queue.stop(), await other.queue.stop()
+
+    run(scenario())
+
+
+def test_after_a_sentinel_failover_the_queue_follows_the_new_primary_and_accepted_requests_complete(tmp_path):
+    """A real ``redis-sentinel`` watching a primary and its replica; the queue names the master
+    through ``redis+sentinel://``. The primary is killed while a request runs and another waits:
+    Sentinel promotes the replica, the queue's connections find it, and both requests complete
+    (the running one's finish waited for it); new requests are taken with no restart."""
+    import subprocess
+
+    import redis as sync_redis
+
+    from tests.conftest import RedisServer, free_port
+
+    (tmp_path / "primary").mkdir(), (tmp_path / "replica").mkdir()
+    primary = RedisServer(tmp_path / "primary")
+    primary.start()
+    replica = RedisServer(tmp_path / "replica", extra=["--replicaof", "127.0.0.1", str(primary.port)])
+    replica.start()
+    port = free_port()
+    (tmp_path / "sentinel.conf").write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor flux 127.0.0.1 {primary.port} 1\n"
+        "sentinel down-after-milliseconds flux 1000\nsentinel failover-timeout flux 10000\n"
+    )
+    sentinel = subprocess.Popen(
+        ["redis-sentinel", str(tmp_path / "sentinel.conf")],
+        stdout=open(tmp_path / "sentinel.log", "ab"),  # noqa: SIM115 (the child keeps it)
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        async def scenario():
+            watcher = sync_redis.Redis(port=port, decode_responses=True)
+            async with asyncio.timeout(30):  # the sentinel is up, and has found the replica
+                while True:
+                    with contextlib.suppress(sync_redis.RedisError):
+                        if watcher.sentinel_slaves("flux") and "up" in str(
+                            sync_redis.Redis(port=replica.port).info("replication")
+                        ):
+                            break
+                    await asyncio.sleep(0.1)
+            a = Replica(f"redis+sentinel://127.0.0.1:{port}/flux/0")
+            a.queue.ensure_started()
+            running, waiting = await a.queue.submit(REQUEST, "http://a/"), await a.queue.submit(REQUEST, "http://a/")
+            await until(lambda: a.worker.started == [running.id])
+            assert sync_redis.Redis(port=primary.port).wait(1, 5000) == 1  # replicated, as a live replica is
+            primary.stop(signal.SIGKILL)
+            async with asyncio.timeout(60):  # Sentinel's failover: down after 1 s, then the promotion
+                while sync_redis.Redis(port=replica.port).info("replication")["role"] != "master":
+                    await asyncio.sleep(0.1)
+            a.worker.finish(running)  # its finish reaches the new primary
+            await until(lambda: a.reported == [running.id], timeout=60)
+            await until(lambda: a.worker.started == [running.id, waiting.id], timeout=60)  # the line survived
+            a.worker.finish(waiting)
+            await until(lambda: len(a.reported) == 2)
+            record = await a.queue.submit(REQUEST, "http://a/")  # on the new primary, no restart
+            await until(lambda: a.worker.started[-1] == record.id)
+            a.worker.finish(record)
+            await until(lambda: len(a.reported) == 3)
+            for request_id in (running.id, waiting.id, record.id):
+                assert (await a.queue.get(request_id)).error is None
+            assert sync_redis.Redis(port=replica.port).exists(a.queue.scripts.key(record.id))
+            await a.queue.stop()
+
+        run(scenario(), timeout=180)
+    finally:
+        sentinel.terminate()
+        sentinel.wait(timeout=30)
+        replica.stop(), primary.stop()
+
+
+def test_a_demoted_primary_answers_503_and_the_queue_goes_on_when_it_is_primary_again(redis_url):
+    """With a plain ``redis://`` URL there is no failover to follow: a primary turned into a replica
+    (``REPLICAOF``) answers READONLY to every write. A submit gets 503 (never 500), a script error
+    too, running work keeps its result until it can be written, and all goes on once it is a
+    primary again."""
+    import redis as sync_redis
+
+    from tests.conftest import free_port
+
+    async def scenario():
+        a = Replica(redis_url)
+        a.queue.ensure_started()
+        running = await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started == [running.id])
+        admin = sync_redis.Redis.from_url(redis_url)
+        beats_failed = loop_errors("heartbeat")
+        admin.replicaof("127.0.0.1", free_port())  # a primary nobody runs: read-only from here
+        try:
+            with pytest.raises(QueueUnavailable) as refused:
+                await a.queue.submit(REQUEST, "http://a/")
+            assert refused.value.status == 503
+            a.worker.finish(running)  # its finish waits for a primary
+            await until(lambda: loop_errors("heartbeat") > beats_failed)  # READONLY: counted, the loop goes on
+            assert a.reported == [] and running.id in a.queue._held
+        finally:
+            admin.replicaof("NO", "ONE")
+        await until(lambda: a.reported == [running.id])
+        assert (await a.queue.get(running.id)).status == Status.COMPLETED
+        a.queue.scripts = FailingScripts(a.queue.scripts, submit=1)
+        with pytest.raises(QueueUnavailable):  # a script error is a 503 too
+            await a.queue.submit(REQUEST, "http://a/")
+        record = await a.queue.submit(REQUEST, "http://a/")
+        await until(lambda: a.worker.started[-1] == record.id)
+        a.worker.finish(record)
+        await until(lambda: len(a.reported) == 2)
+        await a.queue.stop()
+
+    run(scenario())

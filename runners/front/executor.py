@@ -127,7 +127,9 @@ class BentoWorkerClient:
     async def _call(self, api: str, *args):
         """A worker API call, tried once more when the connection fails before an answer: BentoML's
         client reuses pooled keep-alive connections that the worker's server closes when idle, and
-        such a request never reached the worker. Still failing: the worker is unavailable (503)."""
+        such a request never reached the worker (bentoml/BentoML#4971; the fix proposed upstream,
+        bentoml/BentoML#5698, shortens the pool's keep-alive and retries once, as here). Still
+        failing: the worker is unavailable (503, ``retry_elsewhere``: another replica's may answer)."""
         import aiohttp
 
         for attempt in (1, 2):

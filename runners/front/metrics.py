@@ -40,8 +40,14 @@ REPORTS_TAKEN_OVER = bentoml.metrics.Counter(
 )
 REDIS_ERRORS = bentoml.metrics.Counter(
     name="flux_queue_redis_errors",
-    documentation="Redis calls of the queue that failed (unreachable, timed out), by operation",
+    documentation="Redis calls of the queue that failed (unreachable, timed out, out of memory, read-only, script errors), by operation",
     labelnames=["operation"],
+)
+QUEUE_LOOP_ERRORS = bentoml.metrics.Counter(
+    name="flux_queue_loop_errors",
+    documentation="Exceptions in the queue's background loops (feeders, progress, deadlines, heartbeat, listener), "
+    "each retried with backoff, by loop",
+    labelnames=["loop"],
 )
 IN_FLIGHT = bentoml.metrics.Gauge(
     name="flux_in_flight", documentation="Requests handed to the model and not finished", multiprocess_mode="livesum"

@@ -4,14 +4,15 @@ Every request, synchronous or queued, becomes a ``Record``: it waits in a FIFO (
 ``queue_position``), is handed to the model tier by one of a fixed number of feeder tasks (enough to
 keep one batch running and the next forming in BentoML's dispatcher), and ends COMPLETED with an
 output or an error. The routes (runners/front/fal_http.py) and the front (runners/front/app.py) see
-only ``RequestQueue`` below:
+only ``RequestQueue`` below. The life cycle behind it is written once (runners/front/life_cycle.py,
+``LifeCycle``), over two transports:
 
 - ``MemoryQueue`` (runners/front/memory_queue.py), the default: the line and the records live in
   this process's memory; one replica, and a restart loses them.
-- ``RedisQueue`` (runners/front/redis_queue.py), with ``FLUX_QUEUE_URL``: the whole life cycle lives
-  in Redis, shared by every replica: any replica answers any request, each replica's feeders pull
-  from one line when their model tier has room, and a dead replica's claimed work is run again by
-  another (docs/fleet.md).
+- ``RedisQueue`` (runners/front/redis_queue.py), with ``FLUX_QUEUE_URL``: the records and the line
+  live in Redis, shared by every replica: any replica answers any request, each replica's feeders
+  pull from one line when their model tier has room, and a dead replica's claimed work is run again
+  by another (docs/fleet.md).
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ class Record:
     submitted_at: float = field(default_factory=time.time)  # unix time
     status: Status = Status.IN_QUEUE
     dispatched: bool = False
-    front_logs: list[LogLine] = field(default_factory=list)
-    worker_logs: list[LogLine] = field(default_factory=list)
+    front_logs: list[LogLine] = field(default_factory=list)  # the queue's: queued, queued again ...
+    worker_logs: list[LogLine] = field(default_factory=list)  # the model tier's: started, step i/N ...
+    end_log: LogLine | None = None  # the queue's last: completed, or failed
     outcome: Outcome | None = None
     error: InpaintError | None = None
     finished_at: float | None = None
@@ -81,7 +83,12 @@ class Record:
 
     @property
     def logs(self) -> list[dict[str, Any]]:
-        return [line.model_dump() for line in self.front_logs + self.worker_logs]
+        """In the order they happened, as docs/api.md promises: "queued", then the model tier's
+        ("started", "step i/N", ...) of the attempt that ran, then "completed" (or "failed: ...").
+        A line the queue adds while a request waits again ("queued again") comes before the worker
+        lines of the attempt after it: a re-run starts its worker lines afresh."""
+        lines = [*self.front_logs, *self.worker_logs, *([self.end_log] if self.end_log else [])]
+        return [line.model_dump() for line in lines]
 
 
 def finished_line(error: InpaintError | None) -> LogLine:
@@ -163,21 +170,14 @@ class AfterFinish:
             await asyncio.wait(self.tasks, timeout=timeout_s)
 
 
-def make_queue(
-    settings: QueueSettings,
-    concurrency: int,
-    executor: Executor,
-    on_finish: Callable[[Record], Awaitable[None]] | None = None,
-    request_timeout_s: float | None = None,
-    on_change: Callable[[RequestQueue], None] | None = None,
-) -> RequestQueue:
-    """The configured queue: in Redis with ``FLUX_QUEUE_URL``, else in memory."""
+def make_queue(settings: QueueSettings, *args, **kwargs) -> RequestQueue:
+    """The configured queue: in Redis with ``FLUX_QUEUE_URL``, else in memory. The other arguments
+    are the life cycle's (runners/front/life_cycle.py, ``LifeCycle``): concurrency, executor,
+    on_finish, request_timeout_s, on_change."""
     if settings.url:
         from runners.front.redis_queue import RedisQueue
 
-        return RedisQueue(settings, concurrency, executor, on_finish, request_timeout_s, on_change)
+        return RedisQueue(settings, *args, **kwargs)
     from runners.front.memory_queue import MemoryQueue
 
-    return MemoryQueue(
-        settings, concurrency, executor, on_finish, request_timeout_s=request_timeout_s, on_change=on_change
-    )
+    return MemoryQueue(settings, *args, **kwargs)

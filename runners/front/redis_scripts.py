@@ -1,9 +1,32 @@
 """The Redis queue's state changes (runners/front/redis_queue.py), one Lua script each, so that each
-is atomic on the Redis server. Every script takes the key prefix as ``ARGV[1]`` and builds its keys
-from it (hence no Redis Cluster: docs/fleet.md). Times are Redis's own clock (``TIME``), so the
-replicas' clocks need not agree."""
+is atomic on the Redis server. Times are Redis's own clock (``TIME``), so the replicas' clocks need
+not agree.
 
-LUA_HELPERS = """
+Every script declares the keys it touches, as Redis's documentation asks of scripts: ``KEYS`` is
+the fixed keys of the fleet (``FIXED_KEYS``, in that order) followed by the hash of every request
+the script reads or writes, in the order of the ``ids`` argument; no script builds a key name. The
+ids whose hashes a script may need but only Redis knows (the head of the line, the claims that may
+have run out) are read by the caller first and passed in; the script checks them again.
+
+Arguments are named: ``ARGV[1]`` is one JSON object (``cjson``), read as ``a.<name>``; no script
+counts its way through positional arguments.
+
+Every script but ``SUBMIT`` carries ``allow-oom``: a Redis at its ``maxmemory`` (noeviction)
+refuses new requests, while the work already accepted goes on (claims, lease renewals, progress,
+finishing, which frees the inputs) and then frees the memory (docs/fleet.md). ``SUBMIT`` has flags
+and none of them, so a full Redis refuses it before it writes anything (an OOM error, answered 503
+``queue_unavailable``). Flags need Redis 7.0 or later.
+"""
+
+# Their order is the order of KEYS[1..8] in every script.
+FIXED_KEYS = ("waiting", "running", "unreported", "finished", "bytes", "seq", "replicas", "wake")
+
+_PRELUDE = """
+local a = cjson.decode(ARGV[1])
+local K = {waiting = KEYS[1], running = KEYS[2], unreported = KEYS[3], finished = KEYS[4], bytes = KEYS[5],
+  seq = KEYS[6], replicas = KEYS[7], wake = KEYS[8]}
+local R = {}  -- request id -> its hash's key, as declared
+for i, id in ipairs(a.ids or {}) do R[id] = KEYS[8 + i] end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -14,194 +37,221 @@ local function append_log(key, line)
   redis.call('HSET', key, 'front_logs', logs)
 end
 -- Back to its own place in the line (its arrival order), unless it has finished meanwhile.
-local function requeue(p, id, line)
-  local key = p .. 'req:' .. id
-  redis.call('ZREM', p .. 'running', id)
+local function requeue(id, line)
+  local key = R[id]
+  redis.call('ZREM', K.running, id)
   local seq = redis.call('HGET', key, 'seq')
   if not seq or redis.call('HGET', key, 'status') == 'COMPLETED' then return false end
-  redis.call('ZADD', p .. 'waiting', seq, id)
+  redis.call('ZADD', K.waiting, seq, id)
   redis.call('HSET', key, 'status', 'IN_QUEUE', 'owner', '', 'worker_logs', '[]')
   append_log(key, line)
-  redis.call('LPUSH', p .. 'wake', '1')
+  redis.call('LPUSH', K.wake, '1')
   return true
 end
 """
 
-# ARGV: prefix, id, max_length, max_bytes, size, log line, then field, value, ...
-SUBMIT = """
-local p, id = ARGV[1], ARGV[2]
-if redis.call('ZCARD', p .. 'waiting') >= tonumber(ARGV[3]) then return -1 end
-if tonumber(redis.call('GET', p .. 'bytes') or '0') + tonumber(ARGV[5]) > tonumber(ARGV[4]) then return -2 end
-local key = p .. 'req:' .. id
-local seq = redis.call('INCR', p .. 'seq')
+
+def _script(body: str, flags: str = "allow-oom") -> str:
+    shebang = f"#!lua flags={flags}" if flags else "#!lua"
+    return shebang + "\n" + _PRELUDE + body
+
+
+# a: id, max_length, max_bytes, size, line (the "queued" log line, JSON), fields (name -> value).
+# The new request's place in the line; -1 past max_length waiting, -2 past max_bytes held.
+SUBMIT = _script(
+    """
+if redis.call('ZCARD', K.waiting) >= a.max_length then return -1 end
+if tonumber(redis.call('GET', K.bytes) or '0') + a.size > a.max_bytes then return -2 end
+local key = R[a.id]
+local seq = redis.call('INCR', K.seq)
 redis.call('HSET', key, 'seq', seq, 'submitted_ms', now_ms(), 'status', 'IN_QUEUE', 'attempts', 0, 'owner', '',
-  'size', ARGV[5], 'front_logs', '[' .. ARGV[6] .. ']', 'worker_logs', '[]', unpack(ARGV, 7))
-redis.call('INCRBY', p .. 'bytes', ARGV[5])
-redis.call('ZADD', p .. 'waiting', seq, id)
-redis.call('LPUSH', p .. 'wake', '1')
-redis.call('LTRIM', p .. 'wake', 0, 1023)
-return redis.call('ZRANK', p .. 'waiting', id)
-"""
+  'size', a.size, 'front_logs', '[' .. a.line .. ']', 'worker_logs', '[]')
+for name, value in pairs(a.fields) do redis.call('HSET', key, name, value) end
+redis.call('INCRBY', K.bytes, a.size)
+redis.call('ZADD', K.waiting, seq, a.id)
+redis.call('LPUSH', K.wake, '1')
+redis.call('LTRIM', K.wake, 0, 1023)
+return redis.call('ZRANK', K.waiting, a.id)
+""",
+    flags="",
+)
 
-# ARGV: prefix, owner, lease ms. The head of the line, now IN_PROGRESS under a lease (as fal's is once a
-# runner takes it, even before its first step); its whole hash.
-CLAIM = """
-local p = ARGV[1]
-while true do
-  local head = redis.call('ZPOPMIN', p .. 'waiting')
-  if #head == 0 then return false end
-  local id = head[1]
-  local key = p .. 'req:' .. id
-  if redis.call('HGET', key, 'status') == 'IN_QUEUE' then
-    redis.call('ZADD', p .. 'running', now_ms() + tonumber(ARGV[3]), id)
-    redis.call('HINCRBY', key, 'attempts', 1)
-    redis.call('HSET', key, 'owner', ARGV[2], 'status', 'IN_PROGRESS')
-    return {id, redis.call('HGETALL', key)}
-  end
-end
+# a: id (the head of the line as the caller read it), owner, lease_ms. Its whole hash, now IN_PROGRESS
+# under a lease (as fal's is once a runner takes it, even before its first step); false when another
+# feeder took it first (the caller reads the head again).
+CLAIM = _script(
+    """
+if not redis.call('ZSCORE', K.waiting, a.id) then return false end
+redis.call('ZREM', K.waiting, a.id)
+local key = R[a.id]
+if redis.call('HGET', key, 'status') ~= 'IN_QUEUE' then return false end
+redis.call('ZADD', K.running, now_ms() + a.lease_ms, a.id)
+redis.call('HINCRBY', key, 'attempts', 1)
+redis.call('HSET', key, 'owner', a.owner, 'status', 'IN_PROGRESS')
+return redis.call('HGETALL', key)
 """
+)
 
-# ARGV: prefix, owner, lease ms, log line, now (unix s), reports wanted, report attempts, how many held,
-# the ids held, then the ids this replica is reporting. One call per poll does all of a replica's
-# upkeep:
+# One call per poll does all of a replica's upkeep. a: owner, lease_ms, taken_back_line, requeued_line,
+# now_s (unix), wanted (reports it may take over), max_attempts, held (ids it runs), reporting (ids
+# whose report it delivers), head (the first ids of the line), running (the claims that expire
+# first), unreported (the report claims that expire first); ids: every id above.
 # - renews its leases, and takes back a request re-queued while this replica was silent (Redis away
 #   past the lease) that nobody has claimed since;
-# - renews the claims of the reports (webhooks) it is delivering, and claims up to "reports wanted"
-#   whose replica stopped renewing theirs (past "report attempts" claims, one is dropped instead);
+# - puts every claim in ``running`` whose lease ran out back at its place in the line;
+# - renews the claims of the reports (webhooks) it is delivering, and claims up to ``wanted`` whose
+#   replica stopped renewing theirs (past ``max_attempts`` claims, one is dropped instead);
 # - finds the requests at the head of the line past their deadline: deadlines follow arrival (one
 #   FLUX_REQUEST_TIMEOUT_S for the fleet), so the head is where they are.
 # Answers the line's depth, the head's wait (ms), the live replicas, the held ids whose claim is gone
 # (ended elsewhere, or claimed by another replica), the ids past their deadline, the reports this
-# replica now delivers, and the reports dropped.
-HEARTBEAT = """
-local p, owner, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
+# replica now delivers, the reports dropped, and how many requests it re-queued.
+HEARTBEAT = _script(
+    """
+local owner, lease = a.owner, a.lease_ms
 local now = now_ms()
-redis.call('ZADD', p .. 'replicas', now, owner)
-redis.call('ZREMRANGEBYSCORE', p .. 'replicas', '-inf', now - lease)
-local held_end = 8 + tonumber(ARGV[8])
+redis.call('ZADD', K.replicas, now, owner)
+redis.call('ZREMRANGEBYSCORE', K.replicas, '-inf', now - lease)
 local lost = {}
-for i = 9, held_end do
-  local id = ARGV[i]
-  local key = p .. 'req:' .. id
-  if redis.call('ZSCORE', p .. 'running', id) and redis.call('HGET', key, 'owner') == owner then
-    redis.call('ZADD', p .. 'running', 'XX', now + lease, id)
-  elseif redis.call('ZSCORE', p .. 'waiting', id) then
-    redis.call('ZREM', p .. 'waiting', id)
-    redis.call('ZADD', p .. 'running', now + lease, id)
+for _, id in ipairs(a.held) do
+  local key = R[id]
+  if redis.call('ZSCORE', K.running, id) and redis.call('HGET', key, 'owner') == owner then
+    redis.call('ZADD', K.running, 'XX', now + lease, id)
+  elseif redis.call('ZSCORE', K.waiting, id) then
+    redis.call('ZREM', K.waiting, id)
+    redis.call('ZADD', K.running, now + lease, id)
     redis.call('HSET', key, 'owner', owner, 'status', 'IN_PROGRESS')
-    append_log(key, ARGV[4])
+    append_log(key, a.taken_back_line)
   else
     table.insert(lost, id)
   end
 end
-for i = held_end + 1, #ARGV do
-  if redis.call('HGET', p .. 'req:' .. ARGV[i], 'reporter') == owner then
-    redis.call('ZADD', p .. 'unreported', 'XX', now + lease, ARGV[i])
+local requeued = 0
+for _, id in ipairs(a.running) do
+  local expiry = redis.call('ZSCORE', K.running, id)
+  if expiry and tonumber(expiry) <= now and requeue(id, a.requeued_line) then requeued = requeued + 1 end
+end
+for _, id in ipairs(a.reporting) do
+  if redis.call('HGET', R[id], 'reporter') == owner then
+    redis.call('ZADD', K.unreported, 'XX', now + lease, id)
   end
 end
 local taken, dropped = {}, {}
-if tonumber(ARGV[6]) > 0 then
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'unreported', '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))) do
-    local key = p .. 'req:' .. id
+for _, id in ipairs(a.unreported) do
+  local expiry = redis.call('ZSCORE', K.unreported, id)
+  if #taken < a.wanted and expiry and tonumber(expiry) <= now then
+    local key = R[id]
     if redis.call('EXISTS', key) == 0 then
-      redis.call('ZREM', p .. 'unreported', id)  -- past its retention: nothing left to report
-    elseif redis.call('HINCRBY', key, 'report_claims', 1) > tonumber(ARGV[7]) then
-      redis.call('ZREM', p .. 'unreported', id)
+      redis.call('ZREM', K.unreported, id)  -- past its retention: nothing left to report
+    elseif redis.call('HINCRBY', key, 'report_claims', 1) > a.max_attempts then
+      redis.call('ZREM', K.unreported, id)
       table.insert(dropped, id)
     else
-      redis.call('ZADD', p .. 'unreported', now + lease, id)
+      redis.call('ZADD', K.unreported, now + lease, id)
       redis.call('HSET', key, 'reporter', owner)
       table.insert(taken, id)
     end
   end
 end
-local now_s = tonumber(ARGV[5])
-local head = redis.call('ZRANGE', p .. 'waiting', 0, 15)
 local late = {}
-for _, id in ipairs(head) do
-  local deadline = redis.call('HGET', p .. 'req:' .. id, 'deadline')
-  if deadline and deadline ~= '' and tonumber(deadline) < now_s then table.insert(late, id) end
+for _, id in ipairs(a.head) do
+  if redis.call('ZSCORE', K.waiting, id) then
+    local deadline = redis.call('HGET', R[id], 'deadline')
+    if deadline and deadline ~= '' and tonumber(deadline) < a.now_s then table.insert(late, id) end
+  end
 end
 local oldest = 0
-if #head > 0 then oldest = now - tonumber(redis.call('HGET', p .. 'req:' .. head[1], 'submitted_ms') or now) end
-return {redis.call('ZCARD', p .. 'waiting'), oldest, redis.call('ZCARD', p .. 'replicas'), lost, late, taken, dropped}
+local first = redis.call('ZRANGE', K.waiting, 0, 0)[1]
+if first and R[first] then oldest = now - tonumber(redis.call('HGET', R[first], 'submitted_ms') or now) end
+return {redis.call('ZCARD', K.waiting), oldest, redis.call('ZCARD', K.replicas), lost, late, taken, dropped, requeued}
 """
+)
 
-# ARGV: prefix, log line. Every request whose lease ran out goes back to its place in the line.
-REQUEUE_EXPIRED = """
-local p = ARGV[1]
-local requeued = 0
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'running', '-inf', now_ms(), 'LIMIT', 0, 100)) do
-  if requeue(p, id, ARGV[2]) then requeued = requeued + 1 end
-end
-return requeued
-"""
-
-# ARGV: prefix, owner, log line, ids. A draining replica hands back what it cannot finish (the
-# attempt it had does not count).
-HAND_BACK = """
-local p, owner = ARGV[1], ARGV[2]
-for i = 4, #ARGV do
-  local key = p .. 'req:' .. ARGV[i]
-  if redis.call('HGET', key, 'owner') == owner and requeue(p, ARGV[i], ARGV[3]) then
-    redis.call('HINCRBY', key, 'attempts', -1)
+# a: owner, line, ids. A replica hands back what it cannot run (draining, or its model tier is not
+# ready): back to its place in the line, the attempt it had not counted.
+HAND_BACK = _script(
+    """
+for _, id in ipairs(a.ids) do
+  if redis.call('HGET', R[id], 'owner') == a.owner and requeue(id, a.line) then
+    redis.call('HINCRBY', R[id], 'attempts', -1)
   end
 end
 return 0
 """
+)
 
-# ARGV: prefix, owner, then id, worker logs, ...: a started request's status and worker log lines.
-PROGRESS = """
-local p, owner = ARGV[1], ARGV[2]
-for i = 3, #ARGV, 2 do
-  local key = p .. 'req:' .. ARGV[i]
-  if redis.call('HGET', key, 'owner') == owner and redis.call('HGET', key, 'status') ~= 'COMPLETED' then
-    redis.call('HSET', key, 'status', 'IN_PROGRESS', 'worker_logs', ARGV[i + 1])
+# a: owner, logs (id -> the worker's log lines, JSON), ids: a started request's status and worker lines.
+PROGRESS = _script(
+    """
+for _, id in ipairs(a.ids) do
+  local key = R[id]
+  if redis.call('HGET', key, 'owner') == a.owner and redis.call('HGET', key, 'status') ~= 'COMPLETED' then
+    redis.call('HSET', key, 'status', 'IN_PROGRESS', 'worker_logs', a.logs[id])
   end
 end
 return 0
 """
+)
 
-# ARGV: prefix, id, token, owner ('' for anyone: a cancel), reporter, lease ms, retention s, max
-# retained, log line, then field, value, ... (outcome or error, worker logs). 1 when this call (its
-# token) finished it: the first finish wins, and a retry of the same call after a lost answer still
-# sees its win. The winner (the reporter, unless '') holds the claim to report it (metrics, webhook)
-# in ``unreported``, scored by when that claim runs out; it renews it with its heartbeat and removes
-# it once reported, and any replica's heartbeat takes over a claim that ran out.
-FINISH = """
-local p, id, token = ARGV[1], ARGV[2], ARGV[3]
-local key = p .. 'req:' .. id
+# a: id, token, owner ('' for anyone: a cancel), reporter ('' for none), lease_ms, retention_s,
+# max_retained, line (the last log line), fields (outcome or error, worker logs), channel. Answers
+# {1 when this call (its token) finished it, the ids past max_retained}: the first finish wins, and a
+# retry of the same call after a lost answer still sees its win. The winner (the reporter) holds the
+# claim to report it (metrics, webhook) in ``unreported``, scored by when that claim runs out; it
+# renews it with its heartbeat and removes it once reported, and any replica's heartbeat takes over
+# a claim that ran out. The caller forgets the ids past max_retained with FORGET (their keys declared).
+FINISH = _script(
+    """
+local key = R[a.id]
 local status = redis.call('HGET', key, 'status')
-if not status then return 0 end
+if not status then return {0, {}} end
 if status == 'COMPLETED' then
-  if redis.call('HGET', key, 'finished_by') == token then return 1 end
-  return 0
+  if redis.call('HGET', key, 'finished_by') == a.token then return {1, {}} end
+  return {0, {}}
 end
-if ARGV[4] ~= '' and redis.call('HGET', key, 'owner') ~= ARGV[4] then return 0 end
-redis.call('ZREM', p .. 'running', id)
-redis.call('ZREM', p .. 'waiting', id)
-redis.call('DECRBY', p .. 'bytes', redis.call('HGET', key, 'size') or 0)
+if a.owner ~= '' and redis.call('HGET', key, 'owner') ~= a.owner then return {0, {}} end
+redis.call('ZREM', K.running, a.id)
+redis.call('ZREM', K.waiting, a.id)
+redis.call('DECRBY', K.bytes, redis.call('HGET', key, 'size') or 0)
 local now = now_ms()
 redis.call('HDEL', key, 'request')
-redis.call('HSET', key, 'status', 'COMPLETED', 'finished_by', token, 'finished_ms', now, unpack(ARGV, 10))
-append_log(key, ARGV[9])
-if ARGV[5] ~= '' then
-  redis.call('HSET', key, 'reporter', ARGV[5], 'report_claims', 1)
-  redis.call('ZADD', p .. 'unreported', now + tonumber(ARGV[6]), id)
+redis.call('HSET', key, 'status', 'COMPLETED', 'finished_by', a.token, 'finished_ms', now, 'end_log', a.line)
+for name, value in pairs(a.fields) do redis.call('HSET', key, name, value) end
+if a.reporter ~= '' then
+  redis.call('HSET', key, 'reporter', a.reporter, 'report_claims', 1)
+  redis.call('ZADD', K.unreported, now + a.lease_ms, a.id)
 end
-local retention = tonumber(ARGV[7])
-redis.call('EXPIRE', key, retention)
-local finished = p .. 'finished'
-redis.call('ZADD', finished, now, id)
-redis.call('ZREMRANGEBYSCORE', finished, '-inf', now - retention * 1000)
-local excess = redis.call('ZCARD', finished) - tonumber(ARGV[8])
-if excess > 0 then
-  for _, old in ipairs(redis.call('ZRANGE', finished, 0, excess - 1)) do
-    redis.call('DEL', p .. 'req:' .. old)
-    redis.call('ZREM', p .. 'unreported', old)
-  end
-  redis.call('ZREMRANGEBYRANK', finished, 0, excess - 1)
-end
-redis.call('PUBLISH', p .. 'done', id)
-return 1
+redis.call('EXPIRE', key, a.retention_s)
+redis.call('ZADD', K.finished, now, a.id)
+redis.call('ZREMRANGEBYSCORE', K.finished, '-inf', now - a.retention_s * 1000)
+local excess = redis.call('ZCARD', K.finished) - a.max_retained
+local over = {}
+if excess > 0 then over = redis.call('ZRANGE', K.finished, 0, excess - 1) end
+redis.call('PUBLISH', a.channel, a.id)
+return {1, over}
 """
+)
+
+# a: ids. Finished requests past FLUX_QUEUE_MAX_RETAINED, oldest first: their records go.
+FORGET = _script(
+    """
+for _, id in ipairs(a.ids) do
+  if redis.call('ZSCORE', K.finished, id) then
+    redis.call('DEL', R[id])
+    redis.call('ZREM', K.finished, id)
+    redis.call('ZREM', K.unreported, id)
+  end
+end
+return 0
+"""
+)
+
+SCRIPTS = {
+    "submit": SUBMIT,
+    "claim": CLAIM,
+    "heartbeat": HEARTBEAT,
+    "hand_back": HAND_BACK,
+    "progress": PROGRESS,
+    "finish": FINISH,
+    "forget": FORGET,
+}
