@@ -303,18 +303,9 @@ TABLE_ROWS = [
 ]
 
 
-def hardware_table(adapter_bytes: int = 4 * GIB) -> str:
-    """The markdown table of docs/hardware.md: FLUX.1-dev in bf16 on CUDA, one 1024x1024 image,
-    per-request LoRAs on (the default 4 GiB adapter budget)."""
-    architecture = meta_architecture(None, None, "flux-dev")
-    weights = {
-        choice: component_bytes(architecture.modules["transformer"], torch.bfloat16, choice)
-        for choice in ("none", "fp8", "fp8-weight", "int8")
-    }
-    t5 = {
-        choice: component_bytes(architecture.modules["text_encoder_2"], torch.bfloat16, choice)
-        for choice in ("none", "int8")
-    }
+def fit_table(architecture: Architecture, adapter_bytes: int) -> list[str]:
+    """Markdown rows: each TABLE_ROWS configuration of FLUX.1-dev in bf16 on CUDA, one 1024x1024
+    image, with ``adapter_bytes`` of LoRA adapters, against each HARDWARE_GB size."""
     lines = [
         "| FLUX_QUANTIZE | FLUX_TEXT_ENCODER_QUANTIZE | FLUX_OFFLOAD | weights on the GPU | expected peak | "
         + " | ".join(f"{gb} GB" for gb in HARDWARE_GB)
@@ -322,28 +313,34 @@ def hardware_table(adapter_bytes: int = 4 * GIB) -> str:
         "|---|---|---|---|---|" + "---|" * len(HARDWARE_GB),
     ]
     for row in TABLE_ROWS:
-        plan = plan_memory(
-            architecture, dtype=torch.bfloat16, device="cuda", adapter_bytes=adapter_bytes, **row
-        )  # fmt: skip
+        plan = plan_memory(architecture, dtype=torch.bfloat16, device="cuda", adapter_bytes=adapter_bytes, **row)
         fits = " | ".join("fits" if plan.peak <= gb * GB else "no" for gb in HARDWARE_GB)
         lines.append(
             f"| {row.get('quantize', 'none')} | {row.get('text_encoder_quantize', 'none')} | "
             f"{row.get('offload', 'none')} | {plan.resident / GB:.1f} GB | {plan.peak / GB:.1f} GB | {fits} |"
         )
-    lines.append("")
-    lines.append(
-        "Weights counted on the meta device: transformer "
-        + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in weights.items())
-        + "; T5-XXL "
-        + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in t5.items())
-        + "; "
-        + ", ".join(
-            f"{name} {component_bytes(architecture.modules[name], torch.bfloat16) / GB:.2f} GB"
-            for name in ("text_encoder", "vae", "safety_checker")
+    return lines
+
+
+def hardware_table(architecture: Architecture | None = None) -> str:
+    """docs/hardware.md's generated part: FLUX.1-dev's component sizes per precision and which
+    configurations fit which GPU, with the default 4 GiB LoRA adapter budget, 1 GiB, and LoRAs off."""
+    architecture = architecture or meta_architecture(None, None, "flux-dev")
+    modules = architecture.modules
+    lines = ["| component | bf16 | fp8 / fp8-weight | int8 |", "|---|---|---|---|"]
+    for name in COMPONENTS:
+        quantizable = name in ("transformer", "text_encoder_2")
+        cells = [component_bytes(modules[name], torch.bfloat16, c) / GB for c in ("none", "fp8-weight", "int8")]
+        lines.append(
+            f"| {name} | {cells[0]:.2f} GB | "
+            + (f"{cells[1]:.2f} GB | {cells[2]:.2f} GB |" if quantizable else "(not quantized) | (not quantized) |")
         )
-        + ". A GB is 10^9 bytes; the GPU sizes are nominal (an 80 GB H100 has 79.6 GiB = 85.5 GB, a 24 GB card "
-        "about 23.6 GiB = 25.4 GB), so the table is counted against the nominal figure in GB, the tighter one."
-    )
+    for title, adapter_bytes in (
+        ("Per-request LoRAs on, the default adapter budget (FLUX_LORA_MEMORY_MAX_BYTES=4 GiB):", 4 * GIB),
+        ("Per-request LoRAs on, FLUX_LORA_MEMORY_MAX_BYTES=1073741824 (1 GiB):", GIB),
+        ("Per-request LoRAs off (FLUX_LORA_MAX_PER_REQUEST=0):", 0),
+    ):
+        lines += ["", title, "", *fit_table(architecture, adapter_bytes)]
     return "\n".join(lines) + "\n"
 
 

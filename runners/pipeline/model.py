@@ -145,10 +145,9 @@ def load_model(
     component_bytes = {name: quantization.module_bytes(getattr(pipeline, name)) for name in COUNTED}
     if safety_checker is not None:
         component_bytes["safety_checker"] = quantization.module_bytes(safety_checker.checker)
-    log.info(
-        "weights: %s GB",
-        ", ".join(f"{name} {nbytes / 1e9:.3f}" for name, nbytes in component_bytes.items()),
-    )
+    from runners.pipeline.memory import size
+
+    log.info("weights as loaded: %s", ", ".join(f"{name} {size(nbytes)}" for name, nbytes in component_bytes.items()))
     offload.apply_offload(pipeline, settings.offload, device)
     transformer_backend = (offload.OnloadingTransformer if settings.offload == "model" else TorchTransformer)(
         pipeline.transformer
