@@ -9,8 +9,9 @@ folder model is the reference:
   ``flux_model_bytes{component="transformer"}`` gauge is what tests/test_quantization.py's
   meta-device count says, at most ``TINY_GAUGE_RATIO`` of bf16's bytes;
 - the transformer as one file in Black Forest Labs' layout gives the same PNG bytes.
-Start-up refusals (fp8 on the CPU, a file that does not match the model) end ``bentoml serve``
-with the reason.
+A transformer file that does not match the model ends ``bentoml serve`` with the reason. (fp8's
+refusal on the CPU is raised by the same ``load_model`` at the same point, before anything is read:
+tests/test_quantization.py checks it in process, saving a server start-up.)
 """
 
 from __future__ import annotations
@@ -153,3 +154,14 @@ def test_a_single_file_transformer_in_bfl_layout_gives_the_folder_models_images(
     for name, image in served["none"]["images"].items():
         assert np.array_equal(served["single-file"]["images"][name], image), name
     assert served["single-file"]["transformer_bytes"] == served["none"]["transformer_bytes"]
+
+
+def test_a_transformer_file_that_does_not_match_the_model_stops_the_server_with_the_reason(tmp_path, tiny_dir):
+    from tests.test_single_file import tiny_file_of_another_shape
+    from tests.test_startup import serve_until_it_exits
+
+    path = tiny_file_of_another_shape(tmp_path)
+    code, output = serve_until_it_exits(tmp_path, FLUX_MODEL=str(tiny_dir), FLUX_TRANSFORMER_FILE=str(path))
+    assert code != 0
+    assert f"model failed to load (CheckpointError: FLUX_TRANSFORMER_FILE={path}" in output, output[-3000:]
+    assert "does not match the transformer of" in output and "of other shapes" in output, output[-3000:]

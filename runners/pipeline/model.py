@@ -181,7 +181,11 @@ def plan_and_check_memory(settings: ModelSettings, lora_settings: LoraSettings, 
     with the numbers) when over the device's memory and FLUX_MEMORY_CHECK is on."""
     from runners.pipeline import memory
 
-    architecture = memory.meta_architecture(source, checker_source, settings.random_architecture)
+    try:
+        architecture = memory.meta_architecture(source, checker_source, settings.random_architecture)
+    except (OSError, ValueError) as exc:  # a missing or broken config: the loader says which, in its words
+        log.warning("memory: not counted, the model's configs cannot be read (%s): no pre-flight", exc)
+        return None
     width, height = settings.plan_size()
     common = dict(
         dtype=dtype,
