@@ -189,3 +189,23 @@ def test_group_offload_hooks_leave_the_image_and_its_loras_unchanged(tiny_dir, t
         return np.asarray(result.images[0])
 
     assert np.array_equal(run(True), run(False))
+
+
+def test_the_device_cells_run_on_the_cpu(tiny_dir, tmp_path):
+    """benchmarks/device/quantized.py's wiring, on the tiny model (the GPU run's figures come from a
+    lent GPU): fp8 refused as a server refuses it, int8 against bf16, group offload with a LoRA."""
+    from benchmarks.device.quantized import markdown, run_quantized_cells
+
+    model = load_model(tiny_settings(tiny_dir))
+    cells = run_quantized_cells(
+        model, workdir=tmp_path, request=dict(width=32, height=32, steps=2), repeats=1, offload_steps=2, lora_rank=2
+    )
+    bf16, fp8, int8, group = cells
+    assert bf16["status"] == "ran" and bf16["seconds_per_image"] > 0
+    assert fp8["status"] == "refused" and "compute capability 8.9" in fp8["reason"]
+    assert int8["status"] == "ran" and int8["transformer_bytes"] < 0.3 * bf16["transformer_bytes"]  # fp32 base
+    assert int8["psnr_db_vs_bf16"] is not None and int8["max_abs_levels_vs_bf16"] > 0
+    assert group["status"] == "ran", group
+    assert group["adapters_on_compute_device"] and group["max_abs_levels_vs_resident"] == 0
+    assert len(markdown(cells)) == 2 + len(cells)
+    assert type(model.pipeline.transformer.x_embedder.weight) is torch.nn.Parameter  # bf16 (here fp32) put back
