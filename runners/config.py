@@ -103,8 +103,8 @@ class ModelSettings(SettingsGroup):
     """Keep weights in host memory and move them to the GPU when used (diffusers' offloading).
     ``model``: each whole component (text encoders, transformer, VAE) comes onto the GPU for its own
     turn: the peak is the largest component, at the cost of moving the transformer every request.
-    ``group``: one transformer block at a time, the next one's copy overlapping the current one's
-    compute: the smallest peak, the slowest. LoRA adapters and their deltas stay on the GPU. Needs a
+    ``group``: one layer at a time (diffusers' leaf-level group offloading), the next one's copy
+    overlapping the current one's compute on a CUDA stream: the smallest peak, the slowest. LoRA adapters and their deltas stay on the GPU. Needs a
     GPU (on the CPU there is nowhere to offload from) and FLUX_BACKEND=torch or compile."""
 
     transformer_file: Path | None = None
