@@ -109,6 +109,8 @@ def meta_architecture(source: str | None, checker_source: str | None, random_arc
     from runners.pipeline.tiny import _clip_tokenizer, _t5_tokenizer
 
     if random_architecture is not None:
+        if random_architecture not in ARCHITECTURES:
+            raise ValueError(f"random:{random_architecture}: unknown architecture")
         with torch.device("meta"):
             return Architecture(build_modules(ARCHITECTURES[random_architecture], (_clip_tokenizer(), _t5_tokenizer())))
     from diffusers import AutoencoderKL, FluxTransformer2DModel
