@@ -205,6 +205,8 @@ def test_the_device_cells_run_on_the_cpu(tiny_dir, tmp_path):
     assert fp8["status"] == "refused" and "compute capability 8.9" in fp8["reason"]
     assert int8["status"] == "ran" and int8["transformer_bytes"] < 0.3 * bf16["transformer_bytes"]  # fp32 base
     assert int8["psnr_db_vs_bf16"] is not None and int8["max_abs_levels_vs_bf16"] > 0
+    assert int8["lora_psnr_db_vs_bf16"] is not None and "lora_failed" not in int8, int8
+    assert bf16["lora_psnr_db_vs_own_base"] is not None  # the LoRA moves the image
     assert group["status"] == "ran", group
     assert group["adapters_on_compute_device"] and group["max_abs_levels_vs_resident"] == 0
     assert len(markdown(cells)) == 2 + len(cells)

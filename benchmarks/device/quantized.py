@@ -2,7 +2,9 @@
 request (1024x1024, 28 steps, strength 0.85), the transformer in bf16, ``fp8`` (torchao float8
 dynamic activation + weight) and ``int8`` (weight-only): seconds per image, the peak of allocated
 GPU memory, the transformer's bytes, and the pixel error of each against bf16 on the same seed
-(PSNR, mean and largest absolute difference in 8-bit levels); then group offload's cost (the
+(PSNR, mean and largest absolute difference in 8-bit levels), also with a hot-swapped LoRA (its
+error against bf16 with the same LoRA, and how far the LoRA moves each base's image: a LoRA that
+comes out weaker on a quantized base shows there); then group offload's cost (the
 transformer offloaded leaf by leaf, a few steps, with a hot-swapped LoRA): seconds per step against
 resident bf16's, the peak, whether the LoRA adapters and deltas sit on the GPU, and the image's
 difference from the resident one.
@@ -147,8 +149,9 @@ def run_quantized_cells(
     install(model, fresh_transformer(config, host, device, dtype))
     cells: list[dict] = []
     base_requests = requests_for(width, height, steps, strength)
-    reference = None
+    reference = reference_lora = None
     run_s = None
+    lora_file = None
 
     def out_of_time(estimate: float) -> str | None:
         if deadline is None or time.monotonic() + estimate < deadline:
@@ -184,9 +187,42 @@ def run_quantized_cells(
             reference, run_s = image, figures["median_s"]
         elif reference is not None:
             cell.update(pixel_error(image, reference))
+        # The same request with a hot-swapped LoRA (deltas in the compute dtype beside this base):
+        # its error against bf16 with the LoRA, and how far the LoRA moves the image (its strength).
+        try:
+            lora_file = lora_file or lora_for(model.pipeline.transformer, workdir, lora_rank)
+            with_lora = lora_image(model, lora_file, lora_rank, width, height, steps, strength)
+            cell["lora_psnr_db_vs_own_base"] = psnr(with_lora, image)
+            if choice == "none":
+                reference_lora = with_lora
+            elif reference_lora is not None:
+                cell.update({f"lora_{k}": v for k, v in pixel_error(with_lora, reference_lora).items()})
+        except Exception as exc:  # noqa: BLE001
+            cell["lora_failed"] = f"{type(exc).__name__}: {exc}"[:2000]
     cells.append(offload_cell(model, config, host, workdir, offload_steps, lora_rank, (width, height), out_of_time))
     install(model, fresh_transformer(config, host, device, dtype))  # as the run found it: bf16, resident
     return cells
+
+
+def lora_for(transformer, workdir: Path, rank: int):
+    from benchmarks.lora import make_lora
+    from runners.lora.formats import linear_shapes
+
+    return make_lora(Path(workdir), linear_shapes(transformer), rank, seed=7)
+
+
+def lora_image(model, lora_file, rank: int, width, height, steps, strength) -> np.ndarray:
+    """One run of the request with ``lora_file`` hot-swapped onto the model's current transformer."""
+    from runners.lora.adapters import AdapterCache, enable_lora
+    from runners.pipeline.inpaint import Inpainter
+
+    path, sha = lora_file
+    model.lora_layers = enable_lora(model.pipeline.transformer)
+    model.adapters = AdapterCache(model.pipeline.transformer, 4 * 1024**3, rank, device=model.device, dtype=model.dtype)
+    adapter = model.adapters.get(path, sha, "quantized-check")
+    (result,) = Inpainter(model).run(requests_for(width, height, steps, strength, loras=[(adapter, 1.0)]))
+    model.adapters = None
+    return np.asarray(result.images[0])
 
 
 def offload_cell(model, config, host, workdir, steps, lora_rank, size, out_of_time) -> dict:
@@ -257,8 +293,9 @@ def offload_cell(model, config, host, workdir, steps, lora_rank, size, out_of_ti
 def markdown(cells: list[dict]) -> list[str]:
     """Lines for the device run's report."""
     lines = [
-        "| cell | status | s/image (s/step) | peak allocated | transformer | PSNR vs bf16 | max levels |",
-        "|---|---|---|---|---|---|---|",
+        "| cell | status | s/image (s/step) | peak allocated | transformer | PSNR vs bf16 | max levels "
+        "| with a LoRA: PSNR vs bf16 + LoRA | the LoRA's own effect (PSNR vs no LoRA) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         timing = c.get("seconds_per_image") or c.get("seconds_per_step")
@@ -269,6 +306,7 @@ def markdown(cells: list[dict]) -> list[str]:
             f"{'' if timing is None else f'{timing:.3f}'} | {'' if peak is None else f'{peak / 1e9:.1f} GB'} | "
             f"{'' if nbytes is None else f'{nbytes / 1e9:.2f} GB'} | "
             f"{c.get('psnr_db_vs_bf16', c.get('psnr_db_vs_resident', ''))} | "
-            f"{c.get('max_abs_levels_vs_bf16', c.get('max_abs_levels_vs_resident', ''))} |"
+            f"{c.get('max_abs_levels_vs_bf16', c.get('max_abs_levels_vs_resident', ''))} | "
+            f"{c.get('lora_psnr_db_vs_bf16', '')} | {c.get('lora_psnr_db_vs_own_base', '')} |"
         )
     return lines
