@@ -596,6 +596,11 @@ def load_settings() -> Settings:
                     f"{name}={value} applies to the torch transformer, but FLUX_BACKEND={settings.backend.backend} "
                     "runs exported graphs: use FLUX_BACKEND=torch or compile, or FLUX_EXPORT_PRECISION=fp8 for TensorRT"
                 )
+        if settings.model.transformer_file is not None:  # exported artifacts are named by the model folder's hash
+            raise SettingsError(
+                f"FLUX_TRANSFORMER_FILE is not used by FLUX_BACKEND={settings.backend.backend}: its exported graphs "
+                "are named by FLUX_MODEL's files, not this one; use FLUX_BACKEND=torch or compile"
+            )
     for name, value in (
         ("FLUX_BATCH_TIMEOUT_S", settings.batching.timeout_s),
         ("FLUX_TRITON_TIMEOUT_S", settings.executor.triton_timeout_s),

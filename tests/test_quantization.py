@@ -211,3 +211,19 @@ def test_the_device_cells_run_on_the_cpu(tiny_dir, tmp_path):
     assert group["adapters_on_compute_device"] and group["max_abs_levels_vs_resident"] == 0
     assert len(markdown(cells)) == 2 + len(cells)
     assert type(model.pipeline.transformer.x_embedder.weight) is torch.nn.Parameter  # bf16 (here fp32) put back
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("FLUX_QUANTIZE", "int8"), ("FLUX_OFFLOAD", "group"), ("FLUX_TRANSFORMER_FILE", "/models/flux1-dev.safetensors")],
+)
+def test_exported_backends_refuse_torch_only_settings(monkeypatch, variable, value):
+    """ONNX Runtime and TensorRT run graphs with their own weights, named by the model folder."""
+    from runners.config import SettingsError, load_settings
+
+    monkeypatch.setenv("FLUX_BACKEND", "tensorrt")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=f"{variable}.*FLUX_BACKEND=tensorrt"):
+        load_settings()
+    monkeypatch.setenv("FLUX_BACKEND", "compile")
+    assert load_settings().backend.backend == "compile"
