@@ -4,8 +4,8 @@ pre-flight that refuses one that cannot fit, with the numbers and what would fit
 
 What the peak counts, on the compute device:
 - resident weights: every component (transformer, T5-XXL, CLIP, VAE, safety checker) at its
-  precision; with FLUX_OFFLOAD=model the largest component plus the safety checker (the others wait
-  in host memory); with ``group`` the transformer's non-block weights and two of its largest blocks
+  precision; with FLUX_OFFLOAD=model the largest component plus the VAE and the safety checker (the
+  others wait in host memory); with ``group`` the transformer's non-block weights and two of its largest blocks
   (the running one and the next, prefetched), or T5's equivalent when larger;
 - the LoRA adapter budget (FLUX_LORA_MEMORY_MAX_BYTES) when per-request LoRAs are on;
 - activations: the largest of the transformer forward over FLUX_MEMORY_PLAN_IMAGES images at
@@ -221,7 +221,8 @@ def plan_memory(
     if offload == "none":
         resident = sum(weights.values())
     elif offload == "model":
-        resident = max(pipeline_parts.values()) + checker
+        # the VAE stays on after its encode (the loop never calls diffusers' maybe_free_model_hooks)
+        resident = max(pipeline_parts.values()) + weights.get("vae", 0) + checker
     else:  # group: two blocks (running, prefetched) and the rest of the largest component at a time
         per_component = []
         for name in pipeline_parts:

@@ -127,7 +127,13 @@ def load_model(
     # differently from base + delta (measured on the tiny model: up to 10 levels of 255), so a request's
     # image would change with whether its batch-mates share its LoRAs. Deltas then serve every batch.
     # A quantized transformer never fuses: its weights are not in the compute dtype to add a delta to.
-    fuse_uniform = lora_settings.fuse_uniform_batches and dtype == torch.float32 and settings.quantize == "none"
+    # Nor an offloaded one: its weights are copied in from host memory at each use, past any fuse.
+    fuse_uniform = (
+        lora_settings.fuse_uniform_batches
+        and dtype == torch.float32
+        and settings.quantize == "none"
+        and settings.offload == "none"
+    )
     if lora_settings.fuse_uniform_batches and not fuse_uniform and lora_settings.max_per_request > 0:
         log.info(
             "LoRA batches run as deltas in %s beside the %s weights, never fused: a fused LoRA's image differs "
