@@ -164,22 +164,32 @@ def test_offload_is_refused_on_the_cpu(tiny_dir):
             load_model(tiny_settings(tiny_dir, offload=choice))
 
 
-def test_group_offload_hooks_leave_the_image_and_its_loras_unchanged(tiny_dir, tmp_path):
-    """diffusers' leaf-level group offloading (CPU to CPU here) under a hot-swapped LoRA and the
-    first-block cache's split forward: the same image as without."""
+@pytest.mark.parametrize("choice", ["model", "group"])
+def test_offload_hooks_leave_the_image_and_its_loras_unchanged(tiny_dir, tmp_path, choice):
+    """diffusers' model offload and leaf-level group offloading (CPU to CPU here) under a hot-swapped
+    LoRA and the first-block cache's split forward: the same image as without. Under model offload
+    the split forward brings the transformer on itself (its first block bypasses ``forward``'s hook)."""
     from runners.lora.formats import linear_shapes
+    from runners.pipeline import offload
     from runners.pipeline.inpaint import Inpainter, InpaintInputs
-    from runners.pipeline.offload import apply_offload
     from tests.conftest import scene
     from tests.test_lora import write_lora
+
+    onloads = []
 
     def run(offloaded: bool):
         model = load_model(tiny_settings(tiny_dir), LoraSettings(max_per_request=2))
         lora = write_lora(tmp_path, "g", 4, 3, linear_shapes(model.pipeline.transformer))
         adapter = model.adapters.get(lora.path, lora.sha256, lora.name)
         if offloaded:
-            apply_offload(model.pipeline, "group", torch.device("cpu"), torch.device("cpu"))
-            assert getattr(model.pipeline.transformer.x_embedder, "_diffusers_hook", None) is not None
+            offload.apply_offload(model.pipeline, choice, torch.device("cpu"), torch.device("cpu"))
+            model.transformer = offload.transformer_backend(model.pipeline.transformer, choice)
+            if choice == "group":
+                assert getattr(model.pipeline.transformer.x_embedder, "_diffusers_hook", None) is not None
+            else:
+                hook = model.pipeline.transformer._hf_hook
+                pre_forward = hook.pre_forward
+                hook.pre_forward = lambda module, *a, **k: (onloads.append(module), pre_forward(module, *a, **k))[1]
         image, mask = scene(32, 32)
         inputs = InpaintInputs(
             prompt="a cat", image=image, mask=mask, width=32, height=32, seed=3, num_inference_steps=4,
@@ -189,6 +199,8 @@ def test_group_offload_hooks_leave_the_image_and_its_loras_unchanged(tiny_dir, t
         return np.asarray(result.images[0])
 
     assert np.array_equal(run(True), run(False))
+    if choice == "model":  # every step's split forward onloaded the transformer first
+        assert len(onloads) >= 4
 
 
 def test_the_device_cells_run_on_the_cpu(tiny_dir, tmp_path):

@@ -155,9 +155,7 @@ def load_model(
 
     log.info("weights as loaded: %s", ", ".join(f"{name} {size(nbytes)}" for name, nbytes in component_bytes.items()))
     offload.apply_offload(pipeline, settings.offload, device)
-    transformer_backend = (offload.OnloadingTransformer if settings.offload == "model" else TorchTransformer)(
-        pipeline.transformer
-    )
+    transformer_backend = offload.transformer_backend(pipeline.transformer, settings.offload)
     return FluxModel(
         pipeline=pipeline,
         transformer=transformer_backend,

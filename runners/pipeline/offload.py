@@ -70,3 +70,8 @@ class OnloadingTransformer(TorchTransformer):
         if hook is not None:
             hook.pre_forward(self.module)
         return super().first_block(**inputs)
+
+
+def transformer_backend(transformer, choice: str) -> TorchTransformer:
+    """The eager backend for ``transformer`` under FLUX_OFFLOAD=``choice``."""
+    return (OnloadingTransformer if choice == "model" else TorchTransformer)(transformer)
