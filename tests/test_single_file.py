@@ -111,3 +111,26 @@ def test_a_bad_or_mismatched_file_is_refused_naming_what_differs(tiny_dir, tmp_p
     assert "does not match the transformer of" in message, message
     assert "tensors missing (single_transformer_blocks.1." in message, message
     assert "of other shapes (context_embedder.weight (32, 48) (the model's (32, 32))" in message, message
+
+
+def test_a_scaled_fp8_comfyui_file_is_scaled_back_on_load(tiny_dir, tmp_path):
+    """ComfyUI's "scaled fp8" files store each matrix divided by a per-tensor ``scale_weight`` (and a
+    ``scaled_fp8`` marker): the load multiplies it back."""
+    from runners.pipeline.single_file import COMFY_PREFIX, load_transformer_file
+
+    (folder,) = (tiny_dir / "transformer").glob("*.safetensors")
+    original = load_file(folder)
+    scaled = {COMFY_PREFIX + "scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for key, tensor in diffusers_to_bfl(original).items():
+        if tensor.dim() == 2:
+            scale = tensor.abs().max() / 448
+            scaled[COMFY_PREFIX + key] = (tensor / scale).to(torch.float8_e4m3fn)
+            scaled[COMFY_PREFIX + key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+        else:
+            scaled[COMFY_PREFIX + key] = tensor
+    save_file(scaled, tmp_path / "scaled.safetensors")
+    loaded = load_transformer_file(tmp_path / "scaled.safetensors", str(tiny_dir), torch.device("cpu"), torch.float32)
+    for key, weight in loaded.state_dict().items():
+        expected = original[key]
+        error = (weight - expected).abs().max() / expected.abs().max()
+        assert error < 0.07, (key, float(error))  # float8 e4m3: 3 mantissa bits
