@@ -92,6 +92,52 @@ class ModelSettings(SettingsGroup):
     warmup: bool = True
     """Run one inference before reporting ready, so the first user request pays no warm-up."""
 
+    quantize: Literal["none", "fp8", "fp8-weight", "int8"] = "none"
+    """The transformer's weights (docs/hardware.md). ``fp8``: torchao's float8 dynamic activation and
+    weight quantization: about half the memory and the fastest matmuls, on GPUs of compute
+    capability 8.9 and above (Ada, Hopper) only: refused elsewhere, the CPU included. ``fp8-weight``:
+    float8 weights, multiplied in the compute dtype: half the memory on any device. ``int8``: torchao's
+    int8 weight-only quantization, on any device. Quantized after ``FLUX_FUSED_LORAS`` are fused;
+    per-request LoRAs run as deltas in the compute dtype beside the quantized layers, never fused
+    into them. nf4 (bitsandbytes) is not offered: it needs a GPU to test and to run."""
+
+    text_encoder_quantize: Literal["none", "fp8", "fp8-weight", "int8"] = "none"
+    """T5-XXL's weights (9.5 GB in bf16), with the same choices as ``FLUX_QUANTIZE``. The CLIP text
+    encoder (0.25 GB) and the VAE stay in the compute dtype."""
+
+    offload: Literal["none", "model", "group"] = "none"
+    """Keep weights in host memory and move them to the GPU when used (diffusers' offloading).
+    ``model``: each whole component (text encoders, transformer, VAE) comes onto the GPU for its own
+    turn: the peak is the largest component, at the cost of moving the transformer every request.
+    ``group``: one layer at a time (diffusers' leaf-level group offloading), the next one's copy
+    overlapping the current one's compute on a CUDA stream: the smallest peak, the slowest. LoRA adapters and their deltas stay on the GPU. Needs a
+    GPU (on the CPU there is nowhere to offload from) and FLUX_BACKEND=torch or compile."""
+
+    transformer_file: Path | None = None
+    """One ``.safetensors`` file holding the transformer, instead of the model folder's
+    ``transformer/``: Black Forest Labs' original layout (``flux1-dev.safetensors``), with or without
+    ComfyUI's ``model.diffusion_model.`` prefix, float8 ComfyUI files (``flux1-dev-fp8``: weights
+    stored in float8, scaled or not) included. The rest of the pipeline, and the transformer's
+    config, come from ``FLUX_MODEL``. A file that is not safetensors, or does not match that
+    config, stops the server with the reason."""
+
+    memory_check: bool = True
+    """Before loading, count the bytes the configuration needs (weights per component and precision,
+    the LoRA adapter budget, the activations of ``FLUX_MEMORY_PLAN_IMAGES`` images at
+    ``FLUX_MEMORY_PLAN_SIZE``) and refuse to start, with the numbers, when they exceed the device's
+    memory. The expected peak is logged either way."""
+
+    memory_limit_bytes: int | None = Field(None, ge=64 * 1024**2, le=64 * 1024**4)
+    """The memory the check counts against. Unset: the GPU's total memory, or the host's on the CPU.
+    Set it lower when the device is shared with another process."""
+
+    memory_plan_size: str = Field("1024x1024", pattern=r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$")
+    """``WIDTHxHEIGHT`` of the largest images the check plans activations for."""
+
+    memory_plan_images: int = Field(1, ge=1, le=256)
+    """Images denoised in one transformer forward that the check plans for (a batch of requests,
+    or one request's ``num_images``)."""
+
     @field_validator("dtype", mode="before")
     @classmethod
     def _no_float16(cls, value):
@@ -132,6 +178,11 @@ class ModelSettings(SettingsGroup):
         if self.dtype == "auto":
             return torch.bfloat16 if device == "cuda" else torch.float32
         return getattr(torch, self.dtype)
+
+    def plan_size(self) -> tuple[int, int]:
+        """FLUX_MEMORY_PLAN_SIZE as (width, height)."""
+        width, _, height = self.memory_plan_size.partition("x")
+        return int(width), int(height)
 
     def identity(self) -> str:
         """A short hash naming the served model (for logs and response headers)."""
@@ -540,6 +591,20 @@ class Settings(BaseSettings):
             if value < needed:
                 raise ValueError(
                     f"{name}={value:g} must be at least FLUX_REQUEST_TIMEOUT_S + {DEADLINE_GRACE_S:g} = {needed:g}"
+                )
+        # Exported graphs hold their own weights: a quantized or offloaded torch module is not what runs.
+        if self.backend.backend in ("onnxruntime", "tensorrt"):
+            for name, value in (("FLUX_QUANTIZE", self.model.quantize), ("FLUX_OFFLOAD", self.model.offload)):
+                if value != "none":
+                    raise ValueError(
+                        f"{name}={value} applies to the torch transformer, but FLUX_BACKEND={self.backend.backend} "
+                        "runs exported graphs: use FLUX_BACKEND=torch or compile, or FLUX_EXPORT_PRECISION=fp8 for "
+                        "TensorRT"
+                    )
+            if self.model.transformer_file is not None:  # exported artifacts are named by the model folder's hash
+                raise ValueError(
+                    f"FLUX_TRANSFORMER_FILE is not used by FLUX_BACKEND={self.backend.backend}: its exported graphs "
+                    "are named by FLUX_MODEL's files, not this one; use FLUX_BACKEND=torch or compile"
                 )
         # A finished request's result names its images' URLs for as long as it is kept.
         if self.store.ttl_s < self.queue.result_retention_s:

@@ -103,8 +103,20 @@ class AdapterCache:
     """Adapters by content hash, least recently used dropped past a byte budget. A new adapter is
     loaded and validated completely before anything is evicted, so a failed load changes nothing."""
 
-    def __init__(self, transformer: torch.nn.Module, max_bytes: int, max_rank: int):
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        max_bytes: int,
+        max_rank: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         self.transformer = transformer
+        # Where and in what the deltas compute: the model's device and dtype, which a quantized or
+        # offloaded weight's storage does not tell (int8 on the device, bf16 in host memory).
+        parameter = next(transformer.parameters())
+        self.device = device if device is not None else parameter.device
+        self.dtype = dtype if dtype is not None else parameter.dtype
         self.max_bytes = max_bytes
         self.max_rank = max_rank
         self._adapters: OrderedDict[str, Adapter] = OrderedDict()
@@ -123,12 +135,11 @@ class AdapterCache:
                 self.stats.hits += 1
                 return self._adapters[sha256]
         started = time.perf_counter()
-        parameter = next(self.transformer.parameters())
         weights = load_lora(Path(path), self.transformer, self.max_rank)
         layers = {
             module: LoraLayer(
-                down=layer.down.to(parameter.device, parameter.dtype),
-                up=layer.up.to(parameter.device, parameter.dtype),
+                down=layer.down.to(self.device, self.dtype),
+                up=layer.up.to(self.device, self.dtype),
                 multiplier=layer.multiplier,
             )
             for module, layer in weights.layers.items()
@@ -159,9 +170,17 @@ class AdapterCache:
         return adapter
 
 
-def activate(layers: dict[str, LoraLinear], requests: list[RequestLoras], pad_to: int | None = None) -> None:
+def activate(
+    layers: dict[str, LoraLinear],
+    requests: list[RequestLoras],
+    pad_to: int | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Give every layer the batch's concatenated adapters and per-request scales.
-    ``pad_to``: a fixed total rank for every layer (zero rows), so shapes never change."""
+    ``pad_to``: a fixed total rank for every layer (zero rows), so shapes never change.
+    ``device``, ``dtype``: where the deltas compute (the model's); unset, the weight's, which is
+    wrong for an offloaded weight (in host memory) and cannot make a quantized one's zeros."""
     adapters = list({id(a): a for loras in requests for a, _ in loras}.values())
     for name, module in layers.items():
         parts = [(a, a.layers[name]) for a in adapters if name in a.layers]
@@ -169,13 +188,14 @@ def activate(layers: dict[str, LoraLinear], requests: list[RequestLoras], pad_to
             module.lora_down = module.lora_up = module.lora_scales = None
             continue
         weight = module.weight
+        like = dict(device=device or weight.device, dtype=dtype or weight.dtype)
         rank = sum(layer.down.shape[0] for _, layer in parts)
         width = pad_to if pad_to is not None else rank
         if rank > width:
             raise LoraError(f"the batch's LoRAs need rank {rank} in {name}, over the padded {width}")
-        down = weight.new_zeros(width, module.in_features)
-        up = weight.new_zeros(module.out_features, width)
-        scales = weight.new_zeros(len(requests), width)
+        down = torch.zeros(width, module.in_features, **like)
+        up = torch.zeros(module.out_features, width, **like)
+        scales = torch.zeros(len(requests), width, **like)
         offset = 0
         for adapter, layer in parts:
             r = layer.down.shape[0]

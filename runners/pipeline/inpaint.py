@@ -218,7 +218,7 @@ class Inpainter:
             finally:
                 lora.unfuse(layers, fused)
             return
-        lora.activate(layers, per_request, pad_to=pad_to)
+        lora.activate(layers, per_request, pad_to=pad_to, device=self.model.device, dtype=self.model.dtype)
         try:
             yield
         finally:

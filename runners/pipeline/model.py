@@ -47,6 +47,9 @@ class FluxModel:
     fused_loras: list = field(default_factory=list)  # (sha256, scale) merged at start-up: part of an export's identity
     lora_pad_to: int | None = None  # fixed LoRA rank per layer (compiled transformer: shapes never change)
     backend: str = "torch"
+    quantize: str = "none"  # FLUX_QUANTIZE: the transformer's weights
+    component_bytes: dict = field(default_factory=dict)  # weight bytes per component, measured after loading
+    memory_plan: Any = None  # runners.pipeline.memory.MemoryPlan counted before loading
 
 
 def resolve_source(settings: ModelSettings) -> tuple[str, str | None]:
@@ -72,54 +75,90 @@ def load_model(
     import torch
     from diffusers import FluxInpaintPipeline
 
+    from runners.pipeline import offload, quantization
+
     device = torch.device(settings.resolved_device())
     dtype = settings.resolved_dtype(device.type)
+    lora_settings = lora_settings or LoraSettings(max_per_request=0)
+    # Refused before anything is read: a choice this device cannot run, or a plan it cannot hold.
+    quantization.check_supported(settings.quantize, device)
+    quantization.check_supported(settings.text_encoder_quantize, device, "FLUX_TEXT_ENCODER_QUANTIZE")
+    offload.check_offload(settings.offload, device)
+    source, checker_source = (settings.model, None) if settings.random_architecture else resolve_source(settings)
+    plan = plan_and_check_memory(settings, lora_settings, device, dtype, source, checker_source)
     started = time.perf_counter()
     if settings.random_architecture:
         from runners.pipeline.random_model import build_random_model
 
-        source = settings.model
         log.warning(RANDOM_WARNING, source)
         pipeline, checker, feature_extractor = build_random_model(settings.random_architecture, device, dtype)
         safety_checker = SafetyChecker(checker, feature_extractor, device, dtype)
     else:
-        source, checker_source = resolve_source(settings)
         if settings.is_tiny:
             log.warning(TINY_WARNING)
         log.info("loading model %s on %s as %s", source, device, dtype)
         # device_map: each component's weights go from the files straight to the device, never a
-        # whole copy of the model in host memory first (33 GB for FLUX.1-dev in bf16).
-        pipeline = FluxInpaintPipeline.from_pretrained(source, torch_dtype=dtype, device_map=device.type)
+        # whole copy of the model in host memory first (33 GB for FLUX.1-dev in bf16). Offloaded
+        # weights stay in host memory: the offload hooks bring them over.
+        home = device if settings.offload == "none" else torch.device("cpu")
+        components = {}
+        if settings.transformer_file is not None:
+            from runners.pipeline.single_file import load_transformer_file
+
+            components["transformer"] = load_transformer_file(settings.transformer_file, source, home, dtype)
+        pipeline = FluxInpaintPipeline.from_pretrained(source, torch_dtype=dtype, device_map=home.type, **components)
         safety_checker = SafetyChecker.load(checker_source, device, dtype) if checker_source else None
     pipeline.set_progress_bar_config(disable=True)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         getattr(pipeline, name).eval().requires_grad_(False)
     log.info("model loaded in %.1f s", time.perf_counter() - started)
-    lora_settings = lora_settings or LoraSettings(max_per_request=0)
+    # FLUX_FUSED_LORAS go into the full-precision weights, before quantization rounds them.
     fused = (
         fuse_configured_loras(pipeline.transformer, lora_settings, settings.cache_dir, fetcher)
         if lora_settings.fused
         else []
     )
+    for name, choice in (("transformer", settings.quantize), ("text_encoder_2", settings.text_encoder_quantize)):
+        if choice != "none":
+            count = quantization.quantize(getattr(pipeline, name), choice)
+            log.info("%s: %d linear layers quantized to %s", name, count, choice)
     lora_layers = adapters = None
     # Fusing a uniform batch's LoRAs is exact enough only in float32: in bf16 the fused weights round
     # differently from base + delta (measured on the tiny model: up to 10 levels of 255), so a request's
     # image would change with whether its batch-mates share its LoRAs. Deltas then serve every batch.
-    fuse_uniform = lora_settings.fuse_uniform_batches and dtype == torch.float32
+    # A quantized transformer never fuses: its weights are not in the compute dtype to add a delta to.
+    # Nor an offloaded one: its weights are copied in from host memory at each use, past any fuse.
+    fuse_uniform = (
+        lora_settings.fuse_uniform_batches
+        and dtype == torch.float32
+        and settings.quantize == "none"
+        and settings.offload == "none"
+    )
     if lora_settings.fuse_uniform_batches and not fuse_uniform and lora_settings.max_per_request > 0:
         log.info(
-            "LoRA batches run as deltas, never fused, in %s: a fused LoRA's image differs from its delta "
-            "image there, and an image must not depend on its batch-mates",
+            "LoRA batches run as deltas in %s beside the %s weights, never fused: a fused LoRA's image differs "
+            "from its delta image there, and an image must not depend on its batch-mates",
             dtype,
+            "quantized" if settings.quantize != "none" else "base",
         )
     if lora_settings.max_per_request > 0:
         from runners.lora.adapters import AdapterCache, enable_lora
 
         lora_layers = enable_lora(pipeline.transformer)
-        adapters = AdapterCache(pipeline.transformer, lora_settings.memory_max_bytes, lora_settings.max_rank)
+        adapters = AdapterCache(
+            pipeline.transformer, lora_settings.memory_max_bytes, lora_settings.max_rank, device=device, dtype=dtype
+        )
+    component_bytes = {name: quantization.module_bytes(getattr(pipeline, name)) for name in COUNTED}
+    if safety_checker is not None:
+        component_bytes["safety_checker"] = quantization.module_bytes(safety_checker.checker)
+    from runners.pipeline.memory import size
+
+    log.info("weights as loaded: %s", ", ".join(f"{name} {size(nbytes)}" for name, nbytes in component_bytes.items()))
+    offload.apply_offload(pipeline, settings.offload, device)
+    transformer_backend = offload.transformer_backend(pipeline.transformer, settings.offload)
     return FluxModel(
         pipeline=pipeline,
-        transformer=TorchTransformer(pipeline.transformer),
+        transformer=transformer_backend,
         vae=TorchVae(pipeline.vae),
         safety_checker=safety_checker,
         device=device,
@@ -132,7 +171,44 @@ def load_model(
         adapters=adapters,
         fuse_uniform_loras=fuse_uniform,
         fused_loras=fused,
+        quantize=settings.quantize,
+        component_bytes=component_bytes,
+        memory_plan=plan,
     )
+
+
+COUNTED = ("transformer", "text_encoder", "text_encoder_2", "vae")
+
+
+def plan_and_check_memory(settings: ModelSettings, lora_settings: LoraSettings, device, dtype, source, checker_source):
+    """The configuration's expected peak, counted on the meta device and logged; refused (MemoryPlanError,
+    with the numbers) when over the device's memory and FLUX_MEMORY_CHECK is on."""
+    from runners.pipeline import memory
+
+    try:
+        architecture = memory.meta_architecture(source, checker_source, settings.random_architecture)
+    except (OSError, ValueError) as exc:  # a missing or broken config: the loader says which, in its words
+        log.warning("memory: not counted, the model's configs cannot be read (%s): no pre-flight", exc)
+        return None
+    width, height = settings.plan_size()
+    common = dict(
+        dtype=dtype,
+        device=device.type,
+        adapter_bytes=lora_settings.memory_max_bytes if lora_settings.max_per_request > 0 else 0,
+        width=width,
+        height=height,
+        images=settings.memory_plan_images,
+        vae_batch_images=settings.vae_batch_images,
+    )
+    chosen = dict(
+        quantize=settings.quantize, text_encoder_quantize=settings.text_encoder_quantize, offload=settings.offload
+    )
+    plan = memory.plan_memory(architecture, **common, **chosen)
+    available, where = memory.device_memory(device, settings.memory_limit_bytes)
+    log.info("memory: %s; the device has %s (%s)", plan.summary(), memory.size(available), where)
+    if settings.memory_check:
+        memory.preflight(plan, available, where, lambda: memory.alternatives_for(architecture, **common))
+    return plan
 
 
 def attach_backend(model: FluxModel, settings) -> None:

@@ -13,7 +13,8 @@ Tokenizers are built in code (no hub, no sentencepiece files): a byte-level
 CLIP BPE vocabulary with no merges, and a small T5-style Unigram vocabulary
 (pad=0, eos=1, unk=2 as in T5) that covers ASCII and maps anything else to unk.
 
-Usage: ``python -m runners.pipeline.tiny DIR`` writes the model to DIR.
+Usage: ``python -m runners.pipeline.tiny DIR`` writes the model to DIR; with ``--transformer-file
+FILE [--layout bfl|comfy-fp8]`` also its transformer as one file, as FLUX_TRANSFORMER_FILE takes it.
 """
 
 from __future__ import annotations
@@ -231,15 +232,59 @@ def ensure_tiny_model(cache_dir: Path) -> Path:
     return write_tiny_model(Path(cache_dir) / f"tiny-flux-v{TINY_FORMAT_VERSION}")
 
 
+SINGLE_FILE_LAYOUTS = ("bfl", "comfy-fp8")
+
+
+def write_transformer_file(model_dir: Path, file: Path, layout: str = "bfl") -> Path:
+    """The tiny model's transformer (from ``model_dir``) as one ``.safetensors`` file, as FLUX.1-dev's
+    transformer is published outside diffusers (FLUX_TRANSFORMER_FILE): ``bfl``, Black Forest Labs'
+    original layout; ``comfy-fp8``, ComfyUI's: the same keys under ``model.diffusion_model.``, every
+    matrix stored in float8 (e4m3fn), vectors as they are, as ``flux1-dev-fp8.safetensors`` is."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from runners.pipeline.single_file import COMFY_PREFIX, diffusers_to_bfl
+
+    if layout not in SINGLE_FILE_LAYOUTS:
+        raise ValueError(f"layout {layout!r}: choose {', '.join(SINGLE_FILE_LAYOUTS)}")
+    (weights,) = sorted((Path(model_dir) / "transformer").glob("*.safetensors"))
+    state = diffusers_to_bfl(load_file(str(weights)))
+    if layout == "comfy-fp8":
+        state = {
+            COMFY_PREFIX + key: tensor.to(torch.float8_e4m3fn) if tensor.dim() == 2 else tensor
+            for key, tensor in state.items()
+        }
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, file)
+    return file
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m runners.pipeline.tiny",
         description="Write a tiny random-weight FLUX.1 inpainting model (diffusers layout) to DIR.",
     )
     parser.add_argument("directory", metavar="DIR", type=Path, help="folder to write the model into")
+    parser.add_argument(
+        "--transformer-file",
+        metavar="FILE",
+        type=Path,
+        help="also write the transformer as one .safetensors file (for FLUX_TRANSFORMER_FILE)",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=SINGLE_FILE_LAYOUTS,
+        default="bfl",
+        help="the transformer file's layout: bfl (Black Forest Labs' original) or comfy-fp8 (ComfyUI's float8)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(write_tiny_model(args.directory))
+    if args.transformer_file is not None:
+        print(write_transformer_file(args.directory, args.transformer_file, args.layout))
 
 
 if __name__ == "__main__":

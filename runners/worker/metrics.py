@@ -40,3 +40,12 @@ LORA_ACTIVATION_SECONDS = bentoml.metrics.Histogram(
     "when the set of running requests changes (the stepping thread waits for it)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2),
 )
+# "livemax": one series per component however many worker processes there are (each loads the same
+# model, so the largest is every worker's); a stopped worker's value goes with it.
+MODEL_BYTES = bentoml.metrics.Gauge(
+    name="flux_model_bytes",
+    documentation="Bytes of each model component's weights as loaded (quantized ones count their data, scales "
+    "and zero points): transformer, text_encoder (CLIP), text_encoder_2 (T5-XXL), vae, safety_checker",
+    labelnames=["component"],
+    multiprocess_mode="livemax",
+)

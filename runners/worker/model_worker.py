@@ -30,6 +30,7 @@ from runners.worker.metrics import (
     BATCH_SIZE,
     DENOISE_SECONDS,
     LORA_LOAD_SECONDS,
+    MODEL_BYTES,
     SAMPLES_PER_FORWARD,
     STEP_SECONDS,
 )
@@ -69,6 +70,8 @@ class ModelWorker:
         try:
             inpainter = load_inpainter(self.settings)
             inpainter.on_forward = self._forward_done
+            for component, nbytes in inpainter.model.component_bytes.items():
+                MODEL_BYTES.labels(component=component).set(nbytes)
             if self.settings.batching.mode == "continuous":
                 from runners.worker.engine import StepEngine
 
