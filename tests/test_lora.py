@@ -17,7 +17,7 @@ from runners.lora.sources import LoraSourceError
 from runners.pipeline.inpaint import Inpainter
 from runners.pipeline.model import load_model
 from runners.protocol.jobs import JobLora
-from runners.worker.batch import run_jobs
+from runners.worker.adaptive import run_jobs
 from tests.conftest import BATCH_ROUNDING_LEVELS, LocalHandler, local_http_server, pixels, scene
 from tests.test_batch import decoded, job
 
