@@ -185,7 +185,7 @@ def activate(
         else:
             from runners.backends.compiled import bucket_for
 
-            width = bucket_for(need, tuple(pad_to))
+            width = min(bucket_for(need, tuple(pad_to)), max(pad_to))
         if need > width:
             raise LoraError(f"the batch's LoRAs need rank {need}, over the padded {width}")
     # Padded (compiled): at least two rows of scales, the extra ones never indexed, so one request's

@@ -34,3 +34,10 @@ ADMISSION_WAIT_SECONDS = bentoml.metrics.Histogram(
     documentation="Continuous batching: seconds a request waited in the worker before joining the running loop",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
 )
+COMPILES = bentoml.metrics.Counter(
+    name="flux_compiles",
+    documentation=(
+        "Graphs torch.compile built in the model worker (dynamo's own count, recompiles included). "
+        "It grows during the start-up warm-up only: a rise while serving is a recompile inside a live request"
+    ),
+)

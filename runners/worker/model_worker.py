@@ -28,6 +28,7 @@ from runners.worker.board import JobBoard
 from runners.worker.ledger import JobLedger
 from runners.worker.metrics import (
     BATCH_SIZE,
+    COMPILES,
     DENOISE_SECONDS,
     LORA_LOAD_SECONDS,
     SAMPLES_PER_FORWARD,
@@ -64,8 +65,10 @@ class ModelWorker:
             await asyncio.wait_for(self.front_done.wait(), self.settings.server.drain_timeout_s + 10)
 
     def _load(self) -> None:
+        from runners.backends.compiled import on_compile
         from runners.worker.loading import load_inpainter
 
+        on_compile(COMPILES.inc)  # from the warm-up on: an operator sees any recompile while serving
         try:
             inpainter = load_inpainter(self.settings)
             inpainter.on_forward = self._forward_done
