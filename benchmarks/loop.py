@@ -160,19 +160,49 @@ def lora_sets(model, modes: list[str], rank: int, batch_sizes: list[int]) -> dic
     return sets
 
 
-def with_backend(model, name: str, model_settings, lora_settings):
-    """A copy of ``model`` running on backend ``name``, or the reason it cannot (no artifacts, ...)."""
+def with_backend(model, name: str, model_settings, lora_settings, **backend):
+    """A copy of ``model`` running on backend ``name``, or the reason it cannot (no artifacts, ...).
+    ``name`` ``compile:blocks`` or ``compile:model``: FLUX_BACKEND=compile with that FLUX_COMPILE_SCOPE.
+    ``backend``: more BackendSettings fields (compile_backend, compile_mode)."""
     from runners.config import BackendSettings, Settings
     from runners.pipeline.model import attach_backend
 
+    name, _, scope = name.partition(":")
+    if scope:
+        backend["compile_scope"] = scope
     variant = dataclasses.replace(model)
     try:
         attach_backend(
-            variant, Settings(model=model_settings, lora=lora_settings, backend=BackendSettings(backend=name))
+            variant,
+            Settings(model=model_settings, lora=lora_settings, backend=BackendSettings(backend=name, **backend)),
         )
     except Exception as exc:  # noqa: BLE001 - the reason goes into the report as the cell's result
         return None, f"{type(exc).__name__}: {exc}"
     return variant, None
+
+
+def compile_seconds(inpainter, requests: list, repeats: int) -> dict:
+    """How long compiling takes: ``repeats`` times, dynamo's caches reset (and inductor's on-disk
+    caches off), the first run of ``requests`` timed against a warm run right after it; the
+    difference is the compile. Also the graphs each compile built (dynamo's own count)."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    from runners.backends.compiled import graphs_compiled
+
+    runs, graphs = [], []
+    with torch._inductor.config.patch(force_disable_caches=True):
+        for _ in range(repeats):
+            torch._dynamo.reset()
+            before = graphs_compiled()
+            started = time.perf_counter()
+            inpainter.run(requests)
+            first = time.perf_counter() - started
+            graphs.append(graphs_compiled() - before)
+            started = time.perf_counter()
+            inpainter.run(requests)
+            runs.append(first - (time.perf_counter() - started))
+    return {"compile_s": runs, "compile_median_s": statistics.median(runs), "graphs": graphs}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -189,8 +219,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--backends",
         default="torch",
-        help="comma-separated: torch, compile, onnxruntime, tensorrt "
+        help="comma-separated: torch, compile (FLUX_COMPILE_SCOPE's default, blocks), compile:blocks, "
+        "compile:model, onnxruntime, tensorrt "
         "(the exported ones need `python -m export` first; else their cells are reported as skipped)",
+    )
+    parser.add_argument("--compile-backend", default="inductor", help="FLUX_COMPILE_BACKEND of compile backends")
+    parser.add_argument("--compile-mode", default="default", help="FLUX_COMPILE_MODE of compile backends")
+    parser.add_argument(
+        "--compile-repeats",
+        type=int,
+        default=3,
+        help="times each compile backend's compile is timed (dynamo reset, inductor caches off), at the "
+        "first size and batch; 0: not timed",
     )
     parser.add_argument("--sizes", default="square_hd", help="fal presets or WxH, comma-separated")
     parser.add_argument("--batch-sizes", default="1,4")
@@ -261,15 +301,43 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "lora_rank": args.lora_rank if with_loras else None,
         "acceleration_switches": switches,
+        "compile_backend": args.compile_backend if any(b.startswith("compile") for b in backends) else None,
         "cells": [],
+        "compiles": [],
         "skipped": [],
     }
     for backend in backends:
-        backend_model, reason = with_backend(model, backend, settings, lora_settings)
+        backend_model, reason = with_backend(
+            model,
+            backend,
+            settings,
+            lora_settings,
+            **(
+                {"compile_backend": args.compile_backend, "compile_mode": args.compile_mode}
+                if "compile" in backend
+                else {}
+            ),
+        )
         if backend_model is None:
             results["skipped"].append({"backend": backend, "reason": reason})
             print(f"backend {backend}: skipped: {reason}", flush=True)
             continue
+        if backend.startswith("compile") and args.compile_repeats > 0:
+            (width, height), steps = sizes[0], int(args.steps.split(",")[0])
+            timed = compile_seconds(
+                Inpainter(backend_model, AccelerationSettings(**switches)),
+                cell_requests(
+                    width, height, steps, float(args.strengths.split(",")[0]), batch_sizes[0], "none", loras["none"]
+                ),
+                args.compile_repeats,
+            )
+            timed.update(backend=backend, width=width, height=height, batch=batch_sizes[0])
+            results["compiles"].append(timed)
+            print(
+                f"{backend} compile at {width}x{height} batch {batch_sizes[0]}: {timed['compile_median_s']:.1f} s "
+                f"(median of {args.compile_repeats}; {timed['graphs']} graphs)",
+                flush=True,
+            )
         inpainters = {
             (name, threshold): Inpainter(backend_model, AccelerationSettings(**switches, threshold=threshold or 0.0))
             for name, threshold in variants
@@ -283,6 +351,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
         for point in matrix:
             results["cells"] += point_cells(backend_model, backend, inpainters, variants, loras, point, args, peak)
+        if backend.startswith("compile"):
+            from runners.backends.compiled import uncompile
+
+            uncompile(model.pipeline)  # regional compilation is in place: the next backend starts eager
     write(results, args.out)
     return results
 
@@ -431,6 +503,20 @@ def write(results: dict, out: Path, name: str | None = None) -> None:
             f"{c['megapixels_per_s']:.3f} | {c['denoise_steps_per_s']:.2f} | {c['achieved_tflops']:.3f} | "
             f"{of_peak} | {memory} | {c['cost_per_mp']:.5f} | {c['margin_vs_fal']:.1f} {compared}"
         )
+    if results.get("compiles"):
+        lines += [
+            "",
+            f"Compile time ({results['compile_backend']}; dynamo reset and inductor's caches off before each; the "
+            "first run's time less a warm run's):",
+            "",
+            "| backend | size | batch | compile s (median) | runs | graphs |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['backend']} | {c['width']}x{c['height']} | {c['batch']} | {c['compile_median_s']:.1f} | "
+            f"{', '.join(f'{v:.1f}' for v in c['compile_s'])} | {c['graphs'][0]} |"
+            for c in results["compiles"]
+        ]
     for s in results["skipped"]:
         lines += ["", f"Backend `{s['backend']}` skipped: {s['reason']}"]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")

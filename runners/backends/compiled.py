@@ -101,6 +101,14 @@ def compile_vae(vae, backend: str, mode: str) -> None:
     vae.decoder.compile(**options)
 
 
+def uncompile(pipeline) -> None:
+    """Undo ``compile_transformer(scope="blocks")`` and ``compile_vae`` (both compile modules in
+    place): the modules run eager again. For benchmarks that compare backends in one process."""
+    for component in (pipeline.transformer, pipeline.vae):
+        for module in component.modules():
+            module._compiled_call_impl = None
+
+
 def rank_buckets(max_rank: int, max_per_request: int, smallest: int = 16) -> tuple[int, ...]:
     """The total LoRA ranks a batch's deltas are padded to: powers of two from ``smallest`` up to the
     most a request can bring (``max_rank x max_per_request``), which is always the last. A batch pads
