@@ -58,8 +58,18 @@ class ModelSettings(SettingsGroup):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` takes CUDA when a GPU is visible, else the CPU."""
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """``auto`` is bfloat16 on CUDA and float32 on the CPU (bf16 matmuls are ~40x slower there)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """``auto`` is bfloat16 on CUDA and float32 on the CPU (bf16 matmuls are ~40x slower there).
+    float16 is refused: FLUX's transformer and T5-XXL overflow its range (their activations pass
+    65504), which gives black or NaN images."""
+
+    vae_batch_images: int = Field(1, ge=1, le=64)
+    """Most images one VAE call encodes or decodes; a group goes through in chunks of this many.
+    Bounds the VAE's activation memory (about 1.5 GB per 1024x1024 image in bf16: 16 at once would
+    need about 25 GB). 1, the default, also keeps an image independent of its batch-mates: in bf16
+    the VAE's convolutions round differently by batch size (measured on the CPU: up to 7 levels of
+    255 between an image decoded alone and in a pair), while one image per call costs next to
+    nothing at FLUX's sizes, where one image already fills a GPU."""
 
     safety_checker: str | None = Field(None, min_length=1, max_length=4096)
     """Hub id or folder of a ``StableDiffusionSafetyChecker``. Unset: the tiny model's own tiny
@@ -75,6 +85,16 @@ class ModelSettings(SettingsGroup):
 
     warmup: bool = True
     """Run one inference before reporting ready, so the first user request pays no warm-up."""
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _no_float16(cls, value):
+        if value in ("float16", "fp16", "half"):
+            raise ValueError(
+                "float16 is not supported: FLUX.1's transformer and T5-XXL overflow float16's range "
+                "(black or NaN images); use bfloat16 (the CUDA default) or float32"
+            )
+        return value
 
     @property
     def is_tiny(self) -> bool:

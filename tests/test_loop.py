@@ -161,7 +161,6 @@ def test_model_settings_choose_cpu_and_float32_here():
     assert settings.is_tiny and settings.resolved_device() == "cpu"
     assert settings.resolved_dtype("cpu") == torch.float32
     assert settings.resolved_dtype("cuda") == torch.bfloat16
-    assert ModelSettings(dtype="float16").resolved_dtype("cuda") == torch.float16
 
 
 def test_tiny_default_loads_from_the_cache_through_the_same_loader(cache_dir):

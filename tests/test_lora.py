@@ -300,3 +300,17 @@ def test_unfuse_restores_bit_for_bit(lora_model, loras):
     assert weights_digest(lora_model) != before
     unfuse(layers, fused)
     assert weights_digest(lora_model) == before
+
+
+def test_a_batch_without_loras_runs_without_delta_layers(lora_model, lora_inpainter, loras, monkeypatch):
+    """LoRA-free requests cost what they would with LoRAs off, even where deltas are padded to a
+    fixed rank (a compiled transformer); a LoRA batch gets its deltas, and loses them after."""
+    monkeypatch.setattr(lora_model, "lora_pad_to", 64)
+    monkeypatch.setattr(lora_model, "fuse_uniform_loras", False)
+    layers = lora_model.lora_layers
+    with lora_inpainter.loras_applied([[], []]):
+        assert all(layer.lora_down is None for layer in layers.values())
+    style = lora_model.adapters.get(loras["style"].path, loras["style"].sha256, "style")
+    with lora_inpainter.loras_applied([[(style, 1.0)], []]):
+        assert all(layer.lora_down is not None for layer in layers.values())
+    assert all(layer.lora_down is None for layer in layers.values())

@@ -254,14 +254,18 @@ def fuse(layers: dict[str, torch.nn.Linear], loras: RequestLoras, keep_originals
 
 def fuse_fits(layers: dict[str, torch.nn.Linear], loras: RequestLoras) -> bool:
     """Whether the copy of the originals a fuse keeps (for a bit-exact restore) fits beside the model:
-    always on the CPU; on a GPU only with 1.5x that much memory free (else deltas are used)."""
+    always on the CPU; on a GPU only with 1.5x that much memory free (else deltas are used). Free is
+    what the driver has free plus what PyTorch's caching allocator holds unused: the driver's figure
+    alone misses the blocks the allocator keeps after a step, which serve the copy first."""
     names = {name for adapter, _ in loras for name in adapter.layers}
     weights = [layers[name].weight for name in names if name in layers]
     if not weights or weights[0].device.type != "cuda":
         return True
+    device = weights[0].device
     needed = sum(w.numel() * w.element_size() for w in weights)
-    free, _ = torch.cuda.mem_get_info(weights[0].device)
-    return free > 1.5 * needed
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + cached > 1.5 * needed
 
 
 @torch.no_grad()

@@ -69,7 +69,12 @@ def may_skip(sample: CachedSample, settings: AccelerationSettings) -> bool:
 
 
 def relative_changes(now: torch.Tensor, then: torch.Tensor) -> list[float]:
-    """Per sample, mean |now - then| / mean |then| over tokens and channels, in float32."""
+    """Per sample, mean |now - then| / mean |then| over tokens and channels, in float32.
+
+    The one host read of a cached step, and it must stay: which samples run the remaining blocks
+    decides the shape of the sub-batch that runs them, and shapes are chosen on the host. It waits
+    for the first block only (the rest of the step is queued after it); a step with no sample past
+    its warm-up makes no read at all."""
     now, then = now.float(), then.float()
     return ((now - then).abs().mean(dim=(1, 2)) / then.abs().mean(dim=(1, 2))).tolist()
 
@@ -80,16 +85,18 @@ def cached_forward(
     samples: list[CachedSample],
     settings: AccelerationSettings,
     use_rows: Callable[[list], None],
+    indices: Callable[[tuple[int, ...]], torch.Tensor],
 ) -> torch.Tensor:
     """The transformer's velocity for ``samples`` (the batch ``inputs`` was stacked from), running
     the remaining blocks only for samples whose first-block residual moved. ``use_rows(subset)``
-    points per-request LoRA scales at the samples of the next forward."""
+    points per-request LoRA scales at the samples of the next forward; ``indices(rows)`` gives
+    ``rows`` as an index tensor on the device (made once and kept, so no copy per step)."""
     first = transformer.first_block(**inputs)
     skip = [False] * len(samples)
     candidates = [i for i, s in enumerate(samples) if may_skip(s, settings)]
     if candidates:
         then = torch.stack([samples[i].first_block_cache.first_residual for i in candidates])
-        changes = relative_changes(first.residual[candidates], then)
+        changes = relative_changes(first.residual[indices(tuple(candidates))], then)
         for i, change in zip(candidates, changes):
             skip[i] = change < settings.threshold
     compute = [i for i in range(len(samples)) if not skip[i]]
@@ -98,7 +105,7 @@ def cached_forward(
     else:
         hidden = first.hidden_states.clone()  # skipped rows are filled from their caches below
         if compute:
-            index = torch.tensor(compute, device=hidden.device)
+            index = indices(tuple(compute))
             use_rows([samples[i] for i in compute])
             try:
                 hidden[index] = transformer.remaining_blocks(first, index)

@@ -36,6 +36,7 @@ from PIL import Image
 from runners.config import AccelerationSettings
 from runners.pipeline import acceleration
 from runners.pipeline.acceleration import FirstBlockCache
+from runners.pipeline.host_reads import DeviceConstants
 from runners.pipeline.model import FluxModel
 
 log = logging.getLogger(__name__)
@@ -77,15 +78,15 @@ class InpaintResult:
 class Sample:
     """One image being denoised, with everything that may differ from the other samples."""
 
-    request: int  # row of its request in the LoRA scales: its index in the group (or among the engine's requests)
+    row: int  # its request's row in the LoRA scales: the request's index in the group (or among the engine's requests)
     prompt_embeds: torch.Tensor  # (text_tokens, joint_dim)
     pooled_prompt_embeds: torch.Tensor  # (pooled_dim,)
-    guidance: float
+    guidance: torch.Tensor  # () float32, on the device
     image_latents: torch.Tensor  # (image_tokens, 64) packed, the known image
     noise: torch.Tensor  # (image_tokens, 64) packed, this sample's noise
     mask: torch.Tensor  # (image_tokens, 64) packed, 1 = repaint
-    timesteps: torch.Tensor  # (n,) this sample's schedule after strength, in [0, 1000]
-    sigmas: torch.Tensor  # (n + 1,) matching sigmas, ending in 0
+    timesteps: torch.Tensor  # (n,) float32 on the device: this sample's schedule after strength, in [0, 1000]
+    sigmas: torch.Tensor  # (n + 1,) float32 on the device: matching sigmas, ending in 0
     latents: torch.Tensor  # (image_tokens, 64) packed, the current state
     step: int = 0
     cancelled: bool = False
@@ -143,6 +144,7 @@ class Inpainter:
         # compiled transformer recompile (dynamo guards on it).
         self.tf32 = self.acceleration.tf32 and model.device.type == "cuda" and model.dtype == torch.float32
         self.on_forward: ForwardCallback | None = None  # the worker's metrics: samples per forward
+        self.constants = DeviceConstants()  # position ids per size, index tensors: made once on the device
         log.info(
             acceleration.describe(
                 self.acceleration, getattr(model.transformer, "splittable", False), model.backend, self.tf32
@@ -166,14 +168,14 @@ class Inpainter:
             self.denoise(samples, width, height, on_step, is_cancelled)
         denoised = time.perf_counter()
         finished_samples = [s for s in samples if not s.cancelled]
-        safety = [requests[s.request].enable_safety_checker for s in finished_samples]
+        safety = [requests[s.row].enable_safety_checker for s in finished_samples]
         images, flags = self.decode(finished_samples, width, height, safety) if finished_samples else ([], [])
         finished = time.perf_counter()
         timings = {"preprocess": prepared - started, "inference": denoised - prepared, "decode": finished - denoised}
         results = []
         for r in range(len(requests)):
-            mine = [i for i, s in enumerate(finished_samples) if s.request == r]
-            cancelled = any(s.cancelled for s in samples if s.request == r)
+            mine = [i for i, s in enumerate(finished_samples) if s.row == r]
+            cancelled = any(s.cancelled for s in samples if s.row == r)
             results.append(
                 InpaintResult(
                     images=[] if cancelled else [images[i] for i in mine],
@@ -181,9 +183,7 @@ class Inpainter:
                     timings=dict(timings),
                     cancelled=cancelled,
                     steps_skipped=sum(
-                        s.first_block_cache.skipped
-                        for s in samples
-                        if s.request == r and s.first_block_cache is not None
+                        s.first_block_cache.skipped for s in samples if s.row == r and s.first_block_cache is not None
                     ),
                 )
             )
@@ -192,7 +192,7 @@ class Inpainter:
                     "request %d of the group: first-block cache skipped %d of %d transformer steps",
                     r,
                     results[-1].steps_skipped,
-                    sum(s.step for s in samples if s.request == r),
+                    sum(s.step for s in samples if s.row == r),
                 )
         return results
 
@@ -200,11 +200,13 @@ class Inpainter:
     def loras_applied(self, per_request: list) -> Iterator[None]:
         """The group's LoRAs on the transformer for the denoising loop, and off again after, whatever
         happens: per-sample deltas, or, when every request uses one LoRA set and the model is set to
-        fuse such batches, fused into the weights and the originals copied back bit for bit."""
+        fuse such batches (float32 only: ``load_model`` says why), fused into the weights and the
+        originals copied back bit for bit. A group without LoRAs runs with no delta layer at all:
+        it costs what it would on a server with LoRAs off."""
         from runners.lora import adapters as lora
 
         layers, pad_to = self.model.lora_layers, self.model.lora_pad_to
-        if layers is None or (not any(per_request) and pad_to is None):
+        if layers is None or not any(per_request):
             yield
             return
         first = [(id(a), s) for a, s in per_request[0]]
@@ -238,11 +240,17 @@ class Inpainter:
         )
         by_prompt = {p: i for i, p in enumerate(prompts)}
 
-        # 2. images through the VAE encoder in one batch; masks binarised at latent resolution
+        # 2. images through the VAE encoder, FLUX_VAE_BATCH_IMAGES at a time; masks binarised at
+        # latent resolution
         pixels = torch.cat(
             [self.pipe.image_processor.preprocess(r.image, height=height, width=width) for r in requests]
         )
-        moments = vae.encode(pixels.to(device=device, dtype=dtype))
+        moments = torch.cat(
+            [
+                vae.encode(pixels[chunk].to(device=device, dtype=dtype))
+                for chunk in vae_chunks(len(requests), model.vae_batch_images)
+            ]
+        )
         masks = torch.cat([self.pipe.mask_processor.preprocess(r.mask, height=height, width=width) for r in requests])
         masks = torch.nn.functional.interpolate(masks, size=(latent_h, latent_w)).to(device=device, dtype=dtype)
         masks = pack(masks.repeat(1, vae.latent_channels, 1, 1))
@@ -256,6 +264,10 @@ class Inpainter:
                 request.strength,
                 (latent_h // 2) * (latent_w // 2),
             )
+            # On the device from here on, with the guidance: a step then reads nothing from the host
+            # (runners/pipeline/host_reads.py says why that matters on a GPU).
+            timesteps, sigmas = timesteps.to(device), sigmas.to(device)
+            guidance = torch.tensor(request.guidance_scale, device=device, dtype=torch.float32)
             posterior = DiagonalGaussianDistribution(moments[index : index + 1])
             for image_index in range(request.num_images):
                 # One generator per image, drawn in diffusers' order (posterior sample, then noise),
@@ -268,10 +280,10 @@ class Inpainter:
                 latents = sigma * noise + (1.0 - sigma) * image_latents
                 samples.append(
                     Sample(
-                        request=index,
+                        row=index,
                         prompt_embeds=prompt_embeds[by_prompt[request.prompt]],
                         pooled_prompt_embeds=pooled[by_prompt[request.prompt]],
-                        guidance=request.guidance_scale,
+                        guidance=guidance,
                         image_latents=pack(image_latents)[0],
                         noise=pack(noise)[0],
                         mask=masks[index],
@@ -298,31 +310,32 @@ class Inpainter:
         while True:
             if is_cancelled is not None:  # a cancelled request leaves the batch at this step boundary
                 for s in samples:
-                    s.cancelled = s.cancelled or (not s.done and is_cancelled(s.request))
+                    s.cancelled = s.cancelled or (not s.done and is_cancelled(s.row))
             active = [s for s in samples if not s.done]
             if not active:
                 break
             self.step(active, width, height)
             if on_step is not None:
-                for s in {s.request: s for s in active}.values():
-                    on_step(s.request, s.step, len(s.timesteps))
+                for s in {s.row: s for s in active}.values():
+                    on_step(s.row, s.step, len(s.timesteps))
 
     def step(self, active: list[Sample], width: int, height: int) -> None:
         """One denoising step of every sample given (all of one output size, none done): one
         transformer forward over them, then each advances by its own sigmas. The step engine
-        (runners/worker/engine.py) calls this directly, with whichever samples are running."""
+        (runners/worker/engine.py) calls this directly, with whichever samples are running.
+
+        Everything it reads is on the device already (schedules and guidance since ``prepare``,
+        positions and LoRA row indices made once and kept): a step of ``"none"`` samples makes no
+        host-device transfer at all, and the first-block cache makes one read (acceleration.py says
+        why). tests/test_host_reads.py holds both counts."""
         model = self.model
-        device, dtype = model.device, model.dtype
+        dtype = model.dtype
         started = time.perf_counter()
-        scale = model.vae.scale_factor * 2  # pixels per packed token side
-        img_ids = self.pipe._prepare_latent_image_ids(None, height // scale, width // scale, device, dtype)
-        txt_ids = torch.zeros(active[0].prompt_embeds.shape[0], 3, device=device, dtype=dtype)
+        img_ids, txt_ids = self.positions(width, height, active[0].prompt_embeds.shape[0])
         self.use_lora_rows(active)
         latents = torch.stack([s.latents for s in active])
-        timestep = torch.stack([s.timesteps[s.step] for s in active]).to(device=device, dtype=dtype)
-        guidance = None
-        if model.transformer.guidance_embeds:
-            guidance = torch.tensor([s.guidance for s in active], device=device, dtype=torch.float32)
+        timestep = torch.stack([s.timesteps[s.step] for s in active]).to(dtype)
+        guidance = torch.stack([s.guidance for s in active]) if model.transformer.guidance_embeds else None
         inputs = dict(
             hidden_states=latents,
             encoder_hidden_states=torch.stack([s.prompt_embeds for s in active]),
@@ -336,43 +349,75 @@ class Inpainter:
         with acceleration.reduced_precision_matmuls(self.tf32 and all(s.accelerated for s in active)):
             if any(s.first_block_cache is not None for s in active):
                 velocity = acceleration.cached_forward(
-                    model.transformer, inputs, active, self.acceleration, self.use_lora_rows
+                    model.transformer, inputs, active, self.acceleration, self.use_lora_rows, self.indices
                 )
             else:
                 velocity = model.transformer(**inputs)
         # Euler step as FlowMatchEulerDiscreteScheduler.step does it: the velocity times the
         # sigma difference in the model's dtype, added to the latents in float32.
-        sigma = torch.stack([s.sigmas[s.step] for s in active]).to(device).view(-1, 1, 1)
-        sigma_next = torch.stack([s.sigmas[s.step + 1] for s in active]).to(device).view(-1, 1, 1)
+        sigma = torch.stack([s.sigmas[s.step] for s in active]).view(-1, 1, 1)
+        sigma_next = torch.stack([s.sigmas[s.step + 1] for s in active]).view(-1, 1, 1)
         delta = ((sigma_next - sigma) * velocity).to(velocity.dtype)
         stepped = (latents.float() + delta).to(velocity.dtype)
-        for s, new in zip(active, stepped):
-            # The known region: the original latents re-noised to the next sigma (clean at the end).
-            known = s.image_latents
-            if s.step + 1 < len(s.timesteps):
-                next_sigma = s.sigmas[s.step + 1].to(dtype)
-                known = next_sigma * s.noise + (1.0 - next_sigma) * s.image_latents
-            s.latents = (1 - s.mask) * known + s.mask * new
+        # The known region: the original latents re-noised to the next sigma. After the last step
+        # that sigma is 0, which gives the clean latents exactly (0 * noise + 1 * latents).
+        next_sigma = sigma_next.to(dtype)
+        image_latents = torch.stack([s.image_latents for s in active])
+        known = next_sigma * torch.stack([s.noise for s in active]) + (1.0 - next_sigma) * image_latents
+        mask = torch.stack([s.mask for s in active])
+        for s, new in zip(active, (1 - mask) * known + mask * stepped):
+            s.latents = new
             s.step += 1
         if self.on_forward is not None:
             self.on_forward(len(active), time.perf_counter() - started)
+
+    def positions(self, width: int, height: int, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLUX's (row, column) position ids of the image tokens, and the text tokens' (all 0), for
+        one output size: what diffusers' ``_prepare_latent_image_ids`` computes, made once per size
+        on the device."""
+
+        def make():
+            side = self.model.vae.scale_factor * 2  # pixels per packed token side
+            rows, columns = height // side, width // side
+            ids = torch.zeros(rows, columns, 3)
+            ids[..., 1] = torch.arange(rows)[:, None]
+            ids[..., 2] = torch.arange(columns)[None, :]
+            device, dtype = self.model.device, self.model.dtype
+            return ids.reshape(rows * columns, 3).to(device=device, dtype=dtype), torch.zeros(
+                text_tokens, 3, device=device, dtype=dtype
+            )
+
+        return self.constants.get(("positions", width, height, text_tokens), make)
+
+    def indices(self, values: tuple[int, ...]) -> torch.Tensor:
+        """``values`` as an index tensor on the device, made once per distinct tuple."""
+        return self.constants.get(("index", values), lambda: torch.tensor(values, device=self.model.device))
 
     def use_lora_rows(self, batch: list[Sample]) -> None:
         """Point per-request LoRA scales at the requests of the next forward's samples, row by row."""
         if self.model.lora_layers is not None:
             from runners.lora.adapters import set_rows
 
-            set_rows(self.model.lora_layers, torch.tensor([s.request for s in batch], device=self.model.device))
+            set_rows(self.model.lora_layers, self.indices(tuple(s.row for s in batch)))
 
     # 6. latents to checked PIL images
     def decode(self, samples: list[Sample], width: int, height: int, check_safety: list[bool]):
-        """PIL images and NSFW flags of ``samples``; ``check_safety``: per sample, run the checker?"""
+        """PIL images and NSFW flags of ``samples``; ``check_safety``: per sample, run the checker?
+        The VAE decodes FLUX_VAE_BATCH_IMAGES at a time (one by default): a group of 16 images at
+        1024x1024 in one call would need tens of GB of activations, and in bf16 an image would
+        depend on its batch-mates."""
         vae = self.model.vae
         latents = unpack(
             torch.stack([s.latents for s in samples]), height // vae.scale_factor, width // vae.scale_factor
         )
-        decoded = vae.decode(latents / vae.scaling_factor + vae.shift_factor)
-        images = self.pipe.image_processor.postprocess(decoded, output_type="np")
+        images = np.concatenate(
+            [
+                self.pipe.image_processor.postprocess(
+                    vae.decode(latents[chunk] / vae.scaling_factor + vae.shift_factor), output_type="np"
+                )
+                for chunk in vae_chunks(len(samples), self.model.vae_batch_images)
+            ]
+        )
         flags = [False] * len(samples)
         checker = self.model.safety_checker
         to_check = [i for i, check in enumerate(check_safety) if check]
@@ -381,3 +426,8 @@ class Inpainter:
             for j, i in enumerate(to_check):
                 images[i], flags[i] = checked[j], checked_flags[j]
         return self.pipe.image_processor.numpy_to_pil(images), flags
+
+
+def vae_chunks(count: int, per_chunk: int) -> list[slice]:
+    """``count`` images as consecutive slices of at most ``per_chunk``."""
+    return [slice(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]

@@ -40,6 +40,7 @@ class FluxModel:
     source: str
     is_tiny: bool
     max_sequence_length: int
+    vae_batch_images: int = 1  # most images one VAE call encodes or decodes (FLUX_VAE_BATCH_IMAGES)
     lora_layers: dict | None = None  # LoraLinear modules by path, when per-request LoRAs are on
     adapters: Any = None  # runners.lora.adapters.AdapterCache
     fuse_uniform_loras: bool = False  # fuse a batch's LoRAs when all its requests share one set
@@ -95,8 +96,9 @@ def load_model(
         if settings.is_tiny:
             log.warning(TINY_WARNING)
         log.info("loading model %s on %s as %s", source, device, dtype)
-        pipeline = FluxInpaintPipeline.from_pretrained(source, torch_dtype=dtype)
-        pipeline.to(device)
+        # device_map: each component's weights go from the files straight to the device, never a
+        # whole copy of the model in host memory first (33 GB for FLUX.1-dev in bf16).
+        pipeline = FluxInpaintPipeline.from_pretrained(source, torch_dtype=dtype, device_map=device.type)
         safety_checker = SafetyChecker.load(checker_source, device, dtype) if checker_source else None
     pipeline.set_progress_bar_config(disable=True)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
@@ -109,6 +111,16 @@ def load_model(
         else []
     )
     lora_layers = adapters = None
+    # Fusing a uniform batch's LoRAs is exact enough only in float32: in bf16 the fused weights round
+    # differently from base + delta (measured on the tiny model: up to 10 levels of 255), so a request's
+    # image would change with whether its batch-mates share its LoRAs. Deltas then serve every batch.
+    fuse_uniform = lora_settings.fuse_uniform_batches and dtype == torch.float32
+    if lora_settings.fuse_uniform_batches and not fuse_uniform and lora_settings.max_per_request > 0:
+        log.info(
+            "LoRA batches run as deltas, never fused, in %s: a fused LoRA's image differs from its delta "
+            "image there, and an image must not depend on its batch-mates",
+            dtype,
+        )
     if lora_settings.max_per_request > 0:
         from runners.lora.adapters import AdapterCache, enable_lora
 
@@ -124,9 +136,10 @@ def load_model(
         source=source,
         is_tiny=settings.is_tiny,
         max_sequence_length=settings.max_sequence_length,
+        vae_batch_images=settings.vae_batch_images,
         lora_layers=lora_layers,
         adapters=adapters,
-        fuse_uniform_loras=lora_settings.fuse_uniform_batches,
+        fuse_uniform_loras=fuse_uniform,
         fused_loras=fused,
     )
 

@@ -24,11 +24,14 @@ class SafetyChecker:
 
     @classmethod
     def load(cls, source: str | Path, device, dtype) -> SafetyChecker:
+        import torch
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
         log.info("loading safety checker from %s", source)
-        checker = StableDiffusionSafetyChecker.from_pretrained(str(source), torch_dtype=dtype).to(device).eval()
+        checker = StableDiffusionSafetyChecker.from_pretrained(
+            str(source), torch_dtype=dtype, device_map=torch.device(device).type
+        ).eval()
         feature_extractor = CLIPImageProcessor.from_pretrained(str(source))
         return cls(checker, feature_extractor, device, dtype)
 

@@ -223,7 +223,7 @@ class StepEngine:
             self._lora_members = None
             for row, r in enumerate(running):
                 for s in r.samples:
-                    s.request = row
+                    s.row = row
             try:
                 self._loras.enter_context(self.inpainter.loras_applied([r.inputs.loras for r in running]))
                 self._lora_members = members

@@ -26,8 +26,8 @@ def _patch(module) -> None:
     def prepare_and_mark(self, requests, *args, **kwargs):
         samples = prepare(self, requests, *args, **kwargs)
         for sample in samples:
-            sample.faulty = FAULT_PROMPT in requests[sample.request].prompt
-            sample.slow = SLOW_PROMPT in requests[sample.request].prompt
+            sample.faulty = FAULT_PROMPT in requests[sample.row].prompt
+            sample.slow = SLOW_PROMPT in requests[sample.row].prompt
         return samples
 
     def step_or_raise(self, active, *args, **kwargs):
