@@ -461,7 +461,8 @@ def write(results: dict, out: Path, name: str | None = None) -> None:
     """``<name>.json`` and ``<name>.md`` in ``out``; ``name`` by default from the model, backends and device."""
     out.mkdir(parents=True, exist_ok=True)
     where = (results["gpu"] or results["cpu"]).replace(" ", "-")
-    name = name or f"loop-{Path(results['model']).name}-{results['backend'].replace(',', '+')}-{where}"
+    backends = results["backend"].replace(",", "+").replace(":", "-")
+    name = name or f"loop-{Path(results['model']).name}-{backends}-{where}"
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))
     switches = results["acceleration_switches"]
     lines = [
