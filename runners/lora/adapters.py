@@ -6,8 +6,9 @@ so parameter names and state dicts stay as they are) and add ``B (s * (A x))`` o
 batch, the adapters of all its requests are concatenated along the rank dimension, and a per-request
 scale for every rank row selects each sample's own adapters (zero elsewhere): two extra matmuls per
 layer however many LoRAs the batch mixes, and requests with different LoRA sets share one batch.
-``pad_to`` keeps those shapes fixed (zero rows), so a compiled transformer never recompiles when
-adapters of other ranks come and go. Fusing (``fuse``) is for LoRAs configured at start-up, and for
+For a compiled transformer, ``pad_to`` (its rank buckets) gives every layer deltas of one width,
+the smallest bucket that holds the batch's rank (zero rows), and a batch without LoRAs no deltas at
+all (docs/compile.md). Fusing (``fuse``) is for LoRAs configured at start-up, and for
 a batch whose requests all use one LoRA set, with the base weights restored bit for bit after.
 """
 
