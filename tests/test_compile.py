@@ -296,7 +296,13 @@ def test_served_compiled_model_shows_no_compile_after_its_warm_up(tmp_path, tiny
         "FLUX_LORA_MAX_PER_REQUEST": "2",
         "FLUX_LORA_MAX_RANK": "16",
     }
-    base_body = {**EXAMPLE, "num_inference_steps": 4, "sync_mode": True, "output_format": "png"}
+    base_body = {
+        **EXAMPLE,
+        "image_size": {"width": 128, "height": 128},
+        "num_inference_steps": 4,
+        "sync_mode": True,
+        "output_format": "png",
+    }
     bodies = [
         {},
         {"num_images": 2, "acceleration": "regular"},
@@ -328,4 +334,8 @@ def test_served_compiled_model_shows_no_compile_after_its_warm_up(tmp_path, tiny
                 t.join()
         assert all(code == 200 for code, _ in statuses), statuses
         assert compiles(base) == warmed
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        forwards = float(re.findall(r"^flux_samples_per_forward_count (\S+)$", text, re.M)[0])
+        singles = float(re.findall(r'^flux_samples_per_forward_bucket\{le="1.0"\} (\S+)$', text, re.M)[0])
+        assert forwards > singles  # some forwards had several samples: the batch sizes varied
         assert "backend compile" in log_path.read_text()
