@@ -98,10 +98,14 @@ def run_cells(cells: list, repeats: int, warmup: int) -> list:
     """``cells``: (inpainter, requests) pairs of one matrix point that differ only in acceleration.
     Their timed runs are interleaved (run 1 of each, then run 2 of each, ...), so a change in the
     machine's load during the measurement hits every variant alike and their ratio stays fair.
-    Per cell: (seconds per run, denoising seconds per run, peak memory, the last run's results)."""
+    Per cell: (seconds per run, denoising seconds per run, peak memory, the last run's results); and
+    the graphs dynamo compiled during the timed runs (after the warm-up: 0, or a recompile)."""
+    from runners.backends.compiled import graphs_compiled
+
     for inpainter, requests in cells:
         for _ in range(warmup):
             inpainter.run(requests)
+    before = graphs_compiled()
     measured = [([], [], None, None) for _ in cells]
     for _ in range(repeats):
         for index, (inpainter, requests) in enumerate(cells):
@@ -117,7 +121,7 @@ def run_cells(cells: list, repeats: int, warmup: int) -> list:
             seconds.append(time.perf_counter() - started)
             denoise.append(results[0].timings["inference"])
             measured[index] = (seconds, denoise, peak_memory, results)
-    return measured
+    return measured, graphs_compiled() - before
 
 
 def deviation(reference: list, images: list) -> dict:
@@ -369,7 +373,7 @@ def point_cells(model, backend: str, inpainters: dict, variants: list, loras: di
     config = model.pipeline.transformer.config
     model.fuse_uniform_loras = lora_mode == "fused"
     reference = None
-    measured = run_cells(
+    measured, graphs_while_timed = run_cells(
         [
             (
                 inpainters[(name, threshold)],
@@ -390,6 +394,7 @@ def point_cells(model, backend: str, inpainters: dict, variants: list, loras: di
         inpainter = inpainters[(acceleration, threshold)]
         cell.update(
             backend=backend,
+            graphs_compiled_while_timed=graphs_while_timed,
             lora_mode=lora_mode,
             acceleration=acceleration,
             threshold=threshold,
@@ -510,12 +515,13 @@ def write(results: dict, out: Path, name: str | None = None) -> None:
             f"Compile time ({results['compile_backend']}; dynamo reset and inductor's caches off before each; the "
             "first run's time less a warm run's):",
             "",
-            "| backend | size | batch | compile s (median) | runs | graphs |",
-            "|---|---|---|---|---|---|",
+            "| backend | size | batch | compile s (median) | runs | graphs | graphs compiled while its cells were timed |",
+            "|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {c['backend']} | {c['width']}x{c['height']} | {c['batch']} | {c['compile_median_s']:.1f} | "
-            f"{', '.join(f'{v:.1f}' for v in c['compile_s'])} | {c['graphs'][0]} |"
+            f"{', '.join(f'{v:.1f}' for v in c['compile_s'])} | {c['graphs'][0]} | "
+            f"{sum(x.get('graphs_compiled_while_timed', 0) for x in results['cells'] if x['backend'] == c['backend'])} |"
             for c in results["compiles"]
         ]
     for s in results["skipped"]:
