@@ -80,17 +80,27 @@ def compile_transformer(transformer, scope: str, backend: str, mode: str):
     return torch.compile(transformer, **options)
 
 
+# Graphs dynamo keeps per code object (a block class's forward) before it stops compiling it: the
+# warm-up builds 8 for FluxSingleTransformerBlock (batch 1 or more, two input layouts, LoRA or not),
+# exactly dynamo's default limit, past which a fullgraph compile fails the request outright.
+RECOMPILE_LIMIT = 64
+
+
 def symbolic_lora_ranks() -> None:
     """Process-wide dynamo settings for the compiled transformer. The LoRA deltas are plain tensor
     attributes of each layer, whose shapes dynamo takes as constants by default
     (``force_nn_module_property_static_shapes``): their rank becomes a symbol instead, so every rank
     bucket runs one graph (parameters stay static: ``force_parameter_static_shapes``). Duck shaping
     is off: two sizes that happen to be equal when a graph is traced (a rank of 16 and 16 image
-    tokens) are not assumed equal forever, which would recompile the first time they differ."""
+    tokens) are not assumed equal forever, which would recompile the first time they differ. The
+    recompile limit is raised (``RECOMPILE_LIMIT``): at dynamo's default of 8 graphs per code object,
+    the single block's warm-up is at the limit already, and one more variant would fail its request
+    (fullgraph) instead of compiling it, which ``flux_compiles_total`` then shows."""
     import torch._dynamo
     import torch.fx.experimental._config as fx_config
 
     torch._dynamo.config.force_nn_module_property_static_shapes = False
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     fx_config.use_duck_shape = False
 
 
