@@ -18,8 +18,10 @@ are what the warm-up runs (runners/worker/loading.py) before the server reports 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,6 @@ def compile_transformer(transformer, scope: str, backend: str, mode: str):
     ``torch.compile`` wrapper (``model``; the loop then cannot split it for the first-block cache)."""
     import torch
 
-    symbolic_lora_ranks()
     options = compile_options(backend, mode)
     if scope == "blocks":
         transformer.compile_repeated_blocks(fullgraph=True, **options)
@@ -86,22 +87,28 @@ def compile_transformer(transformer, scope: str, backend: str, mode: str):
 RECOMPILE_LIMIT = 64
 
 
-def symbolic_lora_ranks() -> None:
-    """Process-wide dynamo settings for the compiled transformer. The LoRA deltas are plain tensor
-    attributes of each layer, whose shapes dynamo takes as constants by default
-    (``force_nn_module_property_static_shapes``): their rank becomes a symbol instead, so every rank
-    bucket runs one graph (parameters stay static: ``force_parameter_static_shapes``). Duck shaping
-    is off: two sizes that happen to be equal when a graph is traced (a rank of 16 and 16 image
-    tokens) are not assumed equal forever, which would recompile the first time they differ. The
-    recompile limit is raised (``RECOMPILE_LIMIT``): at dynamo's default of 8 graphs per code object,
-    the single block's warm-up is at the limit already, and one more variant would fail its request
-    (fullgraph) instead of compiling it, which ``flux_compiles_total`` then shows."""
+@contextlib.contextmanager
+def compile_settings() -> Iterator[None]:
+    """Dynamo's settings for the compiled transformer, around every call that may compile. They are
+    thread-local in torch (a setting made in the loading thread is not seen by the step engine's),
+    so the backend enters this around each forward (runners/backends/eager.py), whatever thread runs it.
+
+    - The LoRA deltas are plain tensor attributes of each layer, whose shapes dynamo takes as
+      constants by default (``force_nn_module_property_static_shapes``): their rank becomes a symbol,
+      so every rank bucket runs one graph (parameters stay static: ``force_parameter_static_shapes``).
+    - Duck shaping is off: two sizes that happen to be equal when a graph is traced (a rank of 16 and
+      16 image tokens) are not assumed equal forever, which would recompile the first time they differ.
+    - The recompile limit is raised (``RECOMPILE_LIMIT``): at dynamo's default of 8 graphs per code
+      object, the single block's warm-up is at the limit already, and one more variant fails its
+      request (fullgraph) instead of compiling, which ``flux_compiles_total`` would then show."""
     import torch._dynamo
     import torch.fx.experimental._config as fx_config
 
-    torch._dynamo.config.force_nn_module_property_static_shapes = False
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    fx_config.use_duck_shape = False
+    with (
+        torch._dynamo.config.patch(force_nn_module_property_static_shapes=False, recompile_limit=RECOMPILE_LIMIT),
+        fx_config.patch(use_duck_shape=False),
+    ):
+        yield
 
 
 def compile_vae(vae, backend: str, mode: str) -> None:

@@ -162,16 +162,17 @@ def attach_backend(model: FluxModel, settings) -> None:
     if choice == "torch":
         return
     if choice == "compile":
-        from runners.backends.compiled import compile_transformer, compile_vae, rank_buckets
+        from runners.backends.compiled import compile_settings, compile_transformer, compile_vae, rank_buckets
 
         # Compiled lazily: the graphs are built by the first forwards, the warm-up's.
         module = compile_transformer(
             model.pipeline.transformer, backend.compile_scope, backend.compile_backend, backend.compile_mode
         )
-        model.transformer = TorchTransformer(module)
+        model.transformer = TorchTransformer(module, compile_settings)
         model.compile_scope = backend.compile_scope
         if backend.compile_vae:
             compile_vae(model.pipeline.vae, backend.compile_backend, backend.compile_mode)
+            model.vae = TorchVae(model.pipeline.vae, compile_settings)
         if model.lora_layers is not None:
             # A few total ranks for the LoRA deltas, so their shapes are bounded; a batch whose LoRAs
             # need more than the largest runs its requests one by one.
