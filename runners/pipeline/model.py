@@ -53,9 +53,14 @@ class FluxModel:
     compile_seconds: float = 0.0  # compile: seconds the start-up warm-up spent (compiling and running)
 
     @property
-    def lora_pad_to(self) -> tuple[int, ...] | None:
-        """Transition name of ``lora_rank_buckets`` (inpaint.py's ``loras_applied`` reads it)."""
+    def lora_pad_to(self) -> tuple[int, ...] | int | None:
+        """Transition name of ``lora_rank_buckets`` (inpaint.py's ``loras_applied`` reads it; an int
+        set here is the old fixed-rank padding, which ``activate`` still takes)."""
         return self.lora_rank_buckets
+
+    @lora_pad_to.setter
+    def lora_pad_to(self, value) -> None:
+        self.lora_rank_buckets = value
 
 
 def resolve_source(settings: ModelSettings) -> tuple[str, str | None]:
