@@ -240,6 +240,37 @@ def test_whole_model_compile_stays_an_option(tiny_dir):
     assert model.lora_rank_buckets == (16, 32, 64)
 
 
+def test_dynamo_settings_hold_in_every_thread_that_runs_the_transformer(tiny_dir):
+    """torch keeps config overrides per thread: the compiled transformer enters its settings around
+    each call, so the step engine's thread compiles (if it ever must) as the loading thread did."""
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+
+    from runners.backends.compiled import RECOMPILE_LIMIT
+    from runners.pipeline.model import attach_backend, load_model
+
+    settings = settings_for(tiny_dir)
+    model = load_model(settings.model, settings.lora)
+    attach_backend(model, settings)
+    seen = []
+
+    def engine_thread():
+        with model.transformer.context():
+            seen.append(
+                (
+                    torch._dynamo.config.recompile_limit,
+                    torch._dynamo.config.force_nn_module_property_static_shapes,
+                    fx_config.use_duck_shape,
+                )
+            )
+        seen.append(torch._dynamo.config.recompile_limit)  # and only around the call
+
+    thread = threading.Thread(target=engine_thread)
+    thread.start()
+    thread.join()
+    assert seen == [(RECOMPILE_LIMIT, False, False), 8]
+
+
 def test_an_attention_backend_whose_library_is_missing_is_refused_at_start(tiny_dir):
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
