@@ -21,9 +21,6 @@ import json
 import os
 import platform
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,56 +30,20 @@ from pathlib import Path
 import httpx
 
 from .load import MIX_SIZES, level, open_loop, open_loop_table, request_mix
+from .serving import bentoml_serve
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def served(mode: str, home: Path, env: dict[str, str]):
-    """``bentoml serve`` of service.py with FLUX_BATCHING=mode; yields its URL once /readyz is 200."""
-    port = free_port()
-    log = open(home / f"serve-{mode}.log", "wb")  # noqa: SIM115 (closed below, after the process)
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "service:FluxInpainting", "--host", "127.0.0.1"]
-        + ["--port", str(port)],
-        cwd=REPO,
-        # A BENTOML_HOME per server: it holds the Prometheus multiprocess files, which a second server
-        # would otherwise clear and share (the first run with both up lost adaptive's worker metrics).
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(home / f"bentoml-{mode}"), **env}
-        | {"FLUX_BATCHING": mode},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{mode} server exited; see {log.name}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{mode} server not ready in 600 s; see {log.name}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+    """``bentoml serve`` of service.py with FLUX_BATCHING=mode (benchmarks/serving.py); yields its URL
+    once /readyz is 200."""
+    # A BENTOML_HOME per server: it holds the Prometheus multiprocess files, which a second server
+    # would otherwise clear and share (the first run with both up lost adaptive's worker metrics).
+    env = {"BENTOML_HOME": str(home / f"bentoml-{mode}"), **env, "FLUX_BATCHING": mode}
+    with bentoml_serve(home / f"serve-{mode}.log", env, ready_timeout_s=600, stop_grace_s=60) as server:
+        yield server.url
 
 
 def write_lora(directory: Path, model: str) -> str:

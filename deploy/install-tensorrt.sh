@@ -9,3 +9,11 @@ uv pip install --python /app/.venv/bin/python \
     --extra-index-url https://pypi.nvidia.com --index-strategy unsafe-best-match \
     "tensorrt-cu13==10.16.1.11"
 /app/.venv/bin/python -c "import tensorrt; print('TensorRT', tensorrt.__version__)"
+# ONNX Runtime with its CUDA provider, in place of the lock file's CPU-only onnxruntime (both install
+# the same `onnxruntime` module): `python -m export --tensorrt` validates each graph on the GPU with
+# it, and FLUX_BACKEND=onnxruntime refuses a CUDA model without it. 1.31.1 is the newest
+# onnxruntime-gpu on PyPI and is built for CUDA 13 (its `cuda` and `cudnn` extras pin
+# nvidia-cuda-runtime~=13.0 and nvidia-cudnn-cu13~=9.0, as torch 2.13 does).
+uv pip uninstall --python /app/.venv/bin/python onnxruntime
+uv pip install --python /app/.venv/bin/python "onnxruntime-gpu[cuda,cudnn]==1.31.1"
+/app/.venv/bin/python -c "import onnxruntime as ort; assert 'CUDAExecutionProvider' in ort.get_available_providers(), ort.get_available_providers(); print('onnxruntime-gpu', ort.__version__)"

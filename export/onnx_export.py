@@ -2,28 +2,36 @@
 against the eager torch modules with ONNX Runtime.
 
 Export goes through ``torch.onnx.export(..., dynamo=True)`` (torch.export, then onnxscript) with
-the dynamic axes of each spec. Graphs are float32: ONNX Runtime serves them so on CPU, and TensorRT
-builds its fp16/bf16 engines from the same graph. Two things are done for the export only and
-undone after it, so the served model is left bit for bit as it was:
+the dynamic axes of each spec. Graphs are float32: ONNX Runtime serves them so (its CPU provider
+has no bfloat16 kernels for these graphs), and TensorRT builds its fp16/bf16 engines from them.
 
-- FLUX's RoPE (diffusers ``FluxPosEmbed``) computes its frequencies in float64 on every device but
-  MPS. Exported as is, the graph casts to float64 (TensorRT has no float64, and float64 RoPE has
-  failed to export with dynamic shapes on other torch versions), so each ``FluxPosEmbed``
-  *instance* of the exported transformer gets a float32 ``forward`` for the duration of the export
-  (``float32_rope``); nothing global is patched. ``check_onnx`` counts float64 left in a graph.
-- The wrapper module is put in eval mode; the previous training flags are restored.
+No copy of a network is made to export it, whatever its size and dtype: the graph is traced from a
+*meta twin* (the network's structure on the ``meta`` device, in float32: no storage at all), and
+each weight is bound to the graph as a lazy tensor that reads the live parameter and casts it to
+float32 when, and only when, the file writer reaches it. At most one weight exists in float32 at a
+time (FLUX.1-dev's largest is 189 MB), on the host; the served model is never touched. Graphs past
+1.5 GB keep their weights in a ``.data`` file beside the ``.onnx`` (written into the artifact's
+temporary folder, which is renamed into place whole).
 
-A model loaded in another dtype (bf16 on a GPU) is exported from a float32 copy of the network.
+FLUX's RoPE (diffusers ``FluxPosEmbed``) computes its frequencies in float64 on every device but
+MPS. Exported as is, the graph casts to float64 (TensorRT has no float64), so the twin's
+``FluxPosEmbed`` gets a float32 ``forward`` for the export (``float32_rope``); ``check_onnx``
+counts float64 left in a graph.
 
-Validation compares the ONNX graph with the unpatched module (float64 RoPE), i.e. with what the
-torch backend serves, on seeded random inputs at several shapes, at least one of them differing
-from the export example in batch and size so the dynamic axes are exercised.
+Validation compares the ONNX graph with the live module (float64 RoPE, the served dtype), i.e. with
+what the torch backend serves, on seeded random inputs. The torch outputs are computed first; then
+one ONNX Runtime session, on the provider of the device the model is on (CUDA for a GPU model, never
+the CPU in its place), runs the same inputs and is freed before ``validate`` returns, so the next
+network's export never shares memory with it. Shapes: for full-size models the smallest of the
+configured optimisation profile (``export.build.validation_shapes``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import gc
 import logging
 import re
 import time
@@ -125,14 +133,135 @@ def quiet_exporter() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-def float32_network(spec: NetworkSpec, model: Any) -> torch.nn.Module:
-    """``spec.module(model)``: the live network when it is float32, else a float32 copy of it."""
-    module = spec.module(model)
-    dtypes = {p.dtype for p in module.parameters()} | {b.dtype for b in module.buffers() if b.is_floating_point()}
-    if dtypes <= {torch.float32}:
-        return module
-    log.warning("%s is %s: exporting from a float32 copy", spec.name, sorted(map(str, dtypes)))
-    return copy.deepcopy(module).float()
+GRAPH_DTYPE = torch.float32  # the dtype of every exported graph's floating tensors
+
+
+def live_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` by its state-dict name (tied weights under each name):
+    the names the exporter gives the graph's initializers."""
+    return {
+        **dict(module.named_parameters(remove_duplicate=False)),
+        **dict(module.named_buffers(remove_duplicate=False)),
+    }
+
+
+def meta_twin(module: torch.nn.Module, dtype: torch.dtype = GRAPH_DTYPE) -> torch.nn.Module:
+    """``module``'s structure on the ``meta`` device with its floating parameters and buffers in
+    ``dtype``: traced by the exporter, it gives the graph of a ``dtype`` network without one byte of
+    weights. Made by ``deepcopy`` with every tensor pre-mapped to its meta stand-in, so the copy
+    shares no storage with the live module and modules, hooks and tied weights keep their shape."""
+    memo: dict[int, Any] = {}
+    for tensor in live_tensors(module).values():
+        if id(tensor) in memo:
+            continue
+        empty = torch.empty(tensor.shape, dtype=dtype if tensor.is_floating_point() else tensor.dtype, device="meta")
+        memo[id(tensor)] = (
+            torch.nn.Parameter(empty, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else empty
+        )
+    twin = copy.deepcopy(module, memo)
+    real = [name for name, t in live_tensors(twin).items() if not t.is_meta]
+    if real:  # every tensor the module registers is mapped above; anything else would be a silent copy
+        raise RuntimeError(f"the meta twin of {type(module).__name__} holds real tensors: {real[:5]}")
+    return twin
+
+
+def _host_weight(tensor: torch.Tensor, dtype: torch.dtype, name: str, perm: tuple[int, ...] | None = None):
+    """The ONNX tensor of one live weight in ``dtype`` (permuted by ``perm``), on the host: made when
+    the writer asks for it, dropped once written."""
+    import onnx_ir as ir
+
+    target = dtype if tensor.is_floating_point() else tensor.dtype
+    host = tensor.detach().to(device="cpu", dtype=target)
+    if perm is not None:
+        host = host.permute(perm)
+    return ir.tensor(host.contiguous().numpy(), name=name)
+
+
+def _is_meta(value) -> bool:
+    raw = getattr(value, "raw", None)
+    return isinstance(raw, torch.Tensor) and raw.is_meta
+
+
+def bind_weights(graph_model, tensors: dict[str, torch.Tensor], dtype: torch.dtype = GRAPH_DTYPE) -> int:
+    """Point every initializer of ``graph_model`` (an onnx_ir Model traced from a meta twin) named in
+    ``tensors`` at the live weight, cast to ``dtype`` lazily (``onnx_ir.LazyTensor``, not cached), and
+    fold the transposes of weights (a Linear's ``Transpose(W)``) into lazy transposed weights, as the
+    exporter's optimizer would, but without computing them now. Returns how many weights were bound;
+    refuses a graph left with a weight that has no data."""
+    import onnx_ir as ir
+
+    bound: dict[str, torch.Tensor] = {}
+    for name, value in graph_model.graph.initializers.items():
+        tensor = tensors.get(name)
+        if tensor is None or value.const_value is None:
+            continue
+        value.const_value = ir.LazyTensor(
+            functools.partial(_host_weight, tensor, dtype, name),
+            dtype=value.const_value.dtype,
+            shape=ir.Shape(tuple(tensor.shape)),
+            name=name,
+        )
+        bound[name] = tensor
+    unbound = [name for name, value in graph_model.graph.initializers.items() if _is_meta(value.const_value)]
+    if unbound:
+        raise RuntimeError(f"exported graph initializers with no live weight behind them: {unbound[:5]}")
+    _fold_weight_transposes(graph_model.graph, bound, dtype)
+    return len(bound)
+
+
+def _fold_weight_transposes(graph, bound: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
+    """Replace ``Transpose(weight)``, where the bound weight has no other use, by a lazy initializer
+    holding the transposed weight under the transpose's output name (what the exporter's constant
+    folding makes of it, eagerly and for every weight at once)."""
+    import onnx_ir as ir
+
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+            continue
+        source = node.inputs[0]
+        if source is None or source.name not in bound or len(source.uses()) != 1:
+            continue
+        if graph.initializers.get(source.name) is not source:
+            continue
+        rank = len(source.const_value.shape)
+        perm_attribute = node.attributes.get("perm")
+        perm = tuple(perm_attribute.as_ints()) if perm_attribute is not None else tuple(reversed(range(rank)))
+        output = node.outputs[0]
+        name = output.name
+        shape = ir.Shape([source.const_value.shape[i] for i in perm])
+        lazy = ir.LazyTensor(
+            functools.partial(_host_weight, bound[source.name], dtype, name, perm),
+            dtype=source.const_value.dtype,
+            shape=shape,
+            name=name,
+        )
+        value = ir.Value(shape=shape, type=ir.TensorType(source.const_value.dtype), const_value=lazy)
+        ir.convenience.replace_all_uses_with(output, value)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
+        value.name = name
+        graph.register_initializer(value)
+        folded += 1
+    return folded
+
+
+MATERIALIZED_LIMIT = 1 << 20  # elements: a weight this large is only ever made while it is written
+
+
+def check_lazy(graph_model) -> None:
+    """Every large initializer is still lazy after the optimizer ran: none holds its data in memory."""
+    import onnx_ir as ir
+
+    held = [
+        name
+        for name, value in graph_model.graph.initializers.items()
+        if value.const_value is not None
+        and value.const_value.size > MATERIALIZED_LIMIT
+        and not isinstance(value.const_value, ir.LazyTensor)
+    ]
+    if held:
+        raise RuntimeError(f"the ONNX optimizer materialised {len(held)} large weights in memory, e.g. {held[:3]}")
 
 
 def _check_no_active_lora(module: torch.nn.Module) -> None:
@@ -177,8 +306,13 @@ def name_output_dims(spec: NetworkSpec, graph_model) -> None:
         value.shape = ir.Shape(dims)
 
 
-def weight_bytes(module: torch.nn.Module, itemsize: int = 4) -> int:
-    return sum(t.numel() * itemsize for t in [*module.parameters(), *module.buffers()])
+def weight_bytes(module: torch.nn.Module, dtype: torch.dtype = GRAPH_DTYPE) -> int:
+    """Bytes of ``module``'s parameters and buffers with the floating ones in ``dtype`` (meta modules too)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(
+        t.numel() * (itemsize if t.is_floating_point() else t.element_size())
+        for t in [*module.parameters(), *module.buffers()]
+    )
 
 
 def export_onnx(
@@ -193,17 +327,20 @@ def export_onnx(
 ) -> Path:
     """Export ``spec``'s network of ``model`` to ``path`` (float32, dynamic axes) and return the
     .onnx path. Weights over 1.5 GB go to an external data file beside it (``<name>.data``);
-    smaller graphs are one self-contained file. ``opset``: None for the exporter's default."""
+    smaller graphs are one self-contained file. ``opset``: None for the exporter's default.
+    Nothing is copied from the live network but the weights being written (a few at a time)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = float32_network(spec, model)
-    _check_no_active_lora(module)
-    inputs = spec.sample_inputs(model, batch, size[0], size[1], text_tokens, device=module_device(module))
-    external = weight_bytes(module) > EXTERNAL_DATA_THRESHOLD
+    live = spec.module(model)
+    _check_no_active_lora(live)
+    twin = meta_twin(live)
+    inputs = spec.sample_inputs(model, batch, size[0], size[1], text_tokens, device="meta")
+    size_bytes = weight_bytes(twin)
+    external = size_bytes > EXTERNAL_DATA_THRESHOLD
     log.info(
         "exporting %s (%.1f MB float32, example B%d %dx%d, %s) to %s",
         spec.name,
-        weight_bytes(module) / 1e6,
+        size_bytes / 1e6,
         batch,
         size[1],
         size[0],
@@ -211,11 +348,12 @@ def export_onnx(
         path,
     )
     started = time.perf_counter()
-    with eval_mode(module), float32_rope(module) as patched, quiet_exporter():
+    with eval_mode(twin), float32_rope(twin) as patched, quiet_exporter():
         if patched:
             log.info("%s: %d FluxPosEmbed computing RoPE in float32 for the export", spec.name, patched)
+        # optimize=False: the optimizer folds constants, which needs the weights bound first.
         program = torch.onnx.export(
-            module,
+            twin,
             inputs,
             None,
             dynamo=True,
@@ -223,13 +361,24 @@ def export_onnx(
             input_names=list(spec.inputs_for(model)),
             output_names=list(spec.output_names),
             opset_version=opset,
+            optimize=False,
             verbose=False,
         )
+        program.exported_program = None  # the trace of the twin: not needed past this point
+        bound = bind_weights(program.model, live_tensors(live))
+        program.optimize()
+        check_lazy(program.model)
         name_output_dims(spec, program.model)
         path.with_name(f"{path.name}.data").unlink(missing_ok=True)  # no stale weights beside a new graph
         program.save(str(path), external_data=external)
+    del program, twin
+    gc.collect()
     log.info(
-        "exported %s in %.1f s (%.1f MB on disk)", spec.name, time.perf_counter() - started, onnx_bytes(path) / 1e6
+        "exported %s in %.1f s (%d weights, %.1f MB on disk)",
+        spec.name,
+        time.perf_counter() - started,
+        bound,
+        onnx_bytes(path) / 1e6,
     )
     return path
 
@@ -321,17 +470,16 @@ class ValidationRow:
     tolerance: float
     ok: bool
     error: str = field(default="")  # why the graph could not be run at all, if it could not
+    provider: str = field(default="")  # the ONNX Runtime execution provider that ran the graph
 
 
-def ort_session(path: Path):
-    """An ONNX Runtime session on the CUDA provider when available, else CPU."""
-    import onnxruntime as ort
+def ort_session(path: Path, device: torch.device | str = "cpu"):
+    """An ONNX Runtime session for ``path`` on the provider of ``device`` (the CUDA provider for a
+    CUDA model, refused without one: see ``runners.backends.onnx_runtime.session_providers``)."""
+    from runners.backends.onnx_runtime import create_session
 
-    available = ort.get_available_providers()
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers)
+    # One forward only: no packed copies of the weights, which stay in the memory-mapped .data file.
+    return create_session(path, torch.device(device), prepack=False)
 
 
 def compare(network: str, shape: str, actual: np.ndarray, expected: np.ndarray, tolerance: float) -> ValidationRow:
@@ -356,6 +504,22 @@ def compare(network: str, shape: str, actual: np.ndarray, expected: np.ndarray, 
     return ValidationRow(network, shape, max_abs, max_rel, tolerance, ok)
 
 
+def _as_served(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An input as the loop hands it to the network: in the model's dtype, but for FLUX's guidance,
+    which the loop passes in float32 (runners/pipeline/inpaint.py)."""
+    if not tensor.is_floating_point() or name == "guidance":
+        return tensor
+    return tensor.to(dtype)
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """The largest error ``validate`` accepts by default for a model served in ``dtype`` (the float32
+    graph against the module computing in ``dtype``): float32 1e-3 (the tiny model shows ~1e-5);
+    bfloat16 and float16 5e-2 (``random:flux-dev-2block`` in bfloat16 shows ~1e-2: bf16's 8-bit
+    mantissa, 2^-8 = 4e-3 per rounding, accumulated over a block's matmuls and norms)."""
+    return 1e-3 if dtype == torch.float32 else 5e-2
+
+
 def validate(
     spec: NetworkSpec,
     model: Any,
@@ -366,61 +530,76 @@ def validate(
     *,
     seed: int = 1234,
 ) -> list[ValidationRow]:
-    """Check the graph, then run it and the torch module on the same random inputs (seeded, one
-    seed per shape) at each (batch, height, width) and compare. A graph that cannot be run with
-    the spec's inputs at a shape gives a failed row with ``error`` set rather than an exception."""
+    """Check the graph, then run the live torch module and ONNX Runtime on the same random inputs
+    (seeded, one seed per shape) at each (batch, height, width) and compare. The torch outputs come
+    first; the session is made after them, on the model's device's provider, and freed before this
+    returns. A graph that cannot be run with the spec's inputs at a shape gives a failed row with
+    ``error`` set rather than an exception."""
     check_onnx(onnx_path)
-    started = time.perf_counter()
-    session = ort_session(onnx_path)
-    log.info(
-        "%s: ONNX Runtime session on %s in %.2f s", spec.name, session.get_providers()[0], time.perf_counter() - started
-    )
-    module = float32_network(spec, model)
+    module = spec.module(model)
+    device = module_device(module)
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
     names = spec.inputs_for(model)
-    graph_inputs = [i.name for i in session.get_inputs()]
-    rows = []
+    cases = []
     for index, (batch, height, width) in enumerate(shapes):
-        label = f"B{batch} {width}x{height}"
-        if graph_inputs != list(names):
-            rows.append(
-                ValidationRow(
-                    spec.name,
-                    label,
-                    float("inf"),
-                    float("inf"),
-                    tolerance,
-                    False,
-                    f"graph inputs {graph_inputs} != the spec's {list(names)}",
-                )
-            )
-            continue
+        inputs = spec.sample_inputs(model, batch, height, width, text_tokens, seed=seed + index, device=device)
+        served = [_as_served(n, t, dtype) for n, t in zip(names, inputs, strict=True)]
         started = time.perf_counter()
-        inputs = spec.sample_inputs(
-            model, batch, height, width, text_tokens, seed=seed + index, device=module_device(module)
-        )
         with torch.inference_mode(), eval_mode(module):
-            expected = module(*inputs).float().cpu().numpy()
-        try:
-            actual = session.run(None, {n: t.cpu().numpy() for n, t in zip(names, inputs, strict=True)})[0]
-        except Exception as exc:  # noqa: BLE001 - a graph that cannot run is a failed validation
-            rows.append(
-                ValidationRow(
-                    spec.name, label, float("inf"), float("inf"), tolerance, False, f"{type(exc).__name__}: {exc}"
+            expected = module(*served).float().cpu().numpy()
+        # ONNX Runtime gets the very values torch got (rounded to the served dtype), in float32.
+        feed = {n: t.detach().to("cpu", torch.float32).numpy() for n, t in zip(names, served, strict=True)}
+        cases.append((f"B{batch} {width}x{height}", feed, expected, time.perf_counter() - started))
+        del inputs, served
+    started = time.perf_counter()
+    session = ort_session(onnx_path, device)
+    try:
+        provider = session.get_providers()[0]
+        log.info("%s: ONNX Runtime session on %s in %.2f s", spec.name, provider, time.perf_counter() - started)
+        graph_inputs = [i.name for i in session.get_inputs()]
+        rows = []
+        for label, feed, expected, torch_seconds in cases:
+            if graph_inputs != list(names):
+                rows.append(
+                    ValidationRow(
+                        spec.name,
+                        label,
+                        float("inf"),
+                        float("inf"),
+                        tolerance,
+                        False,
+                        f"graph inputs {graph_inputs} != the spec's {list(names)}",
+                    )
                 )
+                continue
+            started = time.perf_counter()
+            try:
+                actual = session.run(None, feed)[0]
+            except Exception as exc:  # noqa: BLE001 - a graph that cannot run is a failed validation
+                rows.append(
+                    ValidationRow(
+                        spec.name, label, float("inf"), float("inf"), tolerance, False, f"{type(exc).__name__}: {exc}"
+                    )
+                )
+                continue
+            row = compare(spec.name, label, actual, expected, tolerance)
+            row.provider = provider
+            rows.append(row)
+            log.info(
+                "%s %s: max abs %.3g, max rel %.3g (tolerance %g) %s; torch %.2f s, %s %.2f s",
+                spec.name,
+                label,
+                row.max_abs,
+                row.max_rel,
+                tolerance,
+                "ok" if row.ok else "FAILED",
+                torch_seconds,
+                provider,
+                time.perf_counter() - started,
             )
-            continue
-        row = compare(spec.name, label, actual, expected, tolerance)
-        rows.append(row)
-        log.info(
-            "%s %s: max abs %.3g, max rel %.3g (tolerance %g) %s in %.2f s",
-            spec.name,
-            label,
-            row.max_abs,
-            row.max_rel,
-            tolerance,
-            "ok" if row.ok else "FAILED",
-            time.perf_counter() - started,
-        )
+    finally:
+        del session  # the session holds the whole graph's weights: gone before the next network
+        gc.collect()
     for row in rows:
         if row.error:
             log.warning("%s %s failed: %s", row.network, row.shape, row.error)

@@ -52,8 +52,10 @@ class ModelSettings(SettingsGroup):
 
     model: str = Field(TINY_MODEL, min_length=1, max_length=4096)
     """A hub id (``black-forest-labs/FLUX.1-dev``), a diffusers-layout folder, ``tiny``: the
-    embedded random-weight model of the true architecture (outputs are noise), or ``random:flux-dev``:
-    the full-size architecture with random weights, built on the device (for measuring speed)."""
+    embedded random-weight model of the true architecture (outputs are noise), ``random:flux-dev``:
+    the full-size architecture with random weights, built on the device (for measuring speed), or
+    ``random:flux-dev-2block``: FLUX.1-dev's widths with one block of each kind (about 1 GB in bf16,
+    for proving the export and the backends at FLUX's widths on a CPU)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` takes CUDA when a GPU is visible, else the CPU."""
@@ -173,7 +175,9 @@ class BackendSettings(SettingsGroup):
     """Where exported artifacts live. Unset: ``<FLUX_CACHE_DIR>/engines``."""
     export_precision: Literal["fp32", "fp16", "bf16", "fp8"] = "bf16"
     """TensorRT engine precision (fp8 needs compute capability 8.9 or above). ONNX graphs are exported in
-    fp32, and ONNX Runtime runs them so."""
+    fp32 (straight from the served weights, without a copy of the network), and ONNX Runtime runs them so.
+    The engines' disk at this precision is counted and checked before the export writes anything
+    (``python -m export --estimate``; FLUX.1-dev: docs/export.md)."""
     export_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["1024x1024", "512x512", "768x1024", "1024x768", "576x1024", "1024x576"], max_length=32
     )
@@ -439,7 +443,8 @@ class LoraSettings(SettingsGroup):
     """Fuse a batch's LoRAs into the weights (and restore them bit for bit after) when all its requests
     use the same LoRA set, instead of per-sample deltas. On by measurement (benchmarks/lora.py): deltas
     cost 1.3x fused per step, fusing and restoring costs less than one step. Needs a copy of the
-    touched weights while fused; on a GPU without room for it, deltas are used."""
+    touched weights while fused; on a GPU without room for it, deltas are used. float32 only: in
+    bfloat16 a fused LoRA's image differs from its delta image, so deltas serve every batch there."""
     fused: Annotated[list[str], NoDecode] = Field(
         default_factory=list, max_length=64, validation_alias="FLUX_FUSED_LORAS"
     )

@@ -1,4 +1,5 @@
-"""Export artifacts: content addressing, cache hits, corruption, and the ONNX Runtime backend."""
+"""Export artifacts: content addressing, cache hits, corruption, the disk check, the ONNX Runtime
+backend, and the export at FLUX.1-dev's widths (``random:flux-dev-2block``) on the CPU in bf16."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def test_second_build_is_a_cache_hit_and_a_change_makes_a_new_artifact(tmp_path)
     manifest = json.loads((first.path / "manifest.json").read_text())
     assert manifest["fields"] == FIELDS and manifest["files"]["net"]["bytes"] == 5
     assert set(manifest["files"]["net"]["data_files"]) == {"net.onnx.data"}
+    assert manifest["files"]["net"]["data_bytes"] == 7
 
 
 @pytest.mark.parametrize("damaged", ["net.onnx", "net.onnx.data", "manifest.json"])
@@ -128,11 +130,14 @@ def test_cli_detects_a_corrupt_graph(export_env, exported, tmp_path):
     with open(graph, "r+b") as handle:
         handle.seek(len(original) // 2)
         handle.write(b"\xff\xff\xff\xff")
-    verify = run_export(export_env, "--verify")
-    assert verify.returncode == 1 and "vae_decoder" in verify.stderr and "corrupt" in verify.stderr
-    rebuilt = run_export(export_env)
-    assert rebuilt.returncode == 0 and "built" in rebuilt.stdout
-    assert run_export(export_env, "--verify").returncode == 0
+    try:
+        verify = run_export(export_env, "--verify")
+        assert verify.returncode == 1 and "vae_decoder" in verify.stderr and "corrupt" in verify.stderr
+    finally:
+        # The damaged bytes put back rather than a 45 s re-export (the rebuild of a corrupt artifact is
+        # test_a_corrupt_artifact_is_detected_and_rebuilt's); the later tests verify the artifact again.
+        with open(graph, "wb") as handle:
+            handle.write(original)
 
 
 def test_onnxruntime_backend_images_match_torch(export_env, exported, tiny_dir):
@@ -300,3 +305,261 @@ def test_a_random_architecture_is_identified_by_its_name_without_a_download(tmp_
 
     first, again = model_digest("random:flux-dev", tmp_path), model_digest("random:flux-dev", tmp_path)
     assert first == again and first != model_digest("random:other", tmp_path)
+
+
+# -- the disk, counted before writing -----------------------------------------------------------------------
+
+# FLUX.1-dev's disk per precision, counted from its architecture on the meta device (docs/export.md's table).
+FLUX_DEV_DISK_GB = {"onnx": 48.14, "fp32": 51.14, "bf16": 25.97, "fp16": 25.97, "fp8": 13.39}
+
+
+def test_the_disk_flux_dev_needs_is_counted_from_its_architecture():
+    from export.disk import network_weights, onnx_estimate, tensorrt_estimate
+    from runners.pipeline.random_model import FLUX_DEV
+
+    weights = network_weights(FLUX_DEV["transformer"], FLUX_DEV["vae"])
+    assert weights["transformer"] == 11_901_408_320  # tests/test_random_model.py: the published count
+    assert weights["vae_encoder"] + weights["vae_decoder"] == 83_819_683
+    got = {"onnx": onnx_estimate(weights).total}
+    got.update({p: tensorrt_estimate(weights, p).total for p in ("fp32", "bf16", "fp16", "fp8")})
+    assert {k: round(v / 1e9, 2) for k, v in got.items()} == FLUX_DEV_DISK_GB
+    assert got["onnx"] + got["bf16"] > 64 * 2**30  # why the device box's 64 GiB disk is refused up front
+
+
+def test_estimate_without_weights_names_the_numbers(monkeypatch, capsys, tmp_path):
+    from export.__main__ import main
+
+    monkeypatch.setenv("FLUX_MODEL", "random:flux-dev")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert main(["--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert f"ONNX (float32 graphs): {FLUX_DEV_DISK_GB['onnx']:.2f} GB" in out
+    assert f"TensorRT engines (bf16): {FLUX_DEV_DISK_GB['bf16']:.2f} GB" in out
+    assert "transformer 11.90B weights" in out
+
+
+def test_a_too_small_disk_is_refused_before_anything_is_written(monkeypatch, capsys, tmp_path):
+    """`python -m export` with a target whose free space is faked: refused with both numbers, and
+    the engine folder holds nothing afterwards (no temporary folder, no half-written graph)."""
+    import export.disk
+    from export.__main__ import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("FLUX_MAX_SEQUENCE_LENGTH", "32")
+    monkeypatch.setattr(export.disk, "free_bytes", lambda path: 1_000_000)
+    exported = []
+    monkeypatch.setattr("export.onnx_export.export_onnx", lambda *a, **k: exported.append(a))
+    assert main([]) == 1
+    err = capsys.readouterr().err
+    assert "not enough disk" in err and "needs 0." in err and "0.00 GB is free" in err, err
+    assert "nothing was written" in err and not exported
+    engines = tmp_path / "flux-inpaint" / "engines"
+    assert not engines.exists() or not any(engines.rglob("*"))
+
+
+# -- ONNX Runtime on the model's device ----------------------------------------------------------------------
+
+
+def test_onnxruntime_without_its_cuda_provider_is_refused_for_a_cuda_model(export_env, exported, monkeypatch):
+    """The check runs without a GPU: the model's device is set to CUDA and the providers are faked."""
+    from pathlib import Path
+
+    import onnxruntime
+    import torch
+
+    from runners.backends import onnx_runtime
+    from runners.config import Settings
+    from runners.pipeline.model import attach_backend, load_model
+
+    cache = Path(export_env["XDG_CACHE_HOME"]) / "flux-inpaint"
+    settings = Settings.model_validate(
+        {"model": {"cache_dir": cache, "max_sequence_length": 32}, "backend": {"backend": "onnxruntime"}}
+    )
+    model = load_model(settings.model)
+    model.device = torch.device("cuda", 0)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="no CUDA provider.*pip install onnxruntime-gpu"):
+        attach_backend(model, settings)
+    # With the provider there, the session is asked for it on the model's GPU (the CPU only as fallback).
+    asked = []
+
+    class Session:
+        def __init__(self, path, sess_options, providers):
+            asked.append(providers)
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]  # as when onnxruntime-gpu cannot load CUDA's libraries
+
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Session)
+    with pytest.raises(RuntimeError, match="could not start its CUDA provider"):
+        onnx_runtime.OnnxSession(cache / "x.onnx", "cuda:1")
+    assert asked == [[("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]]
+
+
+def test_an_export_of_a_cuda_model_without_the_cuda_provider_is_refused_before_writing(
+    tiny_model, tmp_path, monkeypatch
+):
+    """Validation runs on the model's device; without ONNX Runtime's CUDA provider the export of a
+    CUDA model stops before its first graph, naming the package (device and providers faked)."""
+    import onnxruntime
+    import torch
+
+    import export.networks
+    from export.build import onnx_artifact
+    from runners.config import Settings
+
+    monkeypatch.setattr(export.networks, "module_device", lambda module: torch.device("cuda", 0))
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    settings = Settings.model_validate(
+        {
+            "model": {"max_sequence_length": 32, "cache_dir": str(tmp_path / "cache")},
+            "backend": {"engine_dir": str(tmp_path / "engines")},
+        }
+    )
+    with pytest.raises(RuntimeError, match="no CUDA provider.*pip install onnxruntime-gpu"):
+        onnx_artifact(tiny_model, settings, build=True, progress=lambda _: None)
+    assert not (tmp_path / "engines").exists()
+
+
+def test_onnxruntime_steps_bind_tensors_in_place(export_env, exported, monkeypatch):
+    """IO binding: each input is bound by its address on the model's device, and the output is the
+    very torch tensor ONNX Runtime wrote into (no numpy round trip)."""
+    from pathlib import Path
+
+    import torch
+
+    from runners.backends.artifacts import find_onnx
+    from runners.backends.onnx_runtime import OnnxSession
+    from runners.config import Settings
+    from runners.pipeline.model import load_model
+
+    cache = Path(export_env["XDG_CACHE_HOME"]) / "flux-inpaint"
+    settings = Settings.model_validate({"model": {"cache_dir": cache, "max_sequence_length": 32}})
+    model = load_model(settings.model)
+    session = OnnxSession(find_onnx(model, settings).file("vae_decoder"), "cpu")
+    bound = []
+    real = session.session.io_binding
+
+    def spying():
+        binding = real()
+        original_input, original_output = binding.bind_input, binding.bind_output
+        binding.bind_input = lambda *a: bound.append(("in", *a)) or original_input(*a)
+        binding.bind_output = lambda *a: bound.append(("out", *a)) or original_output(*a)
+        return binding
+
+    monkeypatch.setattr(session.session, "io_binding", spying)
+    monkeypatch.setattr(session.session, "run", None)  # the plain run (numpy in, numpy out) is never used
+    latents = torch.randn(2, 16, 4, 6)
+    images = session((2, 3, 32, 48), latents=latents)
+    (inputs, outputs) = [b for b in bound if b[0] == "in"], [b for b in bound if b[0] == "out"]
+    assert inputs == [("in", "latents", "cpu", 0, np.float32, (2, 16, 4, 6), latents.data_ptr())]
+    assert outputs == [("out", "images", "cpu", 0, np.float32, (2, 3, 32, 48), images.data_ptr())]
+    with torch.inference_mode():
+        expected = model.pipeline.vae.decode(latents, return_dict=False)[0]
+    torch.testing.assert_close(images, expected, atol=1e-3, rtol=1e-3)
+
+
+# -- FLUX.1-dev's widths, on the CPU in bf16 -------------------------------------------------------------------
+
+# The export adds at most this many bytes of host memory per byte of the served transformer: the
+# validating ONNX Runtime session holds the float32 graph (2x a bf16 transformer) and its arena; the
+# export itself adds ~0.45x here (the graph and twice the largest weight, one written at a time: a
+# constant, not a share of the model). docs/export.md scales it to FLUX.1-dev.
+PEAK_MULTIPLE = 2.5
+SCALED = {
+    "FLUX_MODEL": "random:flux-dev-2block",
+    "FLUX_DTYPE": "bfloat16",
+    "FLUX_DEVICE": "cpu",
+    "FLUX_EXPORT_SIZES": "128x128,64x64",
+    "FLUX_EXPORT_BATCH_SIZES": "1,2",
+    "FLUX_MAX_SEQUENCE_LENGTH": "16",
+}
+
+
+@pytest.fixture(scope="module")
+def scaled_export(tmp_path_factory):
+    """`python -m export` of random:flux-dev-2block (FLUX.1-dev's widths, 1 + 1 blocks, the real VAE)
+    in bf16 on the CPU: (environment, manifest)."""
+    from pathlib import Path
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("scaled")), **SCALED}
+    result = run_export(env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    root = Path(env["XDG_CACHE_HOME"]) / "flux-inpaint" / "engines"
+    (folder,) = root.glob("onnx-*")
+    return env, json.loads((folder / "manifest.json").read_text()), folder
+
+
+def test_the_scaled_export_runs_on_the_cpu_in_bf16_within_its_memory_multiple(scaled_export):
+    _, manifest, folder = scaled_export
+    memory = manifest["memory"]
+    assert memory["model_dtype"] == "bfloat16" and memory["device"] == "cpu" and memory["peak_reset_per_stage"]
+    assert 1.0e9 < memory["transformer_bytes"] < 1.2e9  # ~1 GB in bf16, as the issue asks
+    print("peak added", memory["peak_added"] / 1e9, "GB =", memory["peak_added_per_transformer_byte"], "x")
+    assert memory["peak_added"] <= PEAK_MULTIPLE * memory["transformer_bytes"], memory
+    # Exporting (as opposed to validating) adds well under one transformer: no copy of the network.
+    exporting = manifest["files"]["transformer"]["memory"]["export"]["rss_added"]
+    assert exporting < 0.75 * memory["transformer_bytes"], manifest["files"]["transformer"]["memory"]
+    for name, entry in manifest["files"].items():
+        # validated once, at the smallest shape of the profile (batch 1, 64x64), on the CPU's provider
+        assert [(row["shape"], row["provider"], row["ok"]) for row in entry["validation"]] == [
+            ("B1 64x64", "CPUExecutionProvider", True)
+        ]
+        on_disk = entry["bytes"] + entry.get("data_bytes", 0)
+        estimate = manifest["disk_estimate"][f"{name}.onnx"]
+        assert on_disk <= estimate <= on_disk * 1.02 + 64 * 2**20, (name, on_disk, estimate)
+    assert manifest["files"]["transformer"]["data_files"]  # 2.2 GB of float32: external data
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_the_served_onnxruntime_backend_on_the_scaled_model_matches_torch(scaled_export, monkeypatch):
+    """The worker's own loading path (load_inpainter: load_model, attach_backend) with
+    FLUX_BACKEND=onnxruntime, run in-process rather than behind `bentoml serve` (which would load a
+    second 1.5 GB model in another process on this 2-core machine), against the same pipeline's torch
+    modules on the same job. Stated tolerance for a bf16 model against its float32 graph: mean 2 and
+    99th percentile 12 levels of 255 (measured 0.8 and 6; the float32 tiny model matches within 2)."""
+    import asyncio
+    import dataclasses
+    import io
+
+    from PIL import Image
+
+    from runners.backends.eager import TorchTransformer, TorchVae
+    from runners.config import ImageLimits, load_settings
+    from runners.front.preparation import prepare_job
+    from runners.pipeline.inpaint import Inpainter
+    from runners.protocol.schema import InpaintRequest
+    from runners.worker.batch import load_inpainter, run_jobs
+
+    env, _, _ = scaled_export
+    for name in ("XDG_CACHE_HOME", *SCALED):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.setenv("FLUX_BACKEND", "onnxruntime")
+    monkeypatch.setenv("FLUX_LORA_MAX_PER_REQUEST", "0")
+    monkeypatch.setenv("FLUX_WARMUP", "false")
+    settings = load_settings()
+    served = load_inpainter(settings)
+    model = served.model
+    assert type(model.transformer).__name__ == "OnnxTransformer" and type(model.vae).__name__ == "OnnxVae"
+    body = {
+        **json.loads((REPO / "examples" / "request.json").read_text()),
+        "num_inference_steps": 4,
+        "output_format": "png",
+        "image_size": {"width": 64, "height": 64},
+    }
+    job = asyncio.run(prepare_job(InpaintRequest(**body), ImageLimits(), "scaled"))
+    (got,) = run_jobs(served, [job])
+    eager = dataclasses.replace(
+        model, transformer=TorchTransformer(model.pipeline.transformer), vae=TorchVae(model.pipeline.vae)
+    )
+    (expected,) = run_jobs(Inpainter(eager, settings.acceleration), [job])
+    assert got.error is None and expected.error is None
+    a, b = (pixels(Image.open(io.BytesIO(r.images[0].data))) for r in (got, expected))
+    difference = np.abs(a.astype(int) - b.astype(int))
+    print(
+        f"ORT vs torch (bf16): mean {difference.mean():.2f}, p99 {np.percentile(difference, 99):.0f}, max {difference.max()}"
+    )
+    assert a.shape == (64, 64, 3) and difference.mean() <= 2 and np.percentile(difference, 99) <= 12

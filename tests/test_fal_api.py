@@ -453,7 +453,7 @@ def test_image_and_mask_urls_are_fetched(server, assets):
     [
         ("/to-metadata", "image_url", "169.254.169.254"),
         ("/huge", "image_url", "limit"),
-        ("/text", "mask_url", "PNG, JPEG or WEBP"),
+        ("/text", "mask_url", "PNG, JPEG, WEBP, GIF or AVIF"),
         ("/missing", "mask_url", "404"),
     ],
 )

@@ -7,12 +7,14 @@ import asyncio
 import base64
 import io
 import random
+import struct
 import threading
 import time
 import warnings
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import AvifImagePlugin, Image
 
 import runners.front.images as images
 import runners.protocol.images as protocol_images
@@ -37,13 +39,19 @@ JOB_LIMITS = ImageLimits(
     max_body_bytes=80 * 1024 * 1024,
 )
 FIELDS = ["image_url", "mask_url"]
-ACCEPTED_MESSAGE = "PNG, JPEG or WEBP"
+ACCEPTED_MESSAGE = "PNG, JPEG, WEBP, GIF or AVIF"
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **params)
     return buffer.getvalue()
+
+
+# AVIF's lossless setting in Pillow: quality 100 (AV1's lossless mode) without chroma subsampling. Pillow
+# writes YCbCr with BT.601 coefficients, so an RGB colour may still move by a level or so; grayscale
+# (written as 4:0:0, Y only) and the colours avif_exact_palette() picks come back exactly.
+AVIF_LOSSLESS = {"quality": 100, "subsampling": "4:4:4"}
 
 
 def data_uri(data: bytes, content_type: str = "image/png") -> str:
@@ -163,10 +171,20 @@ def test_open_image_refuses_over_max_bytes():
 
 
 @pytest.mark.parametrize(
-    ("fmt", "params"), [("PNG", {}), ("JPEG", {"quality": 90}), ("WEBP", {"quality": 90}), ("WEBP", {"lossless": True})]
+    ("fmt", "params"),
+    [
+        ("PNG", {}),
+        ("JPEG", {"quality": 90}),
+        ("WEBP", {"quality": 90}),
+        ("WEBP", {"lossless": True}),
+        ("GIF", {}),
+        ("AVIF", {"quality": 90}),
+        ("AVIF", AVIF_LOSSLESS),
+    ],
 )
 def test_accepted_formats(fmt, params):
     data = encode(noise((40, 24)), fmt, **params)
+    assert Image.open(io.BytesIO(data)).format == fmt
     image = open_image(data, "image_url", LIMITS)
     assert image.size == (40, 24)
     decoded = decode_image_uri(data_uri(data), "image_url", "RGB", LIMITS)
@@ -177,7 +195,6 @@ def _refused_payloads() -> dict[str, bytes]:
     picture = noise((32, 32))
     svg = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="64" height="64"/></svg>'
     return {
-        "gif": encode(picture.convert("P"), "GIF"),
         "bmp": encode(picture, "BMP"),
         "tiff": encode(picture, "TIFF"),
         "ico": encode(picture, "ICO"),
@@ -211,7 +228,7 @@ def test_content_type_is_not_trusted():
     )
     assert as_octets.size == (32, 32)
     error = refused(
-        lambda: decode_image_uri(data_uri(REFUSED["gif"], "image/png"), "mask_url", "L", LIMITS), "mask_url"
+        lambda: decode_image_uri(data_uri(REFUSED["bmp"], "image/png"), "mask_url", "L", LIMITS), "mask_url"
     )
     assert ACCEPTED_MESSAGE in error.reason
 
@@ -236,14 +253,20 @@ def big_png() -> bytes:
 
 
 @pytest.fixture
-def no_decoding(monkeypatch):
-    """Any decode of pixel data fails the test loudly (open_image would turn it into another message)."""
+def no_decoding(monkeypatch) -> list[str]:
+    """Any decode of pixel data fails the test loudly (open_image would turn it into another message),
+    and is recorded in the list returned. AVIF decodes its frame in its own ``load`` before Pillow's."""
     from PIL import ImageFile
 
+    decoded: list[str] = []
+
     def forbidden(self):
+        decoded.append(self.format)
         raise AssertionError("pixel data decoded")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", forbidden)
+    monkeypatch.setattr(AvifImagePlugin.AvifImageFile, "load", forbidden)
+    return decoded
 
 
 @pytest.mark.parametrize("field", FIELDS)
@@ -272,6 +295,70 @@ def test_budget_edge_accepted():
     )
 
 
+def declaring(data: bytes, width: int, height: int) -> bytes:
+    """A small GIF or AVIF whose header claims another canvas: the GIF's logical screen, the AVIF's
+    'ispe' (image spatial extents) box. Nothing else changes: a bomb that costs a few bytes."""
+    patched = bytearray(data)
+    if data.startswith(b"GIF"):
+        patched[6:10] = struct.pack("<HH", width, height)
+    else:
+        box = patched.index(b"ispe") + 8  # after the type and the version and flags
+        patched[box : box + 8] = struct.pack(">II", width, height)
+    return bytes(patched)
+
+
+SMALL = {"GIF": encode(noise((32, 32)).quantize(16), "GIF"), "AVIF": encode(noise((32, 32)), "AVIF")}
+
+
+SMALL_BUDGET = DecodeLimits(max_pixels=1000 * 1000, max_bytes=10**6)
+
+
+@pytest.fixture(scope="module")
+def big_gif_avif() -> dict[str, bytes]:
+    """Real 1200x1000 files of one colour, over a budget of 1000x1000 pixels, that decode where
+    the budget allows them."""
+    files = {
+        "GIF": encode(Image.new("P", (1200, 1000)), "GIF"),
+        "AVIF": encode(Image.new("RGB", (1200, 1000)), "AVIF", speed=10),
+    }
+    for data in files.values():
+        assert len(data) < 20_000
+        assert open_image(data, "mask_url", DecodeLimits(1200 * 1000, 10**6)).size == (1200, 1000)
+    return files
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "AVIF"])
+def test_gif_and_avif_over_budget_refused_before_decoding(big_gif_avif, no_decoding, fmt):
+    started = time.perf_counter()
+    error = refused(lambda: open_image(big_gif_avif[fmt], "mask_url", SMALL_BUDGET), "mask_url")
+    assert time.perf_counter() - started < 0.5
+    assert "1200x1000" in error.reason and str(1000 * 1000) in error.reason
+    assert no_decoding == []
+
+
+@pytest.mark.parametrize("field", FIELDS)
+@pytest.mark.parametrize(
+    ("fmt", "width", "height"),
+    [
+        ("GIF", 5000, 5000),  # over the server's budget
+        ("GIF", 10000, 10000),  # over Image.MAX_IMAGE_PIXELS: Pillow warns, which is an error here
+        ("GIF", 65535, 65535),  # over twice that: Pillow raises (the largest a GIF can declare)
+        ("AVIF", 5000, 5000),
+        ("AVIF", 10000, 10000),
+        ("AVIF", 16384, 16384),
+        ("AVIF", 60000, 60000),  # past libavif's own limit: it refuses to parse the header
+    ],
+)
+def test_gif_and_avif_declaring_a_huge_canvas_refused_before_decoding(no_decoding, fmt, width, height, field):
+    data = declaring(SMALL[fmt], width, height)
+    started = time.perf_counter()
+    error = refused(lambda: decode_image_uri(data_uri(data), field, "RGB", LIMITS), field)
+    assert time.perf_counter() - started < 0.5
+    assert no_decoding == []
+    expected = {5000: "5000x5000 is over", 60000: "could not be read"}.get(width, "too large to decode safely")
+    assert expected in error.reason, error.reason
+
+
 def test_huge_image_refused_through_prepare_job(huge_png):
     request = job_request(data_uri(huge_png), data_uri(MASK_64))
     refused(lambda: prepare_sync(request, JOB_LIMITS, "rid"), "image_url")
@@ -289,10 +376,11 @@ def test_max_image_pixels_stays_finite():
     assert Image.MAX_IMAGE_PIXELS == before
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "AVIF"])
 @pytest.mark.parametrize("side", [40, 100])  # 1600 px: Pillow warns; 10000 px: Pillow raises
-def test_decompression_bomb_is_an_error(monkeypatch, side):
+def test_decompression_bomb_is_an_error(monkeypatch, side, fmt):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    data = encode(Image.new("RGB", (side, side)), "PNG")
+    data = encode(Image.new("RGB", (side, side)), fmt)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a caller's filter must not turn the bomb into a mere warning
         refused(lambda: open_image(data, "mask_url", DecodeLimits(10**8, 10**8)), "mask_url")
@@ -313,7 +401,7 @@ def test_warning_filters_left_as_they_were():
     before = list(warnings.filters)
     open_image(PNG_64, "image_url", LIMITS)
     with pytest.raises(ImageLoadError):
-        open_image(REFUSED["gif"], "image_url", LIMITS)
+        open_image(REFUSED["bmp"], "image_url", LIMITS)
     assert warnings.filters == before
 
 
@@ -349,7 +437,16 @@ def test_tiny_images_refused(size, field):
     assert "16" in error.reason and "at least" in error.reason
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+@pytest.mark.parametrize("fmt", ["GIF", "AVIF"])
+@pytest.mark.parametrize("size", [(15, 15), (1, 1), (16, 15), (15, 16)])
+@pytest.mark.parametrize("field", FIELDS)
+def test_tiny_gif_and_avif_refused(size, field, fmt):
+    data = encode(Image.new("RGB", size, (255, 255, 255)), fmt)
+    error = refused(lambda: decode_image_uri(data_uri(data), field, "RGB", LIMITS), field)
+    assert "16" in error.reason and "at least" in error.reason
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "AVIF"])
 def test_smallest_image_accepted(fmt):
     assert decode_image_uri(data_uri(encode(Image.new("RGB", (16, 16)), fmt)), "image_url", "RGB", LIMITS).size == (
         16,
@@ -365,6 +462,9 @@ def test_tiny_mask_refused_through_prepare_job():
 # --- truncated and corrupt files ----------------------------------------------------------------------
 
 
+FORMATS = ["PNG", "JPEG", "WEBP", "GIF", "AVIF"]
+
+
 @pytest.fixture(scope="module")
 def encoded_noise() -> dict[str, bytes]:
     picture = noise((96, 64), seed=3)
@@ -372,28 +472,43 @@ def encoded_noise() -> dict[str, bytes]:
         "PNG": encode(picture, "PNG"),
         "JPEG": encode(picture, "JPEG", quality=95),
         "WEBP": encode(picture, "WEBP", quality=95),
+        "GIF": encode(picture.quantize(256), "GIF"),
+        "AVIF": encode(picture, "AVIF", **AVIF_LOSSLESS),
     }
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_cut_in_half_refused(encoded_noise, fmt):
     data = encoded_noise[fmt]
     refused(lambda: open_image(data[: len(data) // 2], "image_url", LIMITS), "image_url")
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_every_cut_refused_cleanly(encoded_noise, fmt):
-    """Wherever the file ends, the answer is a 422 ImageLoadError naming the field and what is wrong:
-    no cut is accepted (measured: none of the ~124 cuts per format decodes), no other exception."""
+    """Wherever the file ends, the answer is a 422 ImageLoadError naming the field and what is wrong,
+    never another exception, unless nothing of the image was lost: a file cut only in what follows
+    its pixel data (measured over every cut: a PNG's last 20 bytes, its last CRC and IEND; a GIF's
+    last 2, the block terminator and trailer; none for JPEG, WEBP and AVIF) decodes to the whole
+    image, as browsers show it. No cut that loses a pixel is accepted."""
     data = encoded_noise[fmt]
-    cuts = sorted(set(range(0, 64)) | set(range(64, len(data), max(1, len(data) // 60))))
-    reasons = ("not a PNG, JPEG or WEBP image", "image could not be read", "image data is corrupt or truncated")
+    whole = np.asarray(open_image(data, "mask_url", LIMITS).convert("RGB"))
+    cuts = sorted(
+        set(range(0, 64)) | set(range(64, len(data), max(1, len(data) // 60))) | set(range(len(data) - 32, len(data)))
+    )
+    reasons = (f"not a {ACCEPTED_MESSAGE} image", "image could not be read", "image data is corrupt or truncated")
+    accepted = []
     for cut in cuts:
-        error = refused(lambda cut=cut: open_image(data[:cut], "mask_url", LIMITS), "mask_url")
-        assert error.reason in reasons, (cut, error.reason)
+        try:
+            opened = open_image(data[:cut], "mask_url", LIMITS)
+        except ImageLoadError as error:
+            assert error.field == "mask_url" and error.reason in reasons, (cut, error.reason)
+            continue
+        assert np.array_equal(np.asarray(opened.convert("RGB")), whole), f"a cut at {cut} of {len(data)} bytes decoded"
+        accepted.append(len(data) - cut)
+    assert max(accepted, default=0) <= {"PNG": 20, "GIF": 2}.get(fmt, 0), accepted
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_corrupted_bytes_refused_cleanly(encoded_noise, fmt):
     rng = random.Random(11)
     data = encoded_noise[fmt]
@@ -527,6 +642,81 @@ def test_sixteen_bit_grayscale_transparency_key():
     opened = open_image(encode(picture, "PNG", transparency=65535), "mask_url", LIMITS)
     gray = flatten(opened, "L")
     assert gray.getpixel((0, 0)) == 30000 >> 8 and gray.getpixel((5, 5)) == 0
+
+
+# --- GIF and AVIF: palettes, transparency, animation -----------------------------------------------
+
+
+def _palette_noise(colours: int = 200, transparent: int | None = None) -> Image.Image:
+    picture = noise((48, 32), seed=5).quantize(colours)
+    if transparent is not None:
+        picture.info["transparency"] = transparent
+    return picture
+
+
+def _stroke_mask(mode: str) -> Image.Image:
+    """A white stroke on black (or on transparent white, for RGBA): white = repaint, black = keep."""
+    if mode == "RGBA":
+        mask = Image.new("RGBA", (48, 32), (255, 255, 255, 0))
+        mask.paste((255, 255, 255, 255), (8, 8, 40, 24))
+        return mask
+    return _mask_in_mode("L").resize((48, 32)).convert(mode)
+
+
+GIF_CONTENTS = {
+    "palette": lambda: _palette_noise(),
+    "palette with a transparent index": lambda: _palette_noise(transparent=7),
+    "grayscale": lambda: noise((48, 32), "L", seed=6),
+    "1-bit mask": lambda: _stroke_mask("1"),
+    "grayscale mask": lambda: _stroke_mask("L"),
+    "palette mask": lambda: _stroke_mask("P"),
+    "transparent mask": lambda: _stroke_mask("RGBA"),
+}
+
+
+@pytest.mark.parametrize("content", GIF_CONTENTS)
+@pytest.mark.parametrize(("field", "mode"), [("image_url", "RGB"), ("mask_url", "L")])
+def test_gif_ends_as_a_png_of_the_same_content(content, field, mode):
+    """Whatever mode Pillow opens the GIF in (P, or L for a 1-bit source; the PNG may be 1, L, P or
+    RGBA), the decoded input has the mode and the pixels of the PNG's, as image and as mask."""
+    picture = GIF_CONTENTS[content]()
+    params = {"transparency": picture.info["transparency"]} if "transparency" in picture.info else {}
+    gif = decode_image_uri(data_uri(encode(picture, "GIF", **params), "image/gif"), field, mode, LIMITS)
+    png = decode_image_uri(data_uri(encode(picture, "PNG", **params)), field, mode, LIMITS)
+    assert gif.mode == png.mode == mode
+    assert np.array_equal(np.asarray(gif), np.asarray(png))
+    if "transparen" in content:  # transparency is flattened onto black in both
+        assert np.asarray(png).min() == 0
+
+
+def _frames(fmt: str) -> tuple[bytes, Image.Image]:
+    """A three-frame animation (two colours after a noisy first frame) and its first frame's pixels,
+    as the format holds them."""
+    first = _palette_noise(64).convert("RGB") if fmt == "GIF" else noise((48, 32), seed=8)
+    rest = [Image.new("RGB", (48, 32), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    params = {"duration": 100, **{"AVIF": AVIF_LOSSLESS, "WEBP": {"lossless": True}}.get(fmt, {})}
+    data = encode(first, fmt, save_all=True, append_images=rest, **params)
+    assert Image.open(io.BytesIO(data)).n_frames == 3
+    return data, Image.open(io.BytesIO(encode(first, fmt, **params))).convert("RGB")
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "AVIF", "WEBP"])
+def test_animation_gives_its_first_frame(fmt):
+    data, first = _frames(fmt)
+    decoded = decode_image_uri(data_uri(data), "image_url", "RGB", LIMITS)
+    assert decoded.size == (48, 32)
+    assert np.array_equal(np.asarray(decoded), np.asarray(first))
+    assert 0 < pixels_of(decoded).std()  # noise, not one of the later frames' flat colour
+
+
+def test_animated_gif_first_frame_through_prepare_job():
+    data, first = _frames("GIF")
+    job = prepare_sync(job_request(data_uri(data, "image/gif"), data_uri(MASK_64)), JOB_LIMITS, "rid")
+    assert np.array_equal(np.asarray(_decoded(job.image_png)), np.asarray(first))
+
+
+def pixels_of(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
 
 
 # --- prepare_job ---------------------------------------------------------------------------------

@@ -151,7 +151,9 @@ def test_safety_checker_blacks_out_what_it_flags(tiny_model, inpainter):
     assert flagged[0].has_nsfw_concepts == [True]
     assert pixels(flagged[0].images[0]).max() == 0  # black
     assert flagged[1].has_nsfw_concepts == [False]  # checker off for that request: untouched
-    assert np.array_equal(pixels(flagged[1].images[0]), pixels(clean.images[0]))
+    # It ran in a batch of two, `clean` alone: the same image up to the documented batch rounding
+    # (docs/api.md, "Seeds"), not bit for bit (MKL's kernels differ by row count on some CPUs).
+    assert np.abs(pixels(flagged[1].images[0]) - pixels(clean.images[0])).max() <= BATCH_ROUNDING_LEVELS
 
 
 def test_model_settings_choose_cpu_and_float32_here():

@@ -179,3 +179,92 @@ def test_a_model_without_guidance_embeds_has_no_guidance_input(tiny_model):
     assert spec.inputs_for(no_guidance) == spec.input_names[:-1]
     assert "guidance" not in spec.profile(no_guidance, [(32, 32)], [1], 8)
     assert "guidance" not in spec.input_shapes(no_guidance, 1, 32, 32, 8)
+
+
+def test_the_export_traces_a_meta_twin_and_copies_no_weight_before_writing(tiny_model, tmp_path, monkeypatch):
+    """The exporter traces a storage-less twin; each live weight is read once, while the file is
+    written (none before: no copy of the network), and the served model is left as it was."""
+    from export.onnx_export import live_tensors, meta_twin
+
+    vae = tiny_model.pipeline.vae
+    twin = meta_twin(SPECS["vae_decoder"].module(tiny_model), torch.float32)
+    assert all(t.is_meta and t.dtype == torch.float32 for t in live_tensors(twin).values())
+    assert all(not t.is_meta for t in vae.parameters())
+    half = meta_twin(SPECS["vae_decoder"].module(tiny_model), torch.bfloat16)  # the twin's dtype is its own
+    assert {t.dtype for t in half.parameters()} == {torch.bfloat16}
+
+    events = []
+    real_weight = onnx_export._host_weight
+    monkeypatch.setattr(
+        onnx_export, "_host_weight", lambda *a, **k: events.append((a[2], a[0].numel())) or real_weight(*a, **k)
+    )
+    real_save = torch.onnx.ONNXProgram.save
+    monkeypatch.setattr(
+        torch.onnx.ONNXProgram, "save", lambda self, *a, **k: events.append("save") or real_save(self, *a, **k)
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+        export_onnx(SPECS["vae_decoder"], tiny_model, tmp_path / "vae_decoder.onnx")
+    before, after = events[: events.index("save")], events[events.index("save") + 1 :]
+    # Before the save only the optimizer's constant folding reads weights, and only small ones (its
+    # input limit: norms' scales and biases, which it folds into the graph); every large one is made
+    # while it is written, once.
+    assert all(size <= 8192 for _, size in before), before
+    assert len(after) > 10 and len(set(after)) == len(after)
+    assert all(t.dtype == torch.float32 and not t.is_meta for t in vae.parameters())
+
+
+def test_validation_runs_torch_first_and_frees_its_session_before_returning(exported, tiny_model, monkeypatch):
+    """The torch outputs exist before ONNX Runtime loads the graph, and the session is gone (not just
+    unreferenced by the caller) once validate returns: the next network's export never shares memory
+    with it."""
+    import dataclasses
+    import gc
+    import weakref
+
+    events, sessions = [], []
+    real_session = onnx_export.ort_session
+
+    def session(path, device="cpu"):
+        events.append(("session", str(device)))
+        made = real_session(path, device)
+        sessions.append(weakref.ref(made))
+        return made
+
+    class Recording(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs):
+            events.append(("torch",))
+            return self.inner(*inputs)
+
+    @dataclasses.dataclass(frozen=True)
+    class RecordingSpec(type(SPECS["vae_decoder"])):
+        def module(self, model):
+            return Recording(super().module(model))
+
+    spec = RecordingSpec(
+        **{f.name: getattr(SPECS["vae_decoder"], f.name) for f in dataclasses.fields(SPECS["vae_decoder"])}
+    )
+    monkeypatch.setattr(onnx_export, "ort_session", session)
+    rows = validate(spec, tiny_model, exported["vae_decoder"][0], SHAPES[:2], 32, TOLERANCE)
+    assert all(row.ok and row.provider == "CPUExecutionProvider" for row in rows)
+    assert events == [("torch",), ("torch",), ("session", "cpu")]  # on the model's device's provider
+    gc.collect()
+    assert len(sessions) == 1 and sessions[0]() is None
+
+
+def test_validation_shapes_are_the_profiles_smallest_for_full_size_models():
+    from export.build import validation_shapes
+    from runners.config import Settings
+
+    full = Settings.model_validate(
+        {
+            "model": {"model": "random:flux-dev"},
+            "backend": {"export_sizes": ["1024x1024", "512x512", "768x1024"], "export_batch_sizes": [4, 1, 2]},
+        }
+    )
+    assert validation_shapes(full) == [(1, 512, 512)]
+    assert validation_shapes(Settings()) == [(1, 32, 32), (2, 64, 48), (3, 48, 64)]  # the tiny model: cheap, several

@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from runners.front.fal_http import APP_ID
-from tests.conftest import REPO, bentoml_server
+from tests.conftest import REPO, bentoml_server, require
 
 KEY = "playground-key"
 IMAGE = REPO / "examples" / "image.png"
@@ -37,10 +37,12 @@ EXAMPLE = json.loads((REPO / "examples" / "request.json").read_text())
 SLOW = {**EXAMPLE, "sync_mode": False, "image_size": "square_hd", "num_inference_steps": 50, "strength": 1.0}
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 WAIT_S = 240  # generous: a loaded 2-core machine runs the tiny model slowly
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="needs Debian's chromium and chromium-driver (make test installs them)",
-)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def chromium():
+    """Skipped without Chromium, failed under CI=true (conftest.require): before any server starts."""
+    require(CHROMIUM and CHROMEDRIVER, "the playground tests need Debian's chromium and chromium-driver (make browser)")
 
 
 @pytest.fixture(scope="module")
@@ -246,14 +248,39 @@ def test_the_form_shows_every_field_of_the_schema(browser, server):
     assert browser.js("return document.querySelector('#field-num_inference_steps').value") == "28"
 
 
-def test_a_painted_run_sends_the_stroke_as_the_mask_and_shows_the_result(browser, server, tmp_path):
+STROKE = ((56, 206), (200, 216), 24)  # start, end, brush: across the lawn, where the example's shed goes
+
+
+def paint_a_run(browser: Browser) -> None:
+    """On a fresh page: the example's image uploaded, a stroke painted, 3 steps with seed 7."""
     browser.open()
     browser.upload_image()
-    start, end, brush = (56, 206), (200, 216), 24  # across the lawn, where the example's shed goes
+    start, end, _ = STROKE
     browser.stroke(start, end)
     browser.set_value("#field-prompt", "a small wooden garden shed on the lawn")
     browser.set_value("#field-num_inference_steps", "3")
     browser.set_value("#field-seed", "7")
+
+
+def wait_until_idle(server: str) -> None:
+    """Nothing queued or running on the server (this module's requests of other tests included), so a
+    test that counts on the queue's room starts from the same state whatever ran before it."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        values = dict(
+            line.rsplit(" ", 1)
+            for line in httpx.get(f"{server}/metrics", timeout=30).text.splitlines()
+            if line.startswith(("flux_queue_depth ", "flux_in_flight "))
+        )
+        if values and all(float(v) == 0 for v in values.values()):
+            return
+        assert time.monotonic() < deadline, f"the server is still busy: {values}"
+        time.sleep(0.2)
+
+
+def test_a_painted_run_sends_the_stroke_as_the_mask_and_shows_the_result(browser, server, tmp_path):
+    paint_a_run(browser)
+    start, end, brush = STROKE
     assert "mask.png" in browser.text("#snippet") and '"seed": 7' in browser.text("#snippet")
     browser.submit()
     assert browser.wait_until_finished().startswith("Done"), browser.text("#error")
@@ -300,8 +327,9 @@ def test_a_painted_run_sends_the_stroke_as_the_mask_and_shows_the_result(browser
 
 
 def test_copy_as_snippets_run_against_this_server(browser, server, tmp_path):
-    """The page's curl, Python and JavaScript for the run above, run as a person would paste them:
+    """The page's curl, Python and JavaScript for a painted run, run as a person would paste them:
     in a folder holding the uploaded image.png and the page's mask.png download, with FAL_KEY set."""
+    paint_a_run(browser)
     (tmp_path / "image.png").write_bytes(IMAGE.read_bytes())
     mask = browser.find("#mask-download").get_attribute("href")
     (tmp_path / "mask.png").write_bytes(base64.b64decode(mask.partition(",")[2]))
@@ -328,24 +356,35 @@ def test_copy_as_snippets_run_against_this_server(browser, server, tmp_path):
             assert output["seed"] == 7 and output["images"][0]["width"] == 256
 
 
+def example_image_as(fmt: str) -> bytes:
+    """The example image in ``fmt`` (GIF: its 256 most used colours; AVIF: Pillow's default quality)."""
+    picture = Image.open(IMAGE).convert("RGB")
+    buffer = io.BytesIO()
+    (picture.quantize(256) if fmt == "gif" else picture).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
 def test_the_image_by_drop_paste_and_url(browser, server):
     file_in = (
         "const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));"
-        "const data = new DataTransfer(); data.items.add(new File([bytes], 'house.png', {type: 'image/png'}));"
+        "const data = new DataTransfer(); data.items.add(new File([bytes], arguments[1], {type: arguments[2]}));"
     )
-    png = base64.b64encode(IMAGE.read_bytes()).decode()
     events = {
         "drop": "document.querySelector('#stage').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}))",
         "paste": "document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}))",
     }
+    files = {"png": IMAGE.read_bytes(), "gif": example_image_as("gif"), "avif": example_image_as("avif")}
     for name, event in events.items():
-        browser.open()
-        browser.js(file_in + event, png)
-        browser.wait_for("!document.querySelector('#mask-canvas').hidden")
-        assert browser.js(
-            "return [document.querySelector('#mask-canvas').width, document.querySelector('#mask-canvas').height]"
-        ) == [256, 256]
-        assert "house.png (256×256" in browser.text('.field[data-field="image_url"]'), name
+        for fmt, data in files.items():  # every format fal accepts that a browser also shows
+            if name == "paste" and fmt != "png":
+                continue
+            browser.open()
+            browser.js(file_in + event, base64.b64encode(data).decode(), f"house.{fmt}", f"image/{fmt}")
+            browser.wait_for("!document.querySelector('#mask-canvas').hidden")
+            assert browser.js(
+                "return [document.querySelector('#mask-canvas').width, document.querySelector('#mask-canvas').height]"
+            ) == [256, 256]
+            assert f"house.{fmt} (256×256" in browser.text('.field[data-field="image_url"]'), (name, fmt)
 
     # a URL on this server: previewed and painted on; sent as the URL
     output = httpx.post(
@@ -368,6 +407,33 @@ def test_the_image_by_drop_paste_and_url(browser, server):
     browser.find("#mask-file").send_keys(str(REPO / "examples" / "mask.png"))
     browser.wait_for("document.querySelector('.field[data-field=\"mask_url\"]').textContent.includes('uploaded mask')")
     assert "https://example.com/house.png" in browser.text("#snippet")
+
+
+def test_an_avif_image_and_a_gif_mask_uploaded_run(browser, tmp_path):
+    """The upload buttons offer GIF and AVIF (fal accepts both), and a run with them succeeds: the
+    AVIF image is sent as it is, the GIF mask drawn onto the painted canvas."""
+    for control in ("#image-file", "#mask-file"):
+        assert {"image/gif", "image/avif"} <= set(browser.find(control).get_attribute("accept").split(","))
+    (tmp_path / "house.avif").write_bytes(example_image_as("avif"))
+    mask = Image.open(REPO / "examples" / "mask.png").convert("L")
+    mask.save(tmp_path / "mask.gif")
+    browser.open()
+    sent_before = len(browser.sent_bodies(f"/queue/{APP_ID}"))
+    browser.find("#image-file").send_keys(str(tmp_path / "house.avif"))
+    browser.wait_for("!document.querySelector('#mask-canvas').hidden")
+    assert "house.avif (256×256" in browser.text('.field[data-field="image_url"]')
+    browser.find("#mask-file").send_keys(str(tmp_path / "mask.gif"))
+    painted = "document.querySelector('#mask-canvas').getContext('2d').getImageData(0, 0, 256, 256).data.filter((v, i) => i % 4 === 3 && v >= 128).length"
+    browser.wait_for(f"{painted} > 0")
+    browser.set_value("#field-prompt", "a shed")
+    browser.set_value("#field-num_inference_steps", "1")
+    browser.submit()
+    assert browser.wait_until_finished().startswith("Done"), browser.text("#error")
+    body = browser.sent_bodies(f"/queue/{APP_ID}")[sent_before]
+    expected = "data:image/avif;base64," + base64.b64encode((tmp_path / "house.avif").read_bytes()).decode()
+    assert body["image_url"] == expected
+    sent_mask = np.asarray(decode_data_uri(body["mask_url"]).convert("L")) >= 128
+    assert (sent_mask == (np.asarray(mask) >= 128)).mean() > 0.98  # the uploaded mask, as painted
 
 
 def test_the_mask_tools_undo_clear_and_invert(browser):
@@ -439,6 +505,7 @@ def test_cancel_of_a_long_request_shows_it_cancelled(browser):
 def test_a_full_queue_says_retry(browser, server):
     headers = {"Authorization": f"Key {KEY}"}
     queue = f"{server}/queue/{APP_ID}"
+    wait_until_idle(server)  # the room in the queue is what this test counts on
 
     def status(request: dict) -> str:
         return httpx.get(request["status_url"], headers=headers, timeout=60).json()["status"]
@@ -480,11 +547,17 @@ def test_a_missing_key_shows_the_401(browser):
 
 
 def test_the_page_asks_nothing_of_any_other_host(browser, server):
-    """Every request of every page load in this module (run last, it sees all the tests above),
-    from the browser's own network log."""
-    browser.open()
+    """Every request the browser sent in this module, from its own network log: this test's own
+    painted run and download (whatever ran before it), and all the others' that ran before it."""
+    paint_a_run(browser)
+    browser.set_value("#field-num_inference_steps", "1")
+    browser.submit()
+    assert browser.wait_until_finished().startswith("Done"), browser.text("#error")
+    browser.find("#result a.download").click()
+    browser.wait_for_file(browser.downloads / browser.find("#result a.download").get_attribute("download"))
     requests = browser.network()
     paths = {urlsplit(r["request"]["url"]).path for r in requests}
-    assert {"/", "/openapi.json", "/playground/main.js", "/playground/mask-painter.js"} <= paths, paths
+    assert {"/", "/openapi.json", "/playground/main.js", "/playground/mask-painter.js", f"/queue/{APP_ID}"} <= paths
+    assert any(path.endswith("/status/stream") for path in paths) and any(p.startswith("/files/") for p in paths)
     origins = {f"{urlsplit(r['request']['url']).scheme}://{urlsplit(r['request']['url']).netloc}" for r in requests}
     assert origins - {"data://", "blob://"} == {server}, origins

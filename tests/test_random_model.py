@@ -29,6 +29,28 @@ def test_flux_dev_has_the_published_parameter_counts():
     }
 
 
+def test_flux_dev_2block_has_flux_dev_widths_with_one_block_of_each_kind():
+    """random:flux-dev-2block: FLUX.1-dev's transformer widths and VAE, one double- and one single-stream
+    block, text encoders as wide as the transformer reads (T5 4096, CLIP 768); ~1.1 GB in bf16."""
+    import torch
+
+    from runners.pipeline.random_model import ARCHITECTURES, FLUX_DEV, build_modules
+    from runners.pipeline.tiny import _clip_tokenizer, _t5_tokenizer
+
+    table = ARCHITECTURES["flux-dev-2block"]
+    differs = {k for k in FLUX_DEV["transformer"] if table["transformer"][k] != FLUX_DEV["transformer"][k]}
+    assert differs == {"num_layers", "num_single_layers"}
+    assert (table["transformer"]["num_layers"], table["transformer"]["num_single_layers"]) == (1, 1)
+    with torch.device("meta"):
+        modules = build_modules(table, (_clip_tokenizer(), _t5_tokenizer()))
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
+    assert counts["transformer"] == 545_548_096 and counts["vae"] == 83_819_683  # the real VAE
+    assert 1.0e9 < counts["transformer"] * 2 < 1.2e9  # bf16 bytes: "on the order of 1 GB"
+    assert modules["text_encoder_2"].config.d_model == table["transformer"]["joint_attention_dim"] == 4096
+    assert modules["text_encoder"].config.hidden_size == table["transformer"]["pooled_projection_dim"] == 768
+    assert counts["text_encoder"] + counts["text_encoder_2"] < 10_000_000  # just large enough to feed it
+
+
 def test_the_flop_count_the_benchmark_uses_is_this_architectures():
     from benchmarks.loop import transformer_flops
     from runners.pipeline.random_model import FLUX_DEV
@@ -95,5 +117,5 @@ def test_an_unknown_architecture_is_refused_with_the_known_ones():
     from runners.config import ModelSettings
     from runners.pipeline.model import load_model
 
-    with pytest.raises(ValueError, match="random:flux-schnell: unknown architecture; known: flux-dev"):
+    with pytest.raises(ValueError, match="random:flux-schnell: unknown architecture; known: flux-dev, flux-dev-2block"):
         load_model(ModelSettings(model="random:flux-schnell", device="cpu"))

@@ -78,6 +78,88 @@ def test_preset_size(server):
     assert image_of(response.json()["images"][0]).size == (1024, 576)
 
 
+def encoded(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def as_uri(data: bytes, content_type: str) -> str:
+    return f"data:{content_type};base64,{base64.b64encode(data).decode()}"
+
+
+# AVIF at Pillow's lossless setting: AV1's lossless mode (quality 100) without chroma subsampling.
+# Pillow writes YCbCr with BT.601 coefficients, so some RGB colours still move by a level: the scene
+# below uses only colours that come back exactly, and grayscale (written as Y alone) always does.
+AVIF_LOSSLESS = {"quality": 100, "subsampling": "4:4:4"}
+
+
+def avif_exact_colours(count: int = 256) -> np.ndarray:
+    """``count`` RGB colours that an AVIF at its lossless setting gives back exactly (about 8% do;
+    libavif converts each pixel on its own, so a colour that survives once survives anywhere)."""
+    candidates = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    back = np.asarray(Image.open(io.BytesIO(encoded(Image.fromarray(candidates), "AVIF", **AVIF_LOSSLESS))))
+    exact = candidates[(back == candidates).all(axis=-1)]
+    assert len(exact) >= count
+    return exact[:count]
+
+
+@pytest.fixture(scope="module")
+def same_pixels_in_every_format():
+    """One 64x48 scene and its mask as PNG, GIF, AVIF and an animated GIF whose first frame is the
+    scene, each checked here to decode to exactly the same pixels (so a difference in the results is
+    the server's)."""
+    rng = np.random.default_rng(4)
+    colours = avif_exact_colours()
+    picture = Image.fromarray(rng.integers(0, len(colours), (48, 64), dtype=np.uint8), "P")
+    picture.putpalette(colours.tobytes())
+    scene = picture.convert("RGB")
+    mask = Image.new("L", (64, 48), 0)
+    mask.paste(255, (12, 10, 44, 34))
+    images = {
+        "png": as_uri(encoded(scene, "PNG"), "image/png"),
+        "gif": as_uri(encoded(picture, "GIF"), "image/gif"),
+        "avif": as_uri(encoded(scene, "AVIF", **AVIF_LOSSLESS), "image/avif"),
+        "animated gif": as_uri(
+            encoded(picture, "GIF", save_all=True, append_images=[Image.new("RGB", (64, 48), (255, 0, 0))]),
+            "image/gif",
+        ),
+    }
+    masks = {
+        "png": as_uri(encoded(mask, "PNG"), "image/png"),
+        "gif": as_uri(encoded(mask, "GIF"), "image/gif"),
+        "avif": as_uri(encoded(mask, "AVIF", **AVIF_LOSSLESS), "image/avif"),
+    }
+    for uri in images.values():
+        decoded = Image.open(io.BytesIO(base64.b64decode(uri.partition(",")[2])))
+        assert np.array_equal(np.asarray(decoded.convert("RGB")), np.asarray(scene))
+    for uri in masks.values():
+        decoded = Image.open(io.BytesIO(base64.b64decode(uri.partition(",")[2])))
+        assert np.array_equal(np.asarray(decoded.convert("L")), np.asarray(mask))
+    return images, masks
+
+
+def test_gif_and_avif_inputs_give_the_image_of_the_same_pixels_as_png(server, same_pixels_in_every_format):
+    """fal accepts GIF and AVIF for image_url and mask_url; so does this server, end to end: a GIF
+    image with an AVIF mask, the other way round, and an animated GIF (its first frame) each give the
+    image that the same pixels sent as PNG give, within the documented bound (BATCH_ROUNDING_LEVELS:
+    a request's PNG output may move by one level with what it is batched with)."""
+    images, masks = same_pixels_in_every_format
+
+    def result(image: str, mask: str) -> np.ndarray:
+        body = {**EXAMPLE, "image_url": images[image], "mask_url": masks[mask], "num_inference_steps": 2}
+        response = post(server, {**body, "output_format": "png", "seed": 11})
+        assert response.status_code == 200, (image, mask, response.text)
+        output = image_of(response.json()["images"][0])
+        assert output.size == (64, 48)
+        return np.asarray(output).astype(int)
+
+    reference = result("png", "png")
+    for image, mask in (("gif", "avif"), ("avif", "gif"), ("animated gif", "avif")):
+        difference = np.abs(result(image, mask) - reference).max()
+        assert difference <= BATCH_ROUNDING_LEVELS, (image, mask, difference)
+
+
 def test_seed_reproduces_and_a_missing_seed_is_drawn_and_returned(server):
     body = {**EXAMPLE, "num_inference_steps": 4, "output_format": "png"}
     first, second = post(server, body).json(), post(server, body).json()
@@ -123,6 +205,11 @@ def test_missing_fields_and_malformed_json(server):
         assert response.status_code == 422 and response.json()["error_type"] == "validation_error"
 
 
+_NOISE = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+CUT_GIF = encoded(_NOISE.quantize(64), "GIF")[:-40]  # its last pixels lost
+CUT_AVIF = encoded(_NOISE, "AVIF")[:-40]
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
@@ -138,6 +225,8 @@ def test_missing_fields_and_malformed_json(server):
         ({"mask_url": "ftp://example.com/mask.png"}, "mask_url"),
         ({"image_url": "gopher://example.com/x"}, "image_url"),
         ({"image_url": "data:image/png;base64,bm90IGFuIGltYWdl"}, "image_url"),
+        ({"image_url": as_uri(CUT_GIF, "image/gif")}, "image_url"),
+        ({"mask_url": as_uri(CUT_AVIF, "image/avif")}, "mask_url"),
         ({"image_size": {"width": 14000, "height": 14000}}, "image_size"),
     ],
 )

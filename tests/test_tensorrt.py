@@ -775,3 +775,37 @@ def test_refit_engine_control_flow(fake_tensorrt, tmp_path):
     with pytest.raises(RuntimeError, match="without BuilderFlag.REFIT"):
         refit_engine(plan, onnx_path, log=lambda _: None)
     assert plan.read_bytes() == b"refit-plan"
+
+
+def test_the_tensorrt_image_swaps_in_onnxruntime_with_its_cuda_provider():
+    """The GPU image validates exports on the GPU and can serve FLUX_BACKEND=onnxruntime there: its
+    setup script replaces the CPU-only onnxruntime with onnxruntime-gpu for torch's CUDA 13, and fails
+    the image build if the CUDA provider is missing."""
+    import re
+
+    script = (REPO / "deploy" / "install-tensorrt.sh").read_text()
+    assert script.index("uv pip uninstall") < script.index('"onnxruntime-gpu[cuda,cudnn]==')
+    assert re.search(r"uninstall --python \S+ onnxruntime\n", script)
+    assert re.search(r'"onnxruntime-gpu\[cuda,cudnn\]==1\.\d+\.\d+"', script)
+    assert "'CUDAExecutionProvider' in ort.get_available_providers()" in script
+
+
+def test_engines_the_disk_cannot_hold_are_refused_before_the_build(tmp_path, tiny_model, monkeypatch):
+    """The engines' bytes, counted from the architecture at the engine precision, are checked
+    against the target's free space (faked here) before TensorRT is asked for anything."""
+    import export.disk
+    import runners.backends.tensorrt_engine as backend
+    from export.build import tensorrt_artifact
+    from export.disk import DiskSpaceError
+    from runners.backends.artifacts import Artifact
+    from runners.config import Settings
+
+    monkeypatch.setattr(backend, "tensorrt_available", lambda: (True, "10.0.0-fake"))
+    monkeypatch.setattr(export.disk, "free_bytes", lambda path: 1000)
+    built = []
+    monkeypatch.setattr("export.tensorrt_build.build_engine", lambda *a, **k: built.append(a))
+    settings = Settings.model_validate({"backend": {"engine_dir": str(tmp_path / "engines")}})
+    onnx = Artifact(tmp_path / "onnx-x", {"key": "x", "files": {}})
+    with pytest.raises(DiskSpaceError, match=r"needs 0\.\d\d GB \(transformer\.plan .*0\.00 GB is free"):
+        tensorrt_artifact(tiny_model, settings, onnx, build=True, progress=lambda _: None)
+    assert not built and not (tmp_path / "engines").exists()

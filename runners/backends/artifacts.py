@@ -108,16 +108,29 @@ class ArtifactStore:
     def folder(self, key: str) -> Path:
         return self.root / f"{self.kind}-{key}"
 
-    def build(self, fields: dict[str, Any], make_files, rebuild_hint: str) -> tuple[Artifact, bool]:
+    def build(
+        self,
+        fields: dict[str, Any],
+        make_files,
+        rebuild_hint: str,
+        *,
+        prepare=None,
+        extra: dict[str, Any] | None = None,
+    ) -> tuple[Artifact, bool]:
         """The artifact for ``fields``: found and verified (a cache hit), or made by
         ``make_files(temp_dir) -> {name: {"file": ..., **details}}`` and moved into place atomically.
-        Returns (artifact, hit). A corrupt one is rebuilt."""
+        Returns (artifact, hit). A corrupt one is removed, then rebuilt. ``prepare()`` runs on a miss
+        before anything is written (e.g. a disk check that may refuse); ``extra`` is merged into the
+        manifest after ``make_files`` ran (so it can fill it in)."""
         key = artifact_key(fields)
         try:
             return self.load(fields, rebuild_hint), True
         except ArtifactError as exc:
             if self.folder(key).exists():
                 log.warning("%s artifact %s is unusable (%s); rebuilding it", self.kind, key, exc)
+                shutil.rmtree(self.folder(key))  # useless as it is, and its space may be needed
+        if prepare is not None:
+            prepare()
         self.root.mkdir(parents=True, exist_ok=True)
         temp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{self.kind}-{key}."))
         try:
@@ -125,14 +138,16 @@ class ArtifactStore:
             for entry in files.values():
                 path = temp / entry["file"]
                 entry.update(sha256=file_sha256(path), bytes=path.stat().st_size)
-                for extra in entry.pop("extra_files", []):  # e.g. ONNX external data
-                    entry.setdefault("data_files", {})[extra] = file_sha256(temp / extra)
+                for extra_file in entry.pop("extra_files", []):  # e.g. ONNX external data
+                    entry.setdefault("data_files", {})[extra_file] = file_sha256(temp / extra_file)
+                    entry["data_bytes"] = entry.get("data_bytes", 0) + (temp / extra_file).stat().st_size
             manifest = {
                 "kind": self.kind,
                 "key": key,
                 "fields": fields,
                 "files": files,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **(extra or {}),
             }
             write_atomic(temp / MANIFEST, json.dumps(manifest, indent=2).encode())
             target = self.folder(key)

@@ -2,9 +2,11 @@
 
 The bytes come from a ``data:`` URI (decoded here) or from an http(s) URL fetched by
 ``runners.fetch.SafeFetcher`` (runners/front/preparation.py chooses). Whatever their source, they are
-decoded by Pillow restricted to PNG/JPEG/WEBP, with the pixel budget checked from the header *before*
-decoding, decompression bombs as errors, tiny images refused, EXIF orientation applied, and alpha
-flattened onto black on purpose (so a transparent area of a mask means "keep").
+decoded by Pillow restricted to the formats fal accepts for this endpoint (PNG, JPEG, WEBP, GIF,
+AVIF), with the pixel budget checked from the header *before* decoding, decompression bombs as
+errors, tiny images refused, EXIF orientation applied, and alpha flattened onto black on purpose (so a
+transparent area of a mask means "keep"). An animated GIF, WEBP or AVIF gives its first frame: Pillow
+opens a file at frame 0 and nothing here seeks, so the other frames are never decoded.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from runners.errors import ImageLoadError
 from runners.protocol.schema import SIZE_MULTIPLE
 
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+# fal's list for image_url and mask_url: jpg, jpeg, png, webp, gif, avif. Pillow decodes AVIF through
+# the libavif its wheels carry (a header-only parse at open, the pixels at load, as the others).
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "AVIF")
+NOT_ACCEPTED = "not a PNG, JPEG, WEBP, GIF or AVIF image"
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,16 @@ def data_uri_bytes(uri: str, field: str, max_bytes: int) -> bytes:
     return data
 
 
+def _claimed_format(data: bytes) -> str | None:
+    """The accepted format whose signature ``data`` starts with, if any (Pillow's own check)."""
+    Image.init()
+    for name in ACCEPTED_FORMATS:
+        accept = Image.OPEN[name][1]
+        if accept is not None and accept(data[:16]):
+            return name
+    return None
+
+
 def open_image(data: bytes, field: str, limits: DecodeLimits) -> Image.Image:
     """Decode untrusted bytes into an upright image, or raise ``ImageLoadError`` naming ``field``."""
     if len(data) > limits.max_bytes:
@@ -60,7 +75,10 @@ def open_image(data: bytes, field: str, limits: DecodeLimits) -> Image.Image:
         try:
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         except UnidentifiedImageError:
-            raise ImageLoadError(field, "not a PNG, JPEG or WEBP image") from None
+            # A file that starts as one of ours but whose header its plugin refused (cut short, or an
+            # AVIF declaring more than libavif parses) is not "another format".
+            reason = "image could not be read" if _claimed_format(data) else NOT_ACCEPTED
+            raise ImageLoadError(field, reason) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageLoadError(field, "image is too large to decode safely") from None
         except Exception:

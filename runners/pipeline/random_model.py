@@ -9,7 +9,9 @@ are noise. The tokenizers are the tiny model's (runners/pipeline/tiny.py): promp
 ``max_sequence_length`` tokens either way, which is what sets the cost.
 
 The configurations are FLUX.1-dev's published ones; tests/test_random_model.py checks the parameter
-counts they give on the meta device against the published sizes.
+counts they give on the meta device against the published sizes. ``random:flux-dev-2block`` is FLUX.1-dev
+at every width with one block of each kind (a 1.1 GB transformer in bf16): what proves on a CPU that
+the export (docs/export.md) works at FLUX's real widths, and measures its memory per transformer byte.
 """
 
 from __future__ import annotations
@@ -86,7 +88,34 @@ FLUX_DEV: dict[str, dict[str, Any]] = {
         projection_dim=768,
     ),
 }
-ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {"flux-dev": FLUX_DEV}
+# FLUX.1-dev scaled to fit a CPU: every width of FLUX.1-dev's transformer (3072 wide, 24 heads, joint
+# attention 4096, pooled 768, 64 channels in, guidance embedded) with one double-stream and one
+# single-stream block instead of 19 and 38, FLUX.1-dev's VAE as it is, and text encoders just large
+# enough to feed the transformer: T5 and CLIP with one layer and their output widths (4096, 768),
+# vocabularies the size of the tokenizers'. The transformer is ~1.1 GB in bf16 (tests/test_random_model.py
+# counts it), so an export of it measures what the full model's export costs per transformer byte.
+FLUX_DEV_2BLOCK: dict[str, dict[str, Any]] = {
+    "transformer": {**FLUX_DEV["transformer"], "num_layers": 1, "num_single_layers": 1},
+    "vae": FLUX_DEV["vae"],
+    "clip_text": {
+        **FLUX_DEV["clip_text"],
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "vocab_size": None,  # the tokenizer's
+    },
+    "t5": {**FLUX_DEV["t5"], "d_ff": 64, "d_kv": 32, "num_heads": 2, "num_layers": 1, "vocab_size": None},
+    "safety": {
+        "vision_config": {
+            **FLUX_DEV["safety"]["vision_config"],
+            "hidden_size": 64,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        "projection_dim": 768,
+    },
+}
+ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {"flux-dev": FLUX_DEV, "flux-dev-2block": FLUX_DEV_2BLOCK}
 
 
 def build_modules(table: dict[str, dict[str, Any]], tokenizers: tuple) -> dict[str, Any]:
@@ -103,13 +132,18 @@ def build_modules(table: dict[str, dict[str, Any]], tokenizers: tuple) -> dict[s
         pad_token_id=clip_tokenizer.pad_token_id,
     )
     clip_text = {**table["clip_text"], **special}
+    if clip_text.get("vocab_size") is None:
+        clip_text["vocab_size"] = len(clip_tokenizer)
+    t5 = dict(table["t5"])
+    if t5.get("vocab_size") is None:
+        t5["vocab_size"] = len(t5_tokenizer)
     return {
         "transformer": FluxTransformer2DModel(**table["transformer"]),
         "vae": AutoencoderKL(**table["vae"]),
         "text_encoder": CLIPTextModel(CLIPTextConfig(**clip_text)),
         "text_encoder_2": T5EncoderModel(
             T5Config(
-                **table["t5"],
+                **t5,
                 pad_token_id=t5_tokenizer.pad_token_id,
                 eos_token_id=t5_tokenizer.eos_token_id,
                 decoder_start_token_id=t5_tokenizer.pad_token_id,

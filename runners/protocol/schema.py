@@ -59,7 +59,7 @@ class InpaintRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     """What the repainted region should show."""
     image_url: str = Field(min_length=1, max_length=MAX_URL_CHARS)
-    """The image to inpaint: an http(s) URL or a base64 data URI (PNG, JPEG or WEBP)."""
+    """The image to inpaint: an http(s) URL or a base64 data URI (PNG, JPEG, WEBP, GIF or AVIF)."""
     mask_url: str = Field(min_length=1, max_length=MAX_URL_CHARS)
     """The mask, as a URL or data URI: white = repaint, black = keep; stretched to the output's size."""
     image_size: ImageSizePreset | ImageSize | None = None

@@ -34,6 +34,12 @@ ADMISSION_WAIT_SECONDS = bentoml.metrics.Histogram(
     documentation="Continuous batching: seconds a request waited in the worker before joining the running loop",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
 )
+LORA_ACTIVATION_SECONDS = bentoml.metrics.Histogram(
+    name="flux_lora_activation_seconds",
+    documentation="Continuous batching: seconds spent putting the running requests' LoRAs on the transformer "
+    "when the set of running requests changes (the stepping thread waits for it)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2),
+)
 COMPILES = bentoml.metrics.Counter(
     name="flux_compiles",
     documentation=(

@@ -12,6 +12,7 @@ const example = JSON.parse(readFileSync(new URL("../../examples/request.json", i
 const { sync_mode, ...base } = example;
 const FAST = { ...base, num_inference_steps: 3 };
 const SLOW = { ...base, image_size: "square_hd", num_inference_steps: 50, strength: 1.0 }; // long on the tiny model
+const SLOW_PROMPT = "take your time"; // tests/faults/sitecustomize.py: each step of such a request sleeps 0.3 s or more
 
 const report = (check, facts) => console.log(JSON.stringify({ check, ...facts }));
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -44,18 +45,24 @@ async function waitFor(requestId, wanted) {
   });
 }
 
-// fal.subscribe in streaming mode: the status stream drives onQueueUpdate
+// fal.subscribe in streaming mode: the status stream drives onQueueUpdate. Its steps sleep (the
+// server runs tests/faults): 4 steps of 0.3 s or more, longer than the stream's and the progress
+// poll's intervals on any CPU, so updates arrive while it runs, not only the final one.
 {
   const updates = [];
   const result = await fal.subscribe(APP, {
-    input: FAST,
+    input: { ...FAST, num_inference_steps: 4, prompt: `${FAST.prompt}, ${SLOW_PROMPT}` },
     logs: true,
     mode: "streaming",
-    onQueueUpdate: (update) => updates.push(update),
+    // A copy of each update as it arrives: in streaming mode the client hands every update the same
+    // logs array, which it keeps appending to, so read afterwards they would all hold every line.
+    onQueueUpdate: (update) => updates.push({ status: update.status, logs: [...(update.logs || [])] }),
   });
+  const steps = (some) => some.flatMap((u) => (u.logs || []).map((l) => l.message)).filter((m) => /^step \d+\/\d+$/.test(m));
   report("subscribe_streaming", {
     statuses: [...new Set(updates.map((u) => u.status))],
-    steps: updates.some((u) => (u.logs || []).some((l) => l.message.startsWith("step "))),
+    steps: [...new Set(steps(updates))],
+    stepsWhileInProgress: [...new Set(steps(updates.filter((u) => u.status === "IN_PROGRESS")))],
     images: result.data.images.length,
   });
 }

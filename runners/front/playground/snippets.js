@@ -98,7 +98,7 @@ function inlineJson(value) {
 
 function mediaType(file) {
   const ext = file.split(".").pop().toLowerCase();
-  return { png: "image/png", webp: "image/webp" }[ext] || "image/jpeg";
+  return { png: "image/png", webp: "image/webp", gif: "image/gif", avif: "image/avif" }[ext] || "image/jpeg";
 }
 
 function shellWord(text) {
