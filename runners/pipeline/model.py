@@ -50,7 +50,6 @@ class FluxModel:
     lora_rank_buckets: tuple[int, ...] | None = None
     backend: str = "torch"  # what FLUX_BACKEND resolved to: torch, compile, onnxruntime or tensorrt
     compile_scope: str | None = None  # compile: "blocks" (regional) or "model"
-    compile_seconds: float = 0.0  # compile: seconds the start-up warm-up spent (compiling and running)
 
     @property
     def lora_pad_to(self) -> tuple[int, ...] | int | None:

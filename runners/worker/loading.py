@@ -84,7 +84,6 @@ def warm_up(inpainter: Inpainter) -> None:
             len(variants) + 1,
             graphs_compiled() - before,
         )
-    model.compile_seconds = time.perf_counter() - started if model.backend == "compile" else 0.0
     log.info("warm-up done in %.2f s", time.perf_counter() - started)
 
 
