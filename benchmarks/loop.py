@@ -98,10 +98,14 @@ def run_cells(cells: list, repeats: int, warmup: int) -> list:
     """``cells``: (inpainter, requests) pairs of one matrix point that differ only in acceleration.
     Their timed runs are interleaved (run 1 of each, then run 2 of each, ...), so a change in the
     machine's load during the measurement hits every variant alike and their ratio stays fair.
-    Per cell: (seconds per run, denoising seconds per run, peak memory, the last run's results)."""
+    Per cell: (seconds per run, denoising seconds per run, peak memory, the last run's results); and
+    the graphs dynamo compiled during the timed runs (after the warm-up: 0, or a recompile)."""
+    from runners.backends.compiled import graphs_compiled
+
     for inpainter, requests in cells:
         for _ in range(warmup):
             inpainter.run(requests)
+    before = graphs_compiled()
     measured = [([], [], None, None) for _ in cells]
     for _ in range(repeats):
         for index, (inpainter, requests) in enumerate(cells):
@@ -117,7 +121,7 @@ def run_cells(cells: list, repeats: int, warmup: int) -> list:
             seconds.append(time.perf_counter() - started)
             denoise.append(results[0].timings["inference"])
             measured[index] = (seconds, denoise, peak_memory, results)
-    return measured
+    return measured, graphs_compiled() - before
 
 
 def deviation(reference: list, images: list) -> dict:
@@ -160,19 +164,49 @@ def lora_sets(model, modes: list[str], rank: int, batch_sizes: list[int]) -> dic
     return sets
 
 
-def with_backend(model, name: str, model_settings, lora_settings):
-    """A copy of ``model`` running on backend ``name``, or the reason it cannot (no artifacts, ...)."""
+def with_backend(model, name: str, model_settings, lora_settings, **backend):
+    """A copy of ``model`` running on backend ``name``, or the reason it cannot (no artifacts, ...).
+    ``name`` ``compile:blocks`` or ``compile:model``: FLUX_BACKEND=compile with that FLUX_COMPILE_SCOPE.
+    ``backend``: more BackendSettings fields (compile_backend, compile_mode)."""
     from runners.config import BackendSettings, Settings
     from runners.pipeline.model import attach_backend
 
+    name, _, scope = name.partition(":")
+    if scope:
+        backend["compile_scope"] = scope
     variant = dataclasses.replace(model)
     try:
         attach_backend(
-            variant, Settings(model=model_settings, lora=lora_settings, backend=BackendSettings(backend=name))
+            variant,
+            Settings(model=model_settings, lora=lora_settings, backend=BackendSettings(backend=name, **backend)),
         )
     except Exception as exc:  # noqa: BLE001 - the reason goes into the report as the cell's result
         return None, f"{type(exc).__name__}: {exc}"
     return variant, None
+
+
+def compile_seconds(inpainter, requests: list, repeats: int) -> dict:
+    """How long compiling takes: ``repeats`` times, dynamo's caches reset (and inductor's on-disk
+    caches off), the first run of ``requests`` timed against a warm run right after it; the
+    difference is the compile. Also the graphs each compile built (dynamo's own count)."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    from runners.backends.compiled import graphs_compiled
+
+    runs, graphs = [], []
+    with torch._inductor.config.patch(force_disable_caches=True):
+        for _ in range(repeats):
+            torch._dynamo.reset()
+            before = graphs_compiled()
+            started = time.perf_counter()
+            inpainter.run(requests)
+            first = time.perf_counter() - started
+            graphs.append(graphs_compiled() - before)
+            started = time.perf_counter()
+            inpainter.run(requests)
+            runs.append(first - (time.perf_counter() - started))
+    return {"compile_s": runs, "compile_median_s": statistics.median(runs), "graphs": graphs}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -189,8 +223,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--backends",
         default="torch",
-        help="comma-separated: torch, compile, onnxruntime, tensorrt "
+        help="comma-separated: torch, compile (FLUX_COMPILE_SCOPE's default, blocks), compile:blocks, "
+        "compile:model, onnxruntime, tensorrt "
         "(the exported ones need `python -m export` first; else their cells are reported as skipped)",
+    )
+    parser.add_argument("--compile-backend", default="inductor", help="FLUX_COMPILE_BACKEND of compile backends")
+    parser.add_argument("--compile-mode", default="default", help="FLUX_COMPILE_MODE of compile backends")
+    parser.add_argument(
+        "--compile-repeats",
+        type=int,
+        default=3,
+        help="times each compile backend's compile is timed (dynamo reset, inductor caches off), at the "
+        "first size and batch; 0: not timed",
     )
     parser.add_argument("--sizes", default="square_hd", help="fal presets or WxH, comma-separated")
     parser.add_argument("--batch-sizes", default="1,4")
@@ -261,15 +305,43 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "lora_rank": args.lora_rank if with_loras else None,
         "acceleration_switches": switches,
+        "compile_backend": args.compile_backend if any(b.startswith("compile") for b in backends) else None,
         "cells": [],
+        "compiles": [],
         "skipped": [],
     }
     for backend in backends:
-        backend_model, reason = with_backend(model, backend, settings, lora_settings)
+        backend_model, reason = with_backend(
+            model,
+            backend,
+            settings,
+            lora_settings,
+            **(
+                {"compile_backend": args.compile_backend, "compile_mode": args.compile_mode}
+                if "compile" in backend
+                else {}
+            ),
+        )
         if backend_model is None:
             results["skipped"].append({"backend": backend, "reason": reason})
             print(f"backend {backend}: skipped: {reason}", flush=True)
             continue
+        if backend.startswith("compile") and args.compile_repeats > 0:
+            (width, height), steps = sizes[0], int(args.steps.split(",")[0])
+            timed = compile_seconds(
+                Inpainter(backend_model, AccelerationSettings(**switches)),
+                cell_requests(
+                    width, height, steps, float(args.strengths.split(",")[0]), batch_sizes[0], "none", loras["none"]
+                ),
+                args.compile_repeats,
+            )
+            timed.update(backend=backend, width=width, height=height, batch=batch_sizes[0])
+            results["compiles"].append(timed)
+            print(
+                f"{backend} compile at {width}x{height} batch {batch_sizes[0]}: {timed['compile_median_s']:.1f} s "
+                f"(median of {args.compile_repeats}; {timed['graphs']} graphs)",
+                flush=True,
+            )
         inpainters = {
             (name, threshold): Inpainter(backend_model, AccelerationSettings(**switches, threshold=threshold or 0.0))
             for name, threshold in variants
@@ -283,6 +355,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
         for point in matrix:
             results["cells"] += point_cells(backend_model, backend, inpainters, variants, loras, point, args, peak)
+        if backend.startswith("compile"):
+            from runners.backends.compiled import uncompile
+
+            uncompile(model.pipeline)  # regional compilation is in place: the next backend starts eager
     write(results, args.out)
     return results
 
@@ -297,7 +373,7 @@ def point_cells(model, backend: str, inpainters: dict, variants: list, loras: di
     config = model.pipeline.transformer.config
     model.fuse_uniform_loras = lora_mode == "fused"
     reference = None
-    measured = run_cells(
+    measured, graphs_while_timed = run_cells(
         [
             (
                 inpainters[(name, threshold)],
@@ -318,6 +394,7 @@ def point_cells(model, backend: str, inpainters: dict, variants: list, loras: di
         inpainter = inpainters[(acceleration, threshold)]
         cell.update(
             backend=backend,
+            graphs_compiled_while_timed=graphs_while_timed,
             lora_mode=lora_mode,
             acceleration=acceleration,
             threshold=threshold,
@@ -389,7 +466,8 @@ def write(results: dict, out: Path, name: str | None = None) -> None:
     """``<name>.json`` and ``<name>.md`` in ``out``; ``name`` by default from the model, backends and device."""
     out.mkdir(parents=True, exist_ok=True)
     where = (results["gpu"] or results["cpu"]).replace(" ", "-")
-    name = name or f"loop-{Path(results['model']).name}-{results['backend'].replace(',', '+')}-{where}"
+    backends = results["backend"].replace(",", "+").replace(":", "-")
+    name = name or f"loop-{Path(results['model']).name}-{backends}-{where}"
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))
     switches = results["acceleration_switches"]
     lines = [
@@ -431,6 +509,21 @@ def write(results: dict, out: Path, name: str | None = None) -> None:
             f"{c['megapixels_per_s']:.3f} | {c['denoise_steps_per_s']:.2f} | {c['achieved_tflops']:.3f} | "
             f"{of_peak} | {memory} | {c['cost_per_mp']:.5f} | {c['margin_vs_fal']:.1f} {compared}"
         )
+    if results.get("compiles"):
+        lines += [
+            "",
+            f"Compile time ({results['compile_backend']}; dynamo reset and inductor's caches off before each; the "
+            "first run's time less a warm run's):",
+            "",
+            "| backend | size | batch | compile s (median) | runs | graphs | graphs compiled while its cells were timed |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['backend']} | {c['width']}x{c['height']} | {c['batch']} | {c['compile_median_s']:.1f} | "
+            f"{', '.join(f'{v:.1f}' for v in c['compile_s'])} | {c['graphs'][0]} | "
+            f"{sum(x.get('graphs_compiled_while_timed', 0) for x in results['cells'] if x['backend'] == c['backend'])} |"
+            for c in results["compiles"]
+        ]
     for s in results["skipped"]:
         lines += ["", f"Backend `{s['backend']}` skipped: {s['reason']}"]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -194,9 +194,38 @@ class BackendSettings(SettingsGroup):
 
     model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore")
 
-    backend: Literal["torch", "compile", "onnxruntime", "tensorrt"] = "torch"
-    """``torch``: eager PyTorch. ``compile``: torch.compile of the transformer. ``onnxruntime`` and
-    ``tensorrt``: the graphs ``python -m export`` wrote for this exact model and configuration."""
+    backend: Literal["auto", "torch", "compile", "onnxruntime", "tensorrt"] = "auto"
+    """``auto``: ``compile`` on CUDA, ``torch`` on the CPU (there compiling costs about a minute per graph
+    and gains nothing measurable: docs/compile.md). ``torch``: eager PyTorch. ``compile``: torch.compile
+    of the transformer (FLUX_COMPILE_SCOPE), warmed at start for every shape the server can meet.
+    ``onnxruntime`` and ``tensorrt``: the graphs ``python -m export`` wrote for this exact model and
+    configuration."""
+    compile_scope: Literal["blocks", "model"] = "blocks"
+    """``blocks``: regional compilation, each of FLUX's repeated block classes compiled once (fullgraph)
+    and shared by its 19 or 38 instances: seconds to compile, and the first-block cache of
+    ``acceleration: "regular"`` keeps working. ``model``: the whole transformer as one graph (minutes on
+    FLUX.1-dev; "regular" then runs as "none"), kept for the benchmark's comparison."""
+    compile_vae: bool = False
+    """Also compile the VAE's encoder and decoder. Off by default: whether it pays for its compile time
+    is for a GPU measurement to settle (benchmarks/device/, docs/benchmarks.md)."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """The torch.compile backend. ``aot_eager`` and ``eager`` trace and guard exactly as ``inductor``
+    does but generate no kernels: for tests and for finding a recompile quickly, never for speed."""
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode. ``max-autotune-no-cudagraphs`` benchmarks matmul and kernel choices while
+    compiling (several times the compile time). CUDA graphs are not offered: the loop's shapes vary."""
+    attention_backend: str | None = Field(None, min_length=1, max_length=64)
+    """diffusers' attention dispatcher backend for the transformer (``native``, ``_native_cudnn``,
+    ``_native_flash``, ``flash``, ``_flash_3``, ``sage``, ``xformers``, ...). Unset: diffusers' default
+    (PyTorch's scaled_dot_product_attention, which picks its own kernel). A backend whose library is
+    missing, or that needs CUDA on a server without it, is refused at start."""
+
+    def resolved_backend(self, device: str) -> str:
+        """``auto`` made concrete for ``device`` (``cuda`` or ``cpu``)."""
+        if self.backend == "auto":
+            return "compile" if device == "cuda" else "torch"
+        return self.backend
+
     engine_dir: Path | None = None
     """Where exported artifacts live. Unset: ``<FLUX_CACHE_DIR>/engines``."""
     export_precision: Literal["fp32", "fp16", "bf16", "fp8"] = "bf16"

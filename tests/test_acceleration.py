@@ -246,7 +246,7 @@ def test_per_request_lora_deltas_follow_their_samples_into_the_sub_batch(lora_mo
 
 
 def test_the_request_path_carries_acceleration():
-    from runners.worker.batch import to_inputs
+    from runners.worker.job_io import to_inputs
     from tests.test_batch import job
 
     assert to_inputs(job("fast", acceleration="regular")).acceleration == "regular"

@@ -1,4 +1,4 @@
-"""A worker batch: grouping by size, order kept, output formats, one failing request failing alone."""
+"""The adaptive runner (runners/worker/adaptive.py): grouping by size, order kept, output formats, one failing request failing alone."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from runners.config import ImageLimits
 from runners.front.preparation import prepare_job
 from runners.protocol.images import encode_lossless
 from runners.protocol.schema import InpaintRequest
-from runners.worker.batch import group_by_size, run_jobs
+from runners.worker.adaptive import group_by_size, run_jobs
 from tests.conftest import BATCH_ROUNDING_LEVELS, scene
 
 

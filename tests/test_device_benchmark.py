@@ -39,18 +39,22 @@ def assert_cells_consistent(results: dict) -> None:
         assert cell["transformer_tflop"] > 0 and 0 < cell["denoise_median_s"] < cell["median_s"]
         assert cell["steps_run"] == 2 and cell["steps"] == 3  # strength 0.6 of 3 steps, as 24 of 28 at 0.85
         assert cell["fraction_of_peak"] is None  # no published peak for a CPU
-        if cell["backend"] == "compile" and cell["warmup_s"] is not None:
+        if cell["backend"].startswith("compile") and cell["warmup_s"] is not None:
             assert cell["compile_s"] == cell["warmup_s"] - cell["median_s"]
         else:
             assert cell["compile_s"] is None
+        assert cell["recompiles"] == 0  # nothing compiled while a cell was measured
+        assert cell["host_transfers_per_step"] is not None and cell["host_transfers_per_step"] >= 0
 
 
-def test_smoke_runs_the_whole_plan_and_writes_the_loop_schema(tmp_path, cache_dir):
-    from benchmarks.device.run import PLAN, SMOKE, Point
+def test_smoke_runs_one_point_of_each_kind_and_writes_the_loop_schema(tmp_path, cache_dir):
+    """One point of each kind of the plan (eager, regionally compiled, whole-model compiled; with and
+    without LoRAs): every code path the GPU run takes, without every size and batch."""
+    from benchmarks.device.run import PLAN, SMOKE, Point, one_of_each
 
     out = tmp_path / "out"
     run = subprocess.run(
-        ["bash", "benchmarks/device/run.sh", "--smoke", "--served", "off", "--out", str(out)],
+        ["bash", "benchmarks/device/run.sh", "--smoke", "--served", "off", "--one-of-each", "--out", str(out)],
         cwd=REPO,
         env={**smoke_env(cache_dir), "PYTHON": sys.executable},
         capture_output=True,
@@ -68,8 +72,10 @@ def test_smoke_runs_the_whole_plan_and_writes_the_loop_schema(tmp_path, cache_di
     for key in ("gpu", "driver", "torch", "cuda", "diffusers", "transformers", "python"):
         assert key in env
     assert env["torch"] and env["python"] and env["gpu"] is None  # the CPU: no GPU, no driver
-    assert results["model_build_s"] > 0 and results["backend"] == "torch,compile"
-    points = [item for item in PLAN if isinstance(item, Point)]
+    assert results["model_build_s"] > 0 and results["backend"] == "compile,torch,compile:model"
+    points = [item for item in one_of_each(PLAN) if isinstance(item, Point)]
+    kinds = {(p.backend, p.lora_mode != "none") for p in PLAN if isinstance(p, Point)}
+    assert {(p.backend, p.lora_mode != "none") for p in points} == kinds and len(points) == len(kinds)
     assert [i["item"] for i in results["items"]] == [p.label(SMOKE) for p in points]
     assert all(i["status"] == "ran" for i in results["items"])
     assert len(results["cells"]) == sum(len(p.accelerations) for p in points)
@@ -83,7 +89,13 @@ def test_smoke_runs_the_whole_plan_and_writes_the_loop_schema(tmp_path, cache_di
     assert_cells_consistent(results)
     first = results["cells"][0]
     assert first["warmup_s"] > 0 and not first["lora_layers"]  # warmed once per shape, before any LoRA
-    assert results["cells"][-1]["lora_layers"] and results["cells"][-1]["lora_pad_to"] == SMOKE.lora_rank
+    # LoRA cells: compiled ones pad to the server's default rank buckets, eager ones to nothing
+    lora_cells = [c for c in results["cells"] if c["lora_mode"] != "none"]
+    assert lora_cells and all(c["lora_layers"] for c in lora_cells)
+    assert {c["backend"]: c["lora_rank_buckets"] for c in lora_cells} == {
+        "compile": [16, 32, 64, 128, 256, 512],
+        "torch": None,
+    }
     compared = 0
     for before, cell in zip(results["cells"], results["cells"][1:]):  # regular against the none cell before it
         if cell["acceleration"] == "regular" and before["item"] == cell["item"]:
@@ -93,7 +105,9 @@ def test_smoke_runs_the_whole_plan_and_writes_the_loop_schema(tmp_path, cache_di
     assert compared == sum(p.accelerations == ("none", "regular") for p in points)
     assert markdown.startswith("# Inpainting loop: tiny") and "## This run" in markdown
     assert "Status: **complete**" in markdown
-    rows = [line for line in markdown.splitlines() if line.startswith(("| torch | ", "| compile | "))]
+    rows = [
+        line for line in markdown.splitlines() if line.startswith(("| torch | ", "| compile | ", "| compile:model | "))
+    ]
     assert len(rows) == len(results["cells"])
 
     from benchmarks import report

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from runners.config import BatchingSettings
-from runners.worker.batch import run_jobs
+from runners.worker.adaptive import run_jobs
 from runners.worker.board import JobBoard
 from runners.worker.engine import StepEngine
 from tests.conftest import BATCH_ROUNDING_LEVELS

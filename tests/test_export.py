@@ -225,7 +225,7 @@ def test_the_service_runs_on_onnxruntime_and_matches_torch(export_env, exported,
     from runners.pipeline.inpaint import Inpainter
     from runners.pipeline.model import load_model
     from runners.protocol.schema import InpaintRequest
-    from runners.worker.batch import run_jobs
+    from runners.worker.adaptive import run_jobs
     from tests.conftest import bentoml_server
 
     body = {
@@ -290,7 +290,7 @@ def test_compile_backend_serves_the_same_images_as_eager(tiny_dir):
     eager = Inpainter(load_model(settings.model, settings.lora)).run(requests)
     compiled_model = load_model(settings.model, settings.lora)
     attach_backend(compiled_model, settings)
-    assert compiled_model.lora_pad_to == 16 and compiled_model.backend == "compile"
+    assert compiled_model.lora_rank_buckets == (16,) and compiled_model.backend == "compile"
     torch._dynamo.reset()
     try:
         compiled = Inpainter(compiled_model).run(requests)
@@ -532,7 +532,8 @@ def test_the_served_onnxruntime_backend_on_the_scaled_model_matches_torch(scaled
     from runners.front.preparation import prepare_job
     from runners.pipeline.inpaint import Inpainter
     from runners.protocol.schema import InpaintRequest
-    from runners.worker.batch import load_inpainter, run_jobs
+    from runners.worker.adaptive import run_jobs
+    from runners.worker.loading import load_inpainter
 
     env, _, _ = scaled_export
     for name in ("XDG_CACHE_HOME", *SCALED):

@@ -17,7 +17,7 @@ from runners.lora.sources import LoraSourceError
 from runners.pipeline.inpaint import Inpainter
 from runners.pipeline.model import load_model
 from runners.protocol.jobs import JobLora
-from runners.worker.batch import run_jobs
+from runners.worker.adaptive import run_jobs
 from tests.conftest import BATCH_ROUNDING_LEVELS, LocalHandler, local_http_server, pixels, scene
 from tests.test_batch import decoded, job
 
@@ -249,50 +249,6 @@ def test_a_fused_lora_url_is_fetched_under_the_callers_settings(tiny_dir, loras,
             load_model(settings, lora, fetcher=SafeFetcher(HostPolicy([]), FetchSettings()))
 
 
-def test_swapping_adapters_does_not_recompile(lora_model, loras, tmp_path, shapes):
-    """The whole transformer under torch.compile (inductor): with the padded fixed shapes, adapters of
-    other ranks and other layer sets come and go without a recompile. (About a minute on 2 CPUs.)"""
-    import torch._dynamo
-
-    layers = lora_model.lora_layers
-    transformer = lora_model.pipeline.transformer
-    extra = write_lora(tmp_path, "rank7", 7, 11, shapes)
-    combos = [
-        [adapters_for(lora_model, (loras["style"], 1.0)), []],
-        [adapters_for(lora_model, (loras["face"], 0.5)), adapters_for(lora_model, (loras["product"], 2.0))],
-        [
-            adapters_for(lora_model, (extra, 1.0), (loras["face"], 1.0)),
-            adapters_for(lora_model, (loras["style"], -1.0)),
-        ],
-        [[], []],
-    ]
-    inputs = dict(
-        hidden_states=torch.randn(2, 12, 64),
-        encoder_hidden_states=torch.randn(2, 32, 32),
-        pooled_projections=torch.randn(2, 32),
-        timestep=torch.tensor([0.5, 0.7]),
-        guidance=torch.tensor([3.5, 3.5]),
-        img_ids=torch.zeros(12, 3),
-        txt_ids=torch.zeros(32, 3),
-        return_dict=False,
-    )
-    torch._dynamo.reset()
-    compiled = torch.compile(transformer, dynamic=False)
-    outputs = []
-    try:
-        with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
-            for requests in combos:
-                activate(layers, requests, pad_to=32)
-                set_rows(layers, torch.tensor([0, 1]))
-                out = compiled(**inputs)[0]
-                assert torch.allclose(out, transformer(**inputs)[0], atol=1e-4)  # same as eager
-                outputs.append(out)
-    finally:
-        deactivate(layers)
-        torch._dynamo.reset()
-    assert not torch.allclose(outputs[0], outputs[3])  # the adapters did act
-
-
 def test_unfuse_restores_bit_for_bit(lora_model, loras):
     layers = lora_model.lora_layers
     before = weights_digest(lora_model)
@@ -305,7 +261,7 @@ def test_unfuse_restores_bit_for_bit(lora_model, loras):
 def test_a_batch_without_loras_runs_without_delta_layers(lora_model, lora_inpainter, loras, monkeypatch):
     """LoRA-free requests cost what they would with LoRAs off, even where deltas are padded to a
     fixed rank (a compiled transformer); a LoRA batch gets its deltas, and loses them after."""
-    monkeypatch.setattr(lora_model, "lora_pad_to", 64)
+    monkeypatch.setattr(lora_model, "lora_rank_buckets", (16, 64))
     monkeypatch.setattr(lora_model, "fuse_uniform_loras", False)
     layers = lora_model.lora_layers
     with lora_inpainter.loras_applied([[], []]):

@@ -33,9 +33,9 @@ def gated_load(monkeypatch, tiny_model):
         return tiny_model
 
     monkeypatch.setattr("runners.pipeline.model.load_model", load_model)
-    import runners.worker.batch
+    import runners.worker.adaptive
 
-    real_run_jobs = runners.worker.batch.run_jobs
+    real_run_jobs = runners.worker.adaptive.run_jobs
     watched = []  # the worker under test, to check its readiness during the warm-up
 
     def run_jobs(inpainter, jobs, board=None):
@@ -43,7 +43,7 @@ def gated_load(monkeypatch, tiny_model):
             warmups.append(not any(w.ready.is_set() for w in watched))  # still unready while warming up
         return real_run_jobs(inpainter, jobs, board)
 
-    monkeypatch.setattr(runners.worker.batch, "run_jobs", run_jobs)
+    monkeypatch.setattr(runners.worker.adaptive, "run_jobs", run_jobs)
     return release, warmups, watched
 
 

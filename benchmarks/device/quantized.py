@@ -114,7 +114,7 @@ def install(model, transformer, backend_class=None) -> None:
     model.pipeline.transformer = transformer
     model.transformer = (backend_class or TorchTransformer)(transformer)
     model.lora_layers = model.adapters = None
-    model.lora_pad_to = None
+    model.lora_rank_buckets = None
     model.fuse_uniform_loras = False
     model.quantize = "none"
     import gc

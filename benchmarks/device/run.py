@@ -6,10 +6,16 @@ command of at most 8 minutes (docs/benchmarks.md, "Performance").
 
 It builds ``random:flux-dev`` (FLUX.1-dev's full architecture with random weights) on the GPU in
 bf16 and walks ``PLAN`` in order, most important first: the default fal request (1024x1024, 28
-steps, strength 0.85: 24 denoising steps) eager and ``torch.compile``d, batch 2, 512x512, LoRAs
-(rank 64: fused, deltas, mixed), the served path (``bentoml serve`` and a short bounded
-``python -m benchmarks load`` burst), then what is left. Each matrix point is measured by the loop
-benchmark's own code (benchmarks/loop.py: interleaved variants, medians, counted FLOPs, $/MP).
+steps, strength 0.85: 24 denoising steps) compiled as the server compiles it by default
+(``FLUX_BACKEND=auto``: regional compilation, docs/compile.md), with its compile time; the served
+path early (``bentoml serve`` with the defaults, whose start-up warms every compiled variant, and a
+short bounded ``python -m benchmarks load`` burst); the same request eager; then batch 2, 512x512
+and LoRAs (rank 64, deltas and mixed, padded to the server's rank buckets); the whole-model compile
+last, for comparison. Each matrix point is measured by the loop benchmark's own code
+(benchmarks/loop.py: interleaved variants, medians, counted FLOPs, $/MP). Beside each cell: the
+graphs dynamo compiled while it was measured (after its warm-up: anything but 0 is a recompile on
+live traffic) and the host-device transfers a steady denoising step makes
+(runners/pipeline/host_reads.py).
 
 The time budget: before each item its time is predicted from what has been measured (seconds per
 counted FLOP of the nearest measured cell of that backend, plus a compile allowance before a first
@@ -20,9 +26,11 @@ CUDA), each cell's warm-up and compile time, and the items not run. SIGTERM (run
 stops it at once with everything measured so far on disk.
 
 ``--smoke``: the same code on the CPU with the tiny model at toy sizes, in seconds
-(tests/test_device_benchmark.py runs it in ``make test``). Compiled points run there under
-``torch.compiler.set_stance("force_eager")``: the compile backend's wiring runs, inductor does not
-(it takes a minute per shape on the CPU; tests/test_export.py covers compiled outputs).
+(tests/test_device_benchmark.py runs it in ``make test``, one point of each kind: ``--one-of-each``).
+Compiled points run there under ``torch.compiler.set_stance("force_eager")``: the compile backend's
+wiring runs, inductor does not (it takes a minute per graph on the CPU; tests/test_compile.py
+covers compiled outputs and recompiles). Eager (``torch``) points always run under that stance, as
+regional compilation compiles the shared transformer's blocks in place.
 """
 
 from __future__ import annotations
@@ -79,25 +87,36 @@ class ServedPath:
 
 # Most important first; the budget stops the walk cleanly wherever it runs out. Every point before
 # the first LoRA point runs on the plain model; LoRA layers are switched on for the rest (a server
-# with FLUX_LORA_MAX_PER_REQUEST > 0), which a compiled transformer pays for with padded deltas.
+# with FLUX_LORA_MAX_PER_REQUEST > 0, the default: a compiled transformer then has LoRA graphs too,
+# and pads a LoRA batch's deltas to the smallest rank bucket that holds them). ``compile`` is the
+# default scope (regional, "regular" keeps its first-block cache); ``compile:model`` the whole
+# transformer as one graph, last: it takes minutes to compile, and undoes the regional compile.
 PLAN: tuple[Point | ServedPath, ...] = (
-    Point("torch", "1024", 1, accelerations=("none", "regular")),  # the default fal request
-    Point("compile", "1024", 1),  # "regular" runs as "none" on one compiled graph: not measured twice
-    Point("torch", "1024", 2),
-    Point("torch", "512", 1, accelerations=("none", "regular")),
-    Point("compile", "512", 1),
-    Point("torch", "512", 2),
-    Point("compile", "1024", 2),
-    Point("torch", "1024", 1, "fused"),
-    Point("torch", "1024", 1, "deltas"),
-    Point("torch", "1024", 2, "mixed"),
+    Point("compile", "1024", 1, accelerations=("none", "regular")),  # the default fal request, as served
     ServedPath(),
-    Point("torch", "512", 1, "fused", ("none", "regular")),
-    Point("torch", "512", 1, "deltas", ("none", "regular")),
-    Point("torch", "512", 2, "mixed", ("none", "regular")),
-    Point("torch", "1024", 2, "mixed", ("regular",)),
+    Point("torch", "1024", 1, accelerations=("none", "regular")),
+    Point("compile", "1024", 2),
+    Point("compile", "512", 1, accelerations=("none", "regular")),
     Point("compile", "1024", 1, "deltas"),
+    Point("compile", "1024", 2, "mixed", ("none", "regular")),
+    Point("torch", "1024", 2),
+    Point("torch", "1024", 1, "deltas"),
+    Point("torch", "512", 1),
+    Point("compile", "512", 2, "mixed"),
+    Point("compile:model", "1024", 1),
 )
+
+
+def one_of_each(plan) -> list:
+    """The first point of each kind (backend, with or without LoRAs) and the served path: what the
+    CPU smoke test walks, so that it covers every code path without every size and batch."""
+    seen, picked = set(), []
+    for item in plan:
+        kind = "served" if isinstance(item, ServedPath) else (item.backend, item.lora_mode != "none")
+        if kind not in seen:
+            seen.add(kind)
+            picked.append(item)
+    return picked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,12 +152,12 @@ GPU = Profile(
     budget_s=450.0,
     compile_allowance_s=150.0,
     lora_setup_allowance_s=30.0,
-    served_estimate_s=150.0,
+    served_estimate_s=200.0,  # build ~30 s, the compiled warm-up's graphs, the burst, the drain
     served_size="square_hd",
     served_concurrency="1,2",
     served_duration_s=20.0,
     served_requests=8,
-    served_ready_timeout_s=240.0,
+    served_ready_timeout_s=300.0,
 )
 SMOKE = dataclasses.replace(
     GPU,
@@ -267,8 +286,9 @@ class DeviceRun:
 
         profile = self.profile
         self.model_settings = ModelSettings(model=profile.model, max_sequence_length=profile.max_sequence_length)
-        # max_per_request 1 at the plan's rank: a compiled transformer pads every layer to that rank
-        self.lora_settings = LoraSettings(max_per_request=1, max_rank=profile.lora_rank)
+        # the server's defaults (4 LoRAs of rank 128 at most): the rank buckets a compiled transformer
+        # pads to are then 16 ... 512, and the plan's rank-64 LoRAs take the 64 (or 128 mixed) one
+        self.lora_settings = LoraSettings()
         env = environment()
         env["matmul_bf16_tflops_measured"] = matmul_tflops()
         switches = AccelerationSettings()
@@ -327,6 +347,10 @@ class DeviceRun:
 
     def variant(self, backend: str):
         lora_on = self.model.lora_layers is not None
+        if backend == "compile:model" and (backend, lora_on) not in self.variants:
+            from runners.backends.compiled import uncompile
+
+            uncompile(self.model.pipeline)  # the regional compile is in place: whole-model starts clean
         if (backend, lora_on) not in self.variants:
             variant, reason = loop.with_backend(self.model, backend, self.model_settings, self.lora_settings)
             if variant is None:
@@ -374,7 +398,8 @@ class DeviceRun:
         """What one warm-up serves: a shape on a backend. A compiled transformer also compiles again
         once LoRA layers are on (another graph); eager kernels do not care."""
         lora_on = self.model.lora_layers is not None or point.lora_mode != "none"
-        return (point.backend, self.profile.sizes[point.size], point.batch, point.backend == "compile" and lora_on)
+        compiled = point.backend.startswith("compile")
+        return (point.backend, self.profile.sizes[point.size], point.batch, compiled and lora_on)
 
     def predicted_s(self, item) -> float | None:
         """Seconds the item should take, from what was measured; None: nothing to go on yet (run it)."""
@@ -388,7 +413,7 @@ class DeviceRun:
         warmed = self.warm_key(item) in self.warmed
         runs = self.profile.repeats * len(item.accelerations) + (0 if warmed else 1)
         extra = 0.0
-        if item.backend == "compile" and not warmed:  # the longest compile seen, or the allowance before any
+        if item.backend.startswith("compile") and not warmed:  # the longest compile seen, or the allowance
             extra += max(self.compile_seconds, default=self.profile.compile_allowance_s)
         if item.lora_mode != "none" and self.loras is None:
             extra += self.profile.lora_setup_allowance_s
@@ -440,7 +465,9 @@ class DeviceRun:
         }
         width, height, _ = self.point_shape(point)
         loras = self.loras or {"none": [[] for _ in range(point.batch)]}
-        stance = torch.compiler.set_stance("force_eager") if self.smoke else contextlib.nullcontext()
+        compiled = point.backend.startswith("compile")
+        eager = self.smoke or not compiled
+        stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
         with stance:
             warmup_s = None
             key = self.warm_key(point)
@@ -458,6 +485,7 @@ class DeviceRun:
                     torch.cuda.synchronize()
                 warmup_s = time.perf_counter() - started
                 self.warmed.add(key)
+            graphs_before = graphs_compiled()
             figures = SimpleNamespace(
                 repeats=self.profile.repeats,
                 warmup=0,
@@ -474,21 +502,39 @@ class DeviceRun:
                 figures,
                 self.peak,
             )
+            recompiles = graphs_compiled() - graphs_before
+        first = variants[0][0]
+        requests = loop.cell_requests(
+            width, height, self.profile.steps, self.profile.strength, point.batch, first, loras[point.lora_mode]
+        )
+        transfers = host_transfers_per_step(inpainters[variants[0]], requests, width, height)
         measured = self.results["environment"]["matmul_bf16_tflops_measured"]
         for cell in cells:
             cell.update(
                 item=point.label(self.profile),
                 warmup_s=warmup_s,
                 # the first run at a shape, less a steady one: what torch.compile cost there
-                compile_s=warmup_s - cell["median_s"] if point.backend == "compile" and warmup_s is not None else None,
+                compile_s=warmup_s - cell["median_s"] if compiled and warmup_s is not None else None,
+                # graphs dynamo built while the cell was measured, after its warm-up: 0, or a recompile
+                recompiles=recompiles,
+                host_transfers_per_step=transfers,
                 lora_layers=self.model.lora_layers is not None,
-                lora_pad_to=model.lora_pad_to,
+                lora_rank_buckets=model.lora_rank_buckets,
                 fraction_of_measured_matmul=cell["achieved_tflops"] / measured if measured else None,
             )
             self.history.append((point.backend, cell["transformer_tflop"] * 1e12, cell["median_s"]))
             if cell["compile_s"] is not None:
                 self.compile_seconds.append(cell["compile_s"])
         self.results["cells"] += cells
+
+    @staticmethod
+    def served_compiles(base: str) -> float | None:
+        """``flux_compiles_total`` of the served model worker, None if it has none."""
+        import httpx
+
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        found = re.findall(r"^flux_compiles_total (\S+)$", text, re.M)
+        return float(found[0]) if found else None
 
     def run_served(self) -> None:
         """The same model behind ``bentoml serve`` (its own process), driven by ``python -m benchmarks
@@ -508,13 +554,21 @@ class DeviceRun:
             "FLUX_MAX_SEQUENCE_LENGTH": str(profile.max_sequence_length),
             "HF_HUB_OFFLINE": "1",
             "BENTOML_HOME": str(scratch / "bentoml"),
+            "BENTOML_DO_NOT_TRACK": "True",  # offline: its analytics call would wait for a timeout
         }
         env.setdefault("FLUX_CACHE_DIR", str(scratch / "cache"))
         base = f"http://127.0.0.1:{port}"
         log_path = self.out / "serve.log"
         self.out.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        served = {"url": base, "log": log_path.name, "startup_s": None, "levels": None}
+        served = {
+            "url": base,
+            "log": log_path.name,
+            "startup_s": None,
+            "levels": None,
+            "compiles_at_ready": None,  # graphs the start-up warm-up compiled
+            "compiles_while_serving": None,  # graphs compiled during the burst: 0, or a recompile
+        }
         self.results["served"] = served
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
@@ -530,6 +584,7 @@ class DeviceRun:
             ready_by = min(started + profile.served_ready_timeout_s, self.deadline)
             self.wait_ready(base, process, ready_by)
             served["startup_s"] = time.monotonic() - started
+            served["compiles_at_ready"] = self.served_compiles(base)
             print(f"served: ready in {served['startup_s']:.0f} s", flush=True)
             figures = load.main(
                 ["--url", base, "--concurrency", profile.served_concurrency, "--sizes", profile.served_size]
@@ -538,6 +593,9 @@ class DeviceRun:
                 + ["--dollars-per-hour", str(self.args.dollars_per_hour), "--out", str(self.out)]
             )
             served["levels"] = figures["levels"]
+            after = self.served_compiles(base)
+            if after is not None and served["compiles_at_ready"] is not None:
+                served["compiles_while_serving"] = after - served["compiles_at_ready"]
         finally:
             stop(process)
 
@@ -599,26 +657,61 @@ class DeviceRun:
                 else "No GPU: no fraction of peak."
             ),
             "",
-            "| item | status | predicted s | took s | warm-up s | compile s | reason |",
-            "|---|---|---|---|---|---|---|",
+            "| item | status | predicted s | took s | warm-up s | compile s | recompiles | host transfers/step "
+            "| reason |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         fmt = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
         for item in r["items"]:
             cells = [c for c in r["cells"] if c.get("item") == item["item"]]
             warmup = next((c["warmup_s"] for c in cells if c["warmup_s"] is not None), None)
             compiled = next((c["compile_s"] for c in cells if c["compile_s"] is not None), None)
+            recompiles = sum(c["recompiles"] for c in cells[:1]) if cells else None
+            transfers = cells[0]["host_transfers_per_step"] if cells else None
             lines.append(
                 f"| {item['item']} | {item.get('status', 'running')} | {fmt(item['predicted_s'])} | "
-                f"{fmt(item.get('seconds'))} | {fmt(warmup)} | {fmt(compiled)} | {item.get('reason', '')} |"
+                f"{fmt(item.get('seconds'))} | {fmt(warmup)} | {fmt(compiled)} | "
+                f"{'' if recompiles is None else recompiles} | {fmt(transfers)} | {item.get('reason', '')} |"
             )
         if r["served"]:
             s = r["served"]
             lines += [
                 "",
                 f"Served path: `bentoml serve` ready in {fmt(s['startup_s'])} s; the burst's figures are in "
-                f"load.md (log: {s['log']}).",
+                f"load.md (log: {s['log']}). flux_compiles_total: {s.get('compiles_at_ready')} at ready, "
+                f"{s.get('compiles_while_serving')} more while serving.",
             ]
         return lines
+
+
+def graphs_compiled() -> int:
+    from runners.backends.compiled import graphs_compiled as count
+
+    return count()
+
+
+def host_transfers_per_step(inpainter, requests, width: int, height: int, steps: int = 2) -> float | None:
+    """Host-device transfers (reads and blocking copies: runners/pipeline/host_reads.py) of a steady
+    denoising step of ``requests``: their first step runs uncounted (it makes the device constants),
+    then up to ``steps`` steps are counted. The counter is a dispatch mode, which cannot run inside a
+    compiled graph, so the step runs under ``force_eager``: the same loop code, and a fullgraph
+    block makes no transfer of its own. None when the counter is not there."""
+    try:
+        from runners.pipeline.host_reads import count_host_reads
+    except ImportError:
+        return None
+    counted = taken = 0
+    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+        samples = inpainter.prepare(requests, width, height)
+        with inpainter.loras_applied([r.loras for r in requests]):
+            inpainter.step(samples, width, height)
+            while taken < steps and not all(s.done for s in samples):
+                active = [s for s in samples if not s.done]
+                with count_host_reads() as transfers:
+                    inpainter.step(active, width, height)
+                counted += transfers.count
+                taken += 1
+    return counted / taken if taken else None
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -637,8 +730,9 @@ def summary(results: dict) -> list[str]:
     """The short table printed last (the device tool's reply carries the end of the output)."""
     lines = [
         "",
-        "| item | acceleration | s/image | MP/s | of peak | peak memory | $/MP | compile s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| item | acceleration | s/image | MP/s | of peak | peak memory | $/MP | compile s | recompiles "
+        "| host transfers/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["cells"]:
         of_peak = f"{c['fraction_of_peak']:.0%}" if c["fraction_of_peak"] is not None else "n/a"
@@ -646,7 +740,14 @@ def summary(results: dict) -> list[str]:
         compiled = f"{c['compile_s']:.0f}" if c["compile_s"] is not None else ""
         lines.append(
             f"| {c['item']} | {c['acceleration']} | {c['seconds_per_image']:.3f} | {c['megapixels_per_s']:.3f} | "
-            f"{of_peak} | {memory} | {c['cost_per_mp']:.5f} | {compiled} |"
+            f"{of_peak} | {memory} | {c['cost_per_mp']:.5f} | {compiled} | {c['recompiles']} | "
+            f"{'' if c['host_transfers_per_step'] is None else format(c['host_transfers_per_step'], '.1f')} |"
+        )
+    if results["served"]:
+        served = results["served"]
+        lines.append(
+            f"served: flux_compiles_total {served.get('compiles_at_ready')} at ready, "
+            f"{served.get('compiles_while_serving')} more while serving"
         )
     for level in (results["served"] or {}).get("levels") or []:
         lines.append(
@@ -676,11 +777,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--dollars-per-hour", type=float, default=2.99, help="price of the machine (default: an H100 on demand)"
     )
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak, if not in loop.py's table")
+    parser.add_argument(
+        "--one-of-each", action="store_true", help="walk only the first point of each kind (the smoke test's plan)"
+    )
     args = parser.parse_args(argv)
     profile = SMOKE if args.smoke else GPU
     args.out = args.out or Path(os.environ.get("OUT") or REPO / "benchmarks" / "results")
     args.budget_s = profile.budget_s if args.budget_s is None else args.budget_s
-    plan = [item for item in PLAN if args.served == "auto" or (isinstance(item, ServedPath) == (args.served == "only"))]
+    plan = one_of_each(PLAN) if args.one_of_each else list(PLAN)
+    plan = [item for item in plan if args.served == "auto" or (isinstance(item, ServedPath) == (args.served == "only"))]
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     run = DeviceRun(profile, args, started)
     try:

@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from runners.backends.interfaces import FirstBlockOutput
 
 
 class TorchTransformer:
-    """Eager PyTorch FluxTransformer2DModel."""
+    """Eager PyTorch FluxTransformer2DModel, or the same module compiled (regionally, its blocks in
+    place, or whole: ``module`` is then torch.compile's wrapper). ``context``: entered around every
+    call (the compiled backend's dynamo settings, which torch keeps per thread)."""
 
-    def __init__(self, module):
+    def __init__(self, module, context=contextlib.nullcontext):
         self.module = module
+        self.context = context
         self.in_channels = module.config.in_channels
         self.guidance_embeds = bool(module.config.guidance_embeds)
 
     def __call__(
         self, *, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance, img_ids, txt_ids
     ):
-        return self.module(
-            hidden_states=hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            guidance=guidance,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            return_dict=False,
-        )[0]
+        with self.context():
+            return self.module(
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled_projections,
+                timestep=timestep,
+                guidance=guidance,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                return_dict=False,
+            )[0]
 
     @property
     def splittable(self) -> bool:
@@ -34,7 +40,11 @@ class TorchTransformer:
 
     # The three parts below are FluxTransformer2DModel.forward (diffusers 0.42) cut after the first
     # block, op for op, so that running all three gives the same bits as the whole forward.
-    def first_block(
+    def first_block(self, **inputs):
+        with self.context():
+            return self._first_block(**inputs)
+
+    def _first_block(
         self, *, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance, img_ids, txt_ids
     ):
         import torch
@@ -58,6 +68,10 @@ class TorchTransformer:
         return FirstBlockOutput(image, text, image - embedded, temb, rotary)
 
     def remaining_blocks(self, first, index=None):
+        with self.context():
+            return self._remaining_blocks(first, index)
+
+    def _remaining_blocks(self, first, index):
         image, text, temb = first.hidden_states, first.encoder_hidden_states, first.temb
         if index is not None:
             image, text, temb = image[index], text[index], temb[index]
@@ -73,14 +87,16 @@ class TorchTransformer:
         return image
 
     def output(self, hidden_states, temb):
-        return self.module.proj_out(self.module.norm_out(hidden_states, temb))
+        with self.context():
+            return self.module.proj_out(self.module.norm_out(hidden_states, temb))
 
 
 class TorchVae:
     """Eager PyTorch AutoencoderKL."""
 
-    def __init__(self, module):
+    def __init__(self, module, context=contextlib.nullcontext):
         self.module = module
+        self.context = context
         config = module.config
         self.latent_channels = config.latent_channels
         self.scale_factor = 2 ** (len(config.block_out_channels) - 1)
@@ -88,7 +104,9 @@ class TorchVae:
         self.shift_factor = float(config.shift_factor or 0.0)
 
     def encode(self, images):
-        return self.module.encode(images).latent_dist.parameters
+        with self.context():
+            return self.module.encode(images).latent_dist.parameters
 
     def decode(self, latents):
-        return self.module.decode(latents, return_dict=False)[0]
+        with self.context():
+            return self.module.decode(latents, return_dict=False)[0]

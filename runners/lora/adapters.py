@@ -6,8 +6,9 @@ so parameter names and state dicts stay as they are) and add ``B (s * (A x))`` o
 batch, the adapters of all its requests are concatenated along the rank dimension, and a per-request
 scale for every rank row selects each sample's own adapters (zero elsewhere): two extra matmuls per
 layer however many LoRAs the batch mixes, and requests with different LoRA sets share one batch.
-``pad_to`` keeps those shapes fixed (zero rows), so a compiled transformer never recompiles when
-adapters of other ranks come and go. Fusing (``fuse``) is for LoRAs configured at start-up, and for
+For a compiled transformer, ``pad_to`` (its rank buckets) gives every layer deltas of one width,
+the smallest bucket that holds the batch's rank (zero rows), and a batch without LoRAs no deltas at
+all (docs/compile.md). Fusing (``fuse``) is for LoRAs configured at start-up, and for
 a batch whose requests all use one LoRA set, with the base weights restored bit for bit after.
 """
 
@@ -17,6 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,29 +175,52 @@ class AdapterCache:
 def activate(
     layers: dict[str, LoraLinear],
     requests: list[RequestLoras],
-    pad_to: int | None = None,
+    pad_to: int | Sequence[int] | None = None,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> None:
     """Give every layer the batch's concatenated adapters and per-request scales.
-    ``pad_to``: a fixed total rank for every layer (zero rows), so shapes never change.
+
+    ``pad_to`` is for a compiled transformer, whose graphs depend on which layers have deltas and on
+    their shapes. None: exact ranks, deltas only on the layers the batch's adapters touch (eager).
+    An int: every layer gets deltas of exactly that total rank (zero rows). A sequence of rank buckets
+    (FluxModel.lora_rank_buckets): every layer gets deltas padded to the smallest bucket that holds
+    the batch's largest total rank, so all layers share one shape. With ``pad_to`` set, a batch with
+    no adapter at all runs with no deltas (the LoRA-free graph: no padded matmuls to pay for).
     ``device``, ``dtype``: where the deltas compute (the model's); unset, the weight's, which is
     wrong for an offloaded weight (in host memory) and cannot make a quantized one's zeros."""
     adapters = list({id(a): a for loras in requests for a, _ in loras}.values())
+    if not adapters and pad_to is not None and not isinstance(pad_to, int):
+        deactivate(layers)
+        return
+    width = None
+    if pad_to is not None:
+        need = max(
+            (sum(a.layers[name].down.shape[0] for a in adapters if name in a.layers) for name in layers), default=0
+        )
+        if isinstance(pad_to, int):
+            width = pad_to
+        else:
+            from runners.backends.compiled import bucket_for
+
+            width = min(bucket_for(need, tuple(pad_to)), max(pad_to))
+        if need > width:
+            raise LoraError(f"the batch's LoRAs need rank {need}, over the padded {width}")
+    # Padded (compiled): at least two rows of scales, the extra ones never indexed, so one request's
+    # scales do not have a dimension of size 1, which dynamo would compile a graph of its own for.
+    rows = len(requests) if pad_to is None else max(len(requests), 2)
     for name, module in layers.items():
         parts = [(a, a.layers[name]) for a in adapters if name in a.layers]
-        if not parts and pad_to is None:
+        if not parts and width is None:
             module.lora_down = module.lora_up = module.lora_scales = None
             continue
         weight = module.weight
         like = dict(device=device or weight.device, dtype=dtype or weight.dtype)
         rank = sum(layer.down.shape[0] for _, layer in parts)
-        width = pad_to if pad_to is not None else rank
-        if rank > width:
-            raise LoraError(f"the batch's LoRAs need rank {rank} in {name}, over the padded {width}")
-        down = torch.zeros(width, module.in_features, **like)
-        up = torch.zeros(module.out_features, width, **like)
-        scales = torch.zeros(len(requests), width, **like)
+        size = width if width is not None else rank
+        down = torch.zeros(size, module.in_features, **like)
+        up = torch.zeros(module.out_features, size, **like)
+        scales = torch.zeros(rows, size, **like)
         offset = 0
         for adapter, layer in parts:
             r = layer.down.shape[0]
@@ -210,8 +235,10 @@ def activate(
 
 
 def deactivate(layers: dict[str, LoraLinear], pad_to: int | None = None) -> None:
+    """No deltas on any layer. ``pad_to`` (an int, the old fixed-rank contract): keep the padded
+    deltas and zero their scales instead, so the compiled shapes stay as they were."""
     for module in layers.values():
-        if pad_to is None:
+        if pad_to is None or not isinstance(pad_to, int):
             module.lora_down = module.lora_up = module.lora_scales = None
         elif module.lora_scales is not None:
             module.lora_scales = torch.zeros_like(module.lora_scales)

@@ -205,7 +205,7 @@ class Inpainter:
         it costs what it would on a server with LoRAs off."""
         from runners.lora import adapters as lora
 
-        layers, pad_to = self.model.lora_layers, self.model.lora_pad_to
+        layers, pad_to = self.model.lora_layers, self.model.lora_rank_buckets
         if layers is None or not any(per_request):
             yield
             return

@@ -45,8 +45,11 @@ class FluxModel:
     adapters: Any = None  # runners.lora.adapters.AdapterCache
     fuse_uniform_loras: bool = False  # fuse a batch's LoRAs when all its requests share one set
     fused_loras: list = field(default_factory=list)  # (sha256, scale) merged at start-up: part of an export's identity
-    lora_pad_to: int | None = None  # fixed LoRA rank per layer (compiled transformer: shapes never change)
-    backend: str = "torch"
+    # Compiled transformer: a LoRA batch's deltas are padded to the smallest of these total ranks that
+    # holds them (runners.backends.compiled.rank_buckets); None: exact ranks (eager).
+    lora_rank_buckets: tuple[int, ...] | None = None
+    backend: str = "torch"  # what FLUX_BACKEND resolved to: torch, compile, onnxruntime or tensorrt
+    compile_scope: str | None = None  # compile: "blocks" (regional) or "model"
     quantize: str = "none"  # FLUX_QUANTIZE: the transformer's weights
     component_bytes: dict = field(default_factory=dict)  # weight bytes per component, measured after loading
     memory_plan: Any = None  # runners.pipeline.memory.MemoryPlan counted before loading
@@ -214,18 +217,43 @@ def plan_and_check_memory(settings: ModelSettings, lora_settings: LoraSettings, 
 def attach_backend(model: FluxModel, settings) -> None:
     """Put the configured backend (FLUX_BACKEND) behind the loop's interfaces, or refuse at start
     with a message saying what to change. ``settings``: runners.config.Settings."""
-    choice = settings.backend.backend
+    backend = settings.backend
+    choice = backend.resolved_backend(model.device.type)
     model.backend = choice
+    if backend.attention_backend is not None:
+        if choice not in ("torch", "compile"):
+            raise RuntimeError(
+                f"FLUX_ATTENTION_BACKEND applies to FLUX_BACKEND=torch or compile, not {choice} (exported graphs "
+                "have their attention built in): unset it"
+            )
+        from runners.backends.compiled import set_attention_backend
+
+        set_attention_backend(model.pipeline.transformer, backend.attention_backend, model.device.type)
     if choice == "torch":
         return
     if choice == "compile":
-        import torch
+        from runners.backends.compiled import compile_settings, compile_transformer, compile_vae, rank_buckets
 
-        model.transformer = TorchTransformer(torch.compile(model.pipeline.transformer, dynamic=True))
+        # Compiled lazily: the graphs are built by the first forwards, the warm-up's.
+        module = compile_transformer(
+            model.pipeline.transformer, backend.compile_scope, backend.compile_backend, backend.compile_mode
+        )
+        model.transformer = TorchTransformer(module, compile_settings)
+        model.compile_scope = backend.compile_scope
+        if backend.compile_vae:
+            compile_vae(model.pipeline.vae, backend.compile_backend, backend.compile_mode)
+            model.vae = TorchVae(model.pipeline.vae, compile_settings)
         if model.lora_layers is not None:
-            # Fixed shapes for the LoRA path, so swapping adapters never recompiles; a batch whose
-            # LoRAs need more rank than this runs its requests one by one.
-            model.lora_pad_to = settings.lora.max_rank * settings.lora.max_per_request
+            # A few total ranks for the LoRA deltas, so their shapes are bounded; a batch whose LoRAs
+            # need more than the largest runs its requests one by one.
+            model.lora_rank_buckets = rank_buckets(settings.lora.max_rank, settings.lora.max_per_request)
+        log.info(
+            "backend compile (%s, %s%s%s): graphs are built by the warm-up",
+            "regional: repeated blocks" if backend.compile_scope == "blocks" else "whole transformer",
+            backend.compile_backend,
+            "" if backend.compile_mode == "default" else f", {backend.compile_mode}",
+            ", VAE too" if backend.compile_vae else "",
+        )
         return
     if model.lora_layers is not None:
         raise RuntimeError(

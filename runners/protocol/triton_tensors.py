@@ -2,7 +2,7 @@
 
 Both ends import this module (the front with numpy 2, the Triton process with numpy 1), so a field
 added here reaches both. One Triton request carries one job (batch dimension 1); Triton's dynamic
-batcher gathers concurrent requests into one execution, which ``runners.worker.batch.run_jobs`` runs.
+batcher gathers concurrent requests into one execution, which ``runners.worker.adaptive.run_jobs`` runs.
 
 Inputs (batch dimension first, shown without it)::
 

@@ -45,8 +45,8 @@ from runners.config import BatchingSettings
 from runners.errors import InpaintError, ServerDraining
 from runners.pipeline.inpaint import Inpainter, InpaintInputs, InpaintResult, Sample
 from runners.protocol.jobs import InpaintJob, JobResult
-from runners.worker.batch import encode_result, failure, job_loras, should_stop, stopped, to_inputs
 from runners.worker.board import JobBoard
+from runners.worker.job_io import encode_result, failure, job_loras, should_stop, stopped, to_inputs
 from runners.worker.metrics import ADMISSION_WAIT_SECONDS, LORA_ACTIVATION_SECONDS
 
 log = logging.getLogger(__name__)

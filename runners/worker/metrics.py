@@ -49,3 +49,10 @@ MODEL_BYTES = bentoml.metrics.Gauge(
     labelnames=["component"],
     multiprocess_mode="livemax",
 )
+COMPILES = bentoml.metrics.Counter(
+    name="flux_compiles",
+    documentation=(
+        "Graphs torch.compile built in the model worker (dynamo's own count, recompiles included). "
+        "It grows during the start-up warm-up only: a rise while serving is a recompile inside a live request"
+    ),
+)

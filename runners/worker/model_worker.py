@@ -3,7 +3,7 @@ answer during a long load), runs jobs through the ledger (a job sent twice runs 
 progress and cancel from the job board. service.py's ``InpaintWorker`` is this object's BentoML face.
 
 Two ways in, by ``FLUX_BATCHING``: ``adaptive``: ``inpaint`` runs each batch BentoML's dispatcher
-hands it (runners/worker/batch.py); ``continuous``: ``inpaint_one`` hands one job to the step engine
+hands it (runners/worker/adaptive.py); ``continuous``: ``inpaint_one`` hands one job to the step engine
 (runners/worker/engine.py) and awaits it on the event loop, so arrivals reach the running loop while
 it runs (BentoML's dispatcher runs one batch call at a time per process; a plain async API does not
 go through it)."""
@@ -28,6 +28,7 @@ from runners.worker.board import JobBoard
 from runners.worker.ledger import JobLedger
 from runners.worker.metrics import (
     BATCH_SIZE,
+    COMPILES,
     DENOISE_SECONDS,
     LORA_LOAD_SECONDS,
     MODEL_BYTES,
@@ -65,8 +66,10 @@ class ModelWorker:
             await asyncio.wait_for(self.front_done.wait(), self.settings.server.drain_timeout_s + 10)
 
     def _load(self) -> None:
-        from runners.worker.batch import load_inpainter
+        from runners.backends.compiled import on_compile
+        from runners.worker.loading import load_inpainter
 
+        on_compile(COMPILES.inc)  # from the warm-up on: an operator sees any recompile while serving
         try:
             inpainter = load_inpainter(self.settings)
             inpainter.on_forward = self._forward_done
@@ -105,7 +108,7 @@ class ModelWorker:
 
     def inpaint(self, jobs: list[InpaintJob]) -> list[JobResult]:
         """A batch from BentoML's dispatcher (adaptive mode; in continuous mode its jobs go to the engine)."""
-        from runners.worker.batch import run_jobs
+        from runners.worker.adaptive import run_jobs
 
         if not self.ready.is_set():
             return [self._not_ready(job) for job in jobs]

@@ -6,7 +6,7 @@ PyTriton starts the ``tritonserver`` binary its wheel bundles and binds ``infer`
 Python-backend model. Triton owns the queue and the batching (dynamic batcher: preferred batch
 sizes, max queue delay; queue policy: max queue size, default timeout with reject); this process
 owns the model. Each Triton request is one job (runners/protocol/triton_tensors.py); a Triton batch is run by
-``runners.worker.batch.run_jobs``, so grouping by size, LoRAs and the one-job-fails-alone rule are the
+``runners.worker.adaptive.run_jobs``, so grouping by size, LoRAs and the one-job-fails-alone rule are the
 in-process worker's own code. A failed job answers an ERROR tensor, never a failed batch.
 
 Runs in its own environment (.venv-triton: PyTriton needs numpy < 2). The model loads and warms up
@@ -105,7 +105,7 @@ class TritonModel:
         self.lock = threading.Lock()  # one execution at a time: the model has one set of weights
 
     def infer(self, requests: list) -> list[dict]:
-        from runners.worker.batch import run_jobs
+        from runners.worker.adaptive import run_jobs
 
         started = time.perf_counter()
         jobs: list[tuple[int, InpaintJob]] = []
@@ -154,7 +154,7 @@ def triton_model_config(server: TritonServerSettings):
 
 def load_inpainter(settings):
     """The model through the same code as the in-process worker: load, backend, warm-up."""
-    from runners.worker.batch import load_inpainter as load
+    from runners.worker.loading import load_inpainter as load
 
     return load(settings)
 
