@@ -50,7 +50,7 @@ def assert_cells_consistent(results: dict) -> None:
 def test_smoke_runs_one_point_of_each_kind_and_writes_the_loop_schema(tmp_path, cache_dir):
     """One point of each kind of the plan (eager, regionally compiled, whole-model compiled; with and
     without LoRAs): every code path the GPU run takes, without every size and batch."""
-    from benchmarks.device.run import PLAN, SMOKE, Point, one_of_each
+    from benchmarks.device.run import PLAN, SMOKE, Point, QuantizedCells, one_of_each
 
     out = tmp_path / "out"
     run = subprocess.run(
@@ -76,8 +76,13 @@ def test_smoke_runs_one_point_of_each_kind_and_writes_the_loop_schema(tmp_path, 
     points = [item for item in one_of_each(PLAN) if isinstance(item, Point)]
     kinds = {(p.backend, p.lora_mode != "none") for p in PLAN if isinstance(p, Point)}
     assert {(p.backend, p.lora_mode != "none") for p in points} == kinds and len(points) == len(kinds)
-    assert [i["item"] for i in results["items"]] == [p.label(SMOKE) for p in points]
+    assert [i["item"] for i in results["items"]] == [p.label(SMOKE) for p in points] + [QuantizedCells().label(SMOKE)]
     assert all(i["status"] == "ran" for i in results["items"])
+    # the quantized cells ran on the same model: bf16 and int8 measured, fp8 refused on the CPU
+    quantized = {c["cell"].split()[0]: c for c in results["quantized"]}
+    assert quantized["bf16"]["status"] == quantized["int8"]["status"] == "ran", results["quantized"]
+    assert quantized["fp8"]["status"] != "ran" and "8.9" in quantized["fp8"]["reason"]
+    assert "Quantized transformers and group offload" in markdown
     assert len(results["cells"]) == sum(len(p.accelerations) for p in points)
     for point in points:  # every point of the plan measured what it says
         cells = [c for c in results["cells"] if c["item"] == point.label(SMOKE)]

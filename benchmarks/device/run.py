@@ -45,9 +45,7 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,7 +53,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks import loop
+from benchmarks import loop, serving
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,6 +83,16 @@ class ServedPath:
         return f"served path ({profile.served_size}, concurrency {profile.served_concurrency})"
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizedCells:
+    """fp8 and int8 transformers against bf16 at 1024x1024 (s/image, peak memory, pixel error), and
+    group offload's cost (benchmarks/device/quantized.py). Last: it swaps the model's transformer."""
+
+    def label(self, profile: Profile) -> str:
+        width, height = profile.sizes["1024"]
+        return f"quantized: bf16, fp8, int8 at {width}x{height}; group offload"
+
+
 # Most important first; the budget stops the walk cleanly wherever it runs out. Every point before
 # the first LoRA point runs on the plain model; LoRA layers are switched on for the rest (a server
 # with FLUX_LORA_MAX_PER_REQUEST > 0, the default: a compiled transformer then has LoRA graphs too,
@@ -104,6 +112,7 @@ PLAN: tuple[Point | ServedPath, ...] = (
     Point("torch", "512", 1),
     Point("compile", "512", 2, "mixed"),
     Point("compile:model", "1024", 1),
+    QuantizedCells(),
 )
 
 
@@ -112,7 +121,7 @@ def one_of_each(plan) -> list:
     CPU smoke test walks, so that it covers every code path without every size and batch."""
     seen, picked = set(), []
     for item in plan:
-        kind = "served" if isinstance(item, ServedPath) else (item.backend, item.lora_mode != "none")
+        kind = type(item).__name__ if not isinstance(item, Point) else (item.backend, item.lora_mode != "none")
         if kind not in seen:
             seen.add(kind)
             picked.append(item)
@@ -405,6 +414,11 @@ class DeviceRun:
         """Seconds the item should take, from what was measured; None: nothing to go on yet (run it)."""
         if isinstance(item, ServedPath):
             return self.profile.served_estimate_s
+        if isinstance(item, QuantizedCells):
+            # four models' cells (bf16, fp8, int8, offload), each its repeats plus a warm-up and a
+            # reference run, plus ~80 s of host copies and quantizing (quantized.py's own estimate)
+            bf16 = self.predicted_s(Point("torch", "1024", 1))
+            return None if bf16 is None else 4 * (self.profile.repeats + 2) * bf16 / self.profile.repeats + 80
         flops = self.flops_per_run(item)
         seen = [h for h in self.history if h[0] == item.backend] or [h for h in self.history if h[0] == "torch"]
         if not seen:
@@ -440,6 +454,8 @@ class DeviceRun:
             try:
                 if isinstance(item, ServedPath):
                     self.run_served()
+                elif isinstance(item, QuantizedCells):
+                    self.run_quantized()
                 else:
                     self.run_point(item)
                 record["status"] = "ran"
@@ -544,25 +560,19 @@ class DeviceRun:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the server's process builds its own copy of the model
         profile = self.profile
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         scratch = Path(tempfile.mkdtemp(prefix="device-serve-"))
         env = {
-            **os.environ,
             "FLUX_MODEL": profile.model,
             "FLUX_MAX_SEQUENCE_LENGTH": str(profile.max_sequence_length),
-            "HF_HUB_OFFLINE": "1",
             "BENTOML_HOME": str(scratch / "bentoml"),
             "BENTOML_DO_NOT_TRACK": "True",  # offline: its analytics call would wait for a timeout
+            "FLUX_CACHE_DIR": os.environ.get("FLUX_CACHE_DIR", str(scratch / "cache")),
         }
-        env.setdefault("FLUX_CACHE_DIR", str(scratch / "cache"))
-        base = f"http://127.0.0.1:{port}"
         log_path = self.out / "serve.log"
         self.out.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         served = {
-            "url": base,
+            "url": None,
             "log": log_path.name,
             "startup_s": None,
             "levels": None,
@@ -570,19 +580,9 @@ class DeviceRun:
             "compiles_while_serving": None,  # graphs compiled during the burst: 0, or a recompile
         }
         self.results["served"] = served
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "bentoml", "serve", "service:FluxInpainting", "--host", "127.0.0.1"]
-                + ["--port", str(port)],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            ready_by = min(started + profile.served_ready_timeout_s, self.deadline)
-            self.wait_ready(base, process, ready_by)
+        ready_within = min(profile.served_ready_timeout_s, self.deadline - time.monotonic())
+        with serving.bentoml_serve(log_path, env, ready_timeout_s=ready_within) as server:
+            base = served["url"] = server.url
             served["startup_s"] = time.monotonic() - started
             served["compiles_at_ready"] = self.served_compiles(base)
             print(f"served: ready in {served['startup_s']:.0f} s", flush=True)
@@ -596,22 +596,22 @@ class DeviceRun:
             after = self.served_compiles(base)
             if after is not None and served["compiles_at_ready"] is not None:
                 served["compiles_while_serving"] = after - served["compiles_at_ready"]
-        finally:
-            stop(process)
 
-    @staticmethod
-    def wait_ready(base: str, process: subprocess.Popen, ready_by: float) -> None:
-        import httpx
+    def run_quantized(self) -> None:
+        """The quantized cells on this run's model (its transformer is swapped: the plan's last item)."""
+        from benchmarks.device.quantized import run_quantized_cells
 
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {process.returncode} before it was ready (serve.log)")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    return
-            if time.monotonic() > ready_by:
-                raise TimeoutError("bentoml serve not ready within its time (serve.log)")
-            time.sleep(0.5)
+        self.variants.clear()  # compiled variants hold the transformer the cells replace
+        profile = self.profile
+        width, height = profile.sizes["1024"]
+        self.results["quantized"] = run_quantized_cells(
+            self.model,
+            workdir=self.out / "quantized",
+            deadline=self.deadline,
+            request=dict(width=width, height=height, steps=profile.steps, strength=profile.strength),
+            repeats=max(1, profile.repeats - 1),
+            lora_rank=min(16, profile.lora_rank),
+        )
 
     # --- the files ----------------------------------------------------------------------------
 
@@ -681,6 +681,11 @@ class DeviceRun:
                 f"load.md (log: {s['log']}). flux_compiles_total: {s.get('compiles_at_ready')} at ready, "
                 f"{s.get('compiles_while_serving')} more while serving.",
             ]
+        if r.get("quantized"):
+            from benchmarks.device.quantized import markdown
+
+            lines += ["", "Quantized transformers and group offload (benchmarks/device/quantized.py):", ""]
+            lines += markdown(r["quantized"])
         return lines
 
 
@@ -712,18 +717,6 @@ def host_transfers_per_step(inpainter, requests, width: int, height: int, steps:
                 counted += transfers.count
                 taken += 1
     return counted / taken if taken else None
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (it drains), SIGKILL after 30 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def summary(results: dict) -> list[str]:
