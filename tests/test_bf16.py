@@ -21,6 +21,7 @@ from runners.config import AccelerationSettings, LoraSettings, ModelSettings
 from runners.pipeline.inpaint import Inpainter, InpaintInputs
 from runners.pipeline.model import load_model
 from tests.conftest import BATCH_ROUNDING_LEVELS, pixels, scene
+from tests.test_loop import inputs
 from tests.test_lora import write_lora
 
 
@@ -50,19 +51,7 @@ def adapters(bf16, tmp_path_factory):
 
 def request(seed: int, **fields) -> InpaintInputs:
     image, mask = scene(seed=seed)
-    values = dict(
-        prompt="a red house",
-        image=image,
-        mask=mask,
-        width=64,
-        height=48,
-        seed=seed,
-        num_inference_steps=6,
-        strength=0.9,
-        enable_safety_checker=False,
-    )
-    values.update(fields)
-    return InpaintInputs(**values)
+    return inputs(image=image, mask=mask, seed=seed, num_inference_steps=6, strength=0.9, **fields)
 
 
 def image_of(inpainter, group, index=0) -> np.ndarray:
