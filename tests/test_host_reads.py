@@ -15,7 +15,7 @@ from runners.config import AccelerationSettings, LoraSettings, ModelSettings
 from runners.pipeline.host_reads import count_host_reads
 from runners.pipeline.inpaint import Inpainter, InpaintInputs
 from runners.pipeline.model import load_model
-from tests.conftest import scene
+from tests.test_loop import inputs
 from tests.test_lora import write_lora
 
 
@@ -64,14 +64,9 @@ def two_loras(lora_inpainter, tmp_path_factory):
 
 
 def requests(acceleration: str, loras) -> list[InpaintInputs]:
-    image, mask = scene()
     return [
-        InpaintInputs(
+        inputs(
             prompt=f"prompt {i}",
-            image=image,
-            mask=mask,
-            width=64,
-            height=48,
             seed=i,
             num_inference_steps=8,
             guidance_scale=3.5 + i,
