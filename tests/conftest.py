@@ -33,6 +33,14 @@ REPO = Path(__file__).resolve().parent.parent
 # 8x8 blocks, so one level in can become several out (3 measured): batch tests compare PNGs.
 BATCH_ROUNDING_LEVELS = 1
 
+# tests/faults/sitecustomize.py, for servers started with ``PYTHONPATH=FAULT_PATH`` (its constants are
+# repeated here: importing it would patch this process too). A request whose prompt holds SLOW_PROMPT
+# sleeps 0.3 s or more each step, so it is as long on any CPU; one whose prompt holds FAULT_PROMPT
+# makes the model raise after its second step.
+FAULT_PATH = os.pathsep.join([str(REPO / "tests" / "faults"), str(REPO)])
+SLOW_PROMPT = "take your time"
+FAULT_PROMPT = "raise inside the model"
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:

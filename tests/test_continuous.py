@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import time
 
 import httpx
@@ -18,13 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import BATCH_ROUNDING_LEVELS, REPO, bentoml_server
+from tests.conftest import BATCH_ROUNDING_LEVELS, FAULT_PATH, REPO, SLOW_PROMPT, bentoml_server
 
 APP = "fal-ai/flux-lora/inpainting"
 EXAMPLE = json.loads((REPO / "examples" / "request.json").read_text())
 BASE = {**EXAMPLE, "strength": 1.0, "output_format": "png", "sync_mode": True}  # 256x256, the example's size
-FAULT_PATH = os.pathsep.join([str(REPO / "tests" / "faults"), str(REPO)])
-SLOW_PROMPT = "take your time"  # tests/faults: every forward holding such a sample sleeps 0.3 s or more
 # 50 sleeping steps: 15 s or more on any machine; the short one's 4 steps (each also slept, as they
 # share its forwards) and its encode/decode are a fraction of that.
 LONG = {**BASE, "num_inference_steps": 50, "seed": 1, "prompt": f"a garden shed, {SLOW_PROMPT}"}

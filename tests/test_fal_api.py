@@ -16,13 +16,23 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import BATCH_ROUNDING_LEVELS, REPO, LocalHandler, bentoml_server, local_http_server
+from tests.conftest import (
+    BATCH_ROUNDING_LEVELS,
+    FAULT_PATH,
+    REPO,
+    SLOW_PROMPT,
+    LocalHandler,
+    bentoml_server,
+    local_http_server,
+)
 
 KEY = "test-key-one"
 APP = "fal-ai/flux-lora/inpainting"
 EXAMPLE = json.loads((REPO / "examples" / "request.json").read_text())
 FAST = {**EXAMPLE, "num_inference_steps": 3}
-SLOW = {**EXAMPLE, "image_size": "square_hd", "num_inference_steps": 50, "strength": 1.0}  # ~10 s on the tiny model
+# 50 steps that sleep 0.3 s or more each (tests/faults): 15 s or more on any CPU, so a test can watch,
+# cancel or queue behind it; every test that sends one cancels it.
+SLOW = {**FAST, "prompt": f"a garden shed, {SLOW_PROMPT}", "num_inference_steps": 50}
 
 
 class Assets(LocalHandler):
@@ -110,6 +120,7 @@ def server_and_log(tmp_path_factory, lora_files):
         "FLUX_QUEUE_MAX_LENGTH": "6",
         "FLUX_MAX_INPUT_BYTES": "1000000",
         "FLUX_FETCH_READ_TIMEOUT_S": "2",
+        "PYTHONPATH": FAULT_PATH,  # SLOW's steps sleep
     }
     with bentoml_server(tmp_path_factory.mktemp("fal"), **env) as running:
         warm_the_dispatcher(running[0])
@@ -522,17 +533,23 @@ def forwards_of_more_than_one(server) -> float:
 
 
 def batch_sizes_from_logs(server, bodies) -> list[int]:
-    """Each request's own batch size, from its status log line ``started: WxH, batch of N``."""
+    """Each started request's own batch size, from its status log line ``started: WxH, batch of N``."""
     sizes = []
     for body in bodies:
         logs = httpx.get(body["status_url"], params={"logs": 1}, headers=auth()).json()["logs"]
-        (started,) = [line["message"] for line in logs if line["message"].startswith("started: ")]
-        sizes.append(int(started.rsplit("batch of ", 1)[1]))
+        sizes += [
+            int(line["message"].rsplit("batch of ", 1)[1]) for line in logs if line["message"].startswith("started: ")
+        ]
     return sizes
 
 
 def test_queued_requests_are_batched(server):
     before = forwards_of_more_than_one(server)  # other tests batched already: count only this one's
+    # A request whose 10 steps sleep (3 s or more on any CPU) holds the worker, so the four arrive
+    # while it is busy and wait at the dispatcher together. Without it a fast CPU finishes each one
+    # before the next is posted, and all four run alone (a CI failure, exit 2).
+    holder = httpx.post(f"{server}/queue/{APP}", json={**SLOW, "num_inference_steps": 10}, headers=auth()).json()
+    wait_for(lambda: batch_sizes_from_logs(server, [holder]))  # it has started
     bodies = [httpx.post(f"{server}/queue/{APP}", json={**FAST, "seed": s}, headers=auth()).json() for s in range(4)]
     for body in bodies:
         wait_for(lambda body=body: httpx.get(body["status_url"], headers=auth()).status_code == 200)

@@ -11,18 +11,16 @@ with logs and onQueueUpdate (polling and streaming), ``fal.run``, ``fal.queue.su
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 
 import pytest
 
-from tests.conftest import REPO, bentoml_server, require
+from tests.conftest import FAULT_PATH, REPO, bentoml_server, require
 
 JS = REPO / "tests" / "js"
 README_SERVER = 'const SERVER = "http://127.0.0.1:3000";'
-FAULT_PATH = os.pathsep.join([str(REPO / "tests" / "faults"), str(REPO)])  # SLOW_PROMPT's steps sleep (client.mjs)
 NODE = shutil.which("node")
 
 
@@ -46,6 +44,7 @@ def run(tmp_path_factory):
     key = re.search(r'credentials: "([^"]+)"', snippet).group(1)
     example = json.loads((REPO / "examples" / "request.json").read_text())
     assert snippet.count(README_SERVER) == 1 and snippet.count('image_url: "...", mask_url: "..."') == 1
+    # PYTHONPATH=FAULT_PATH: SLOW_PROMPT's steps sleep (client.mjs)
     with bentoml_server(tmp_path_factory.mktemp("js-client"), FLUX_API_KEYS=key, PYTHONPATH=FAULT_PATH) as (
         base,
         log_path,
