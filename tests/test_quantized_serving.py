@@ -158,10 +158,12 @@ def test_a_single_file_transformer_in_bfl_layout_gives_the_folder_models_images(
 
 def test_a_transformer_file_that_does_not_match_the_model_stops_the_server_with_the_reason(tmp_path, tiny_dir):
     from tests.test_single_file import tiny_file_of_another_shape
-    from tests.test_startup import serve_until_it_exits
+    from tests.test_startup import seconds_from_the_sigterm_to_the_exit, serve_until_it_exits
 
     path = tiny_file_of_another_shape(tmp_path)
-    code, output = serve_until_it_exits(tmp_path, FLUX_MODEL=str(tiny_dir), FLUX_TRANSFORMER_FILE=str(path))
+    ended = serve_until_it_exits(tmp_path, FLUX_MODEL=str(tiny_dir), FLUX_TRANSFORMER_FILE=str(path))
+    code, output, _ = ended
     assert code != 0
     assert f"model failed to load (CheckpointError: FLUX_TRANSFORMER_FILE={path}" in output, output[-3000:]
     assert "does not match the transformer of" in output and "of other shapes" in output, output[-3000:]
+    assert seconds_from_the_sigterm_to_the_exit(ended) < 15, output[-3000:]

@@ -5,13 +5,16 @@ server up and unready: a bad setting (read when service.py is imported) and a mo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 
@@ -37,7 +40,36 @@ def stop_tree(process: subprocess.Popen) -> None:
         leftover.kill()
 
 
-def serve_until_it_exits(tmp: Path, timeout_s: float = 240, probe: bool = False, **env: str) -> tuple[int, str]:
+class Ended(NamedTuple):
+    code: int
+    output: str
+    at: datetime  # on the clock of the log lines
+
+
+def logged_at(output: str, event: str) -> datetime:
+    """When the first of our JSON log lines whose event holds ``event`` was written."""
+    for line in output.splitlines():
+        with contextlib.suppress(ValueError):
+            if line.startswith("{") and event in (entry := json.loads(line))["event"]:
+                return datetime.fromisoformat(entry["time"])
+    raise AssertionError(f"no log line with {event!r}:\n{output[-3000:]}")
+
+
+def seconds_from_the_sigterm_to_the_exit(ended: Ended) -> float:
+    """How long ``bentoml serve`` ran on after its front was told to stop (BentoML's arbiter does so
+    when the model worker exits: a pod that cannot start should restart in seconds), with checks
+    of the two delays it once had."""
+    # The front's shutdown ends by itself, not by lifecycle's watchdog 15 s after the drain: a probe
+    # in flight held it (BentoML's readiness check raised on a worker that no longer answers).
+    output = ended.output
+    assert "shutdown not finished" not in output, output[-3000:]
+    # The drain does not wait WORKER_DRAINED_TIMEOUT_S (10 s) on a worker that never became ready.
+    drain = logged_at(output, "front: drained") - logged_at(output, "front: SIGTERM")
+    assert drain.total_seconds() < 6, f"the front drained for {drain}:\n{output[-3000:]}"
+    return (ended.at - logged_at(output, "front: SIGTERM")).total_seconds()
+
+
+def serve_until_it_exits(tmp: Path, timeout_s: float = 240, probe: bool = False, **env: str) -> Ended:
     """Run ``bentoml serve`` as conftest's bentoml_server does; wait for it to end by itself. With
     ``probe``, /readyz is polled meanwhile, as Kubernetes does (a probe in flight once held the
     front's shutdown, and so the whole server, up forever)."""
@@ -62,11 +94,11 @@ def serve_until_it_exits(tmp: Path, timeout_s: float = 240, probe: bool = False,
         stop_tree(process)
         output, _ = process.communicate()
         raise AssertionError(f"bentoml serve still running after {timeout_s} s:\n{output.decode()[-3000:]}") from None
-    return process.returncode, output.decode()
+    return Ended(process.returncode, output.decode(), datetime.now(timezone.utc))
 
 
 def test_a_bad_setting_stops_bentoml_serve_naming_the_variable(tmp_path):
-    code, output = serve_until_it_exits(tmp_path, timeout_s=120, FLUX_QUEUE_MAX_LENGTH="0")
+    code, output, _ = serve_until_it_exits(tmp_path, timeout_s=120, FLUX_QUEUE_MAX_LENGTH="0")
     assert code != 0
     assert "FLUX_QUEUE_MAX_LENGTH: Input should be greater than or equal to 1" in output, output[-3000:]
 
@@ -75,7 +107,11 @@ def test_a_model_that_cannot_load_stops_bentoml_serve_with_the_reason(tmp_path):
     broken = tmp_path / "broken-model"  # a folder with no model in it: from_pretrained cannot load it
     broken.mkdir()
     (broken / "model_index.json").write_text("{not json")
-    code, output = serve_until_it_exits(tmp_path, probe=True, FLUX_MODEL=str(broken))
+    ended = serve_until_it_exits(tmp_path, probe=True, FLUX_MODEL=str(broken))
+    code, output, _ = ended
     assert code != 0
     assert "model failed to load" in output and "stopping the server" in output, output[-3000:]
     assert "model_index.json" in output or "JSON" in output, output[-3000:]  # the reason, not only that it failed
+    # A few seconds on any machine (what is left is wall-clock: a 2 s check of the worker, a probe
+    # in flight for 5 s at most); it took 25 s (a 10 s drain, then lifecycle's 15 s watchdog).
+    assert seconds_from_the_sigterm_to_the_exit(ended) < 15, output[-3000:]

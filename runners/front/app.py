@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 
+import aiohttp
 import anyio.to_thread
 
 from runners.config import TINY_WARNING, Settings
@@ -23,6 +24,43 @@ from runners.lora.sources import LoraSources
 log = logging.getLogger(__name__)
 STORE_SWEEP_EVERY_S = 60.0
 WORKER_DRAINED_TIMEOUT_S = 10.0
+# At the end of the drain, how long a worker never seen ready has to answer a readiness check (ready
+# or not) before the front stops waiting on it: a worker that is gone never answers (below).
+WORKER_ANSWER_S = 2.0
+
+
+class WorkerReadiness:
+    """The model worker's readiness as BentoML's /readyz of the front asks it (``is_ready`` of the
+    worker's ``depends`` proxy, on every probe), kept: whether the worker was ever seen ready.
+
+    Also BentoML's check made to answer False when the worker does not answer. BentoML 1.4.39
+    catches only aiohttp's read timeout there, and a worker that is gone (its model could not load)
+    gives another: its socket still listens in BentoML's arbiter, nobody accepts, and the total
+    timeout raises ``asyncio.TimeoutError`` out of /readyz. BentoML's ``TimeoutMiddleware`` then
+    holds that probe open for the whole traffic timeout (it waits for a response that never comes),
+    uvicorn's shutdown waits for the probe, and the server did not exit (lifecycle's watchdog did)."""
+
+    def __init__(self, worker) -> None:
+        self.seen_ready = False
+        self._ask = worker.is_ready
+        worker.is_ready = self.is_ready  # the proxy is one object per front: BentoML's /readyz calls this
+
+    async def is_ready(self, timeout: float | None = None) -> bool:
+        try:
+            ready = await self._ask(timeout)
+        except (asyncio.TimeoutError, OSError, aiohttp.ClientError) as exc:
+            log.warning("model worker did not answer its readiness check: %s", type(exc).__name__)
+            return False
+        self.seen_ready |= ready
+        return ready
+
+    async def answers(self, timeout_s: float) -> bool:
+        """Whether the worker answers a readiness check at all (ready or not) within ``timeout_s``."""
+        try:
+            self.seen_ready |= await self._ask(timeout_s)
+        except (asyncio.TimeoutError, OSError, aiohttp.ClientError):
+            return False
+        return True
 
 
 def model_client(settings: Settings, worker) -> ModelClient:
@@ -43,6 +81,8 @@ class Front:
         if not settings.server.api_keys:
             log.warning("FLUX_API_KEYS is not set: the API is open to anyone who can reach it")
         self.client = client
+        worker = getattr(client, "worker", None) if isinstance(client, BentoWorkerClient) else None
+        self.worker_readiness = WorkerReadiness(worker) if worker is not None else None
         self.fetcher = SafeFetcher.for_settings(settings)
         self.store = make_store(settings.store, settings.model.cache_dir)
         self.last_sweep = time.monotonic()
@@ -76,9 +116,16 @@ class Front:
 
     async def _drain(self) -> None:
         await self.queue.drain(self.settings.server.drain_timeout_s)
+        if (readiness := self.worker_readiness) is not None and not readiness.seen_ready:
+            # Never seen ready: a worker still loading or not yet probed answers at once, one that
+            # is gone (it exits when its model cannot load) never does, and waiting on it for
+            # WORKER_DRAINED_TIMEOUT_S only held up the exit of a pod that could not start.
+            if not await readiness.answers(WORKER_ANSWER_S):
+                log.info("front: the model worker does not answer; not waiting for it")
+                return
         with contextlib.suppress(Exception):  # the worker served the drain; now it may go too
-            # Bounded: a worker that is gone (it exits when its model cannot load) never answers,
-            # and BentoML's client keeps trying it, which would hold the whole server up.
+            # Bounded: a worker that stops answering never would, and BentoML's client keeps trying
+            # it, which would hold the whole server up.
             await asyncio.wait_for(self.client.drained(), WORKER_DRAINED_TIMEOUT_S)
 
     @staticmethod
