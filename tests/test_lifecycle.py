@@ -86,3 +86,27 @@ def test_on_another_bentoml_the_patch_is_not_applied(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9")
     assert lifecycle.keep_bentoml_sockets_through_the_drain() is False
     assert bentoml_circus.Arbiter.stop is not CircusArbiter.stop
+
+
+def test_the_fronts_check_of_its_worker_answers_false_when_the_worker_does_not_answer():
+    """BentoML's own readiness check of the worker (on every /readyz of the front) raised on a worker
+    that is gone, and the probe was then held open until the traffic timeout, and the server's
+    shutdown with it (tests/test_startup.py sees the whole server exit). A worker never seen ready
+    is asked at the end of the drain whether it answers at all, so a gone one is not waited on."""
+    from runners.front.app import WorkerReadiness
+
+    class Worker:  # BentoML's proxy, as far as the front uses it
+        def __init__(self, answer):
+            self.answer = answer
+
+        async def is_ready(self, timeout=None):
+            if isinstance(self.answer, BaseException):
+                raise self.answer
+            return self.answer
+
+    gone, loading, ready = Worker(asyncio.TimeoutError()), Worker(False), Worker(True)
+    checks = {worker: WorkerReadiness(worker) for worker in (gone, loading, ready)}
+    assert asyncio.run(gone.is_ready(5)) is False  # BentoML's /readyz calls the proxy's own method
+    assert [asyncio.run(checks[w].answers(1.0)) for w in (gone, loading, ready)] == [False, True, True]
+    assert asyncio.run(ready.is_ready(5)) is True
+    assert [checks[w].seen_ready for w in (gone, loading, ready)] == [False, False, True]
