@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+from contextlib import contextmanager
 
 from runners.config import WebhookSettings
 from runners.fetch import FetchFailed, UrlRefused
 from runners.front import webhooks
 from runners.front.webhooks import deliver, webhook_body
-from tests.conftest import LocalHandler, free_port, local_http_server
+from tests.conftest import LocalHandler, local_http_server
 
 
 class FakeFetcher:
@@ -140,10 +142,19 @@ def test_a_receiver_that_is_always_down_is_tried_each_attempt_then_given_up(capl
 
     monkeypatch.setattr(asyncio, "sleep", fast_sleep)
 
-    down = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there: connection refused
-    with caplog.at_level(logging.INFO, logger="runners.front.webhooks"):
-        delivered = run(deliver(local_fetcher(), down, BODY, WebhookSettings(attempts=3)))
+    with closed_port() as port, caplog.at_level(logging.INFO, logger="runners.front.webhooks"):
+        delivered = run(deliver(local_fetcher(), f"http://127.0.0.1:{port}/hook", BODY, WebhookSettings(attempts=3)))
     assert not delivered
     failed = [r.getMessage() for r in caplog.records if "attempt" in r.getMessage() and "failed" in r.getMessage()]
     assert len(failed) == 3, failed  # three real connection attempts, then the give-up
     assert "not delivered after 3 attempt(s)" in caplog.records[-1].getMessage()
+
+
+@contextmanager
+def closed_port():
+    """A loopback port that refuses connections: bound and never listening, so that no other server
+    (another test's, beside this one under pytest-xdist) can take it meanwhile, as a port that was
+    only probed free could be."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
