@@ -292,6 +292,9 @@ def test_a_painted_run_sends_the_stroke_as_the_mask_and_shows_the_result(browser
         logs
     )
     image = browser.find("#result img.output")
+    # "Done" is shown with the <img> in place; decoding it is the browser's own, later (a loaded machine
+    # once read 0x0 here)
+    browser.wait_for("document.querySelector('#result img.output').complete")
     assert browser.js("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [256, 256]
     caption = browser.text("#result figcaption")
     assert "seed 7" in caption and "NSFW: no" in caption and "256×256" in caption
