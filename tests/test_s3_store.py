@@ -27,7 +27,8 @@ from runners.errors import StorageUnavailable
 from runners.front.s3_store import S3Store, split_url
 from runners.front.store import NAME_PATTERN, OutputStore, make_store
 from runners.protocol.images import SUFFIX_CONTENT_TYPES
-from tests.conftest import REPO, bentoml_server, free_port, moto_s3_server
+from tests.conftest import REPO, bentoml_server, moto_s3_server
+from tests.test_webhooks import closed_port
 
 ACCESS_KEY, SECRET_KEY = "AKIAFLUXTESTS0000001", "flux-tests-secret"
 AWS_ENV = {
@@ -182,9 +183,10 @@ def test_a_missing_bucket_fails_the_put_clearly(endpoint):
 
 
 def test_an_unreachable_endpoint_fails_the_put_clearly():
-    store = s3_store(f"http://127.0.0.1:{free_port()}", "bucket-name", timeout_s=1)  # nothing listens
-    with pytest.raises(StorageUnavailable) as raised:
-        store.put(b"x", "png")
+    with closed_port() as port:
+        store = s3_store(f"http://127.0.0.1:{port}", "bucket-name", timeout_s=1)
+        with pytest.raises(StorageUnavailable) as raised:
+            store.put(b"x", "png")
     assert_clear_failure(raised.value, "not reachable", "bucket-name")
 
 

@@ -10,11 +10,15 @@ requests cleanly (fal-shaped 503s) and the front's /readyz goes false.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -24,7 +28,7 @@ import httpx
 import pytest
 
 from runners.lora.formats import linear_shapes
-from tests.conftest import REPO, bentoml_server, free_port, scene, wait_until_ready
+from tests.conftest import REPO, bentoml_server, scene, wait_until_ready
 from tests.test_lora import write_lora
 
 TRITON_PYTHON = REPO / ".venv-triton" / "bin" / "python"
@@ -34,18 +38,33 @@ FAULTS = REPO / "tests" / "faults"  # sitecustomize: a prompt with SLOW_PROMPT t
 SLOW_PROMPT = "take your time"
 
 
+def triton_ports() -> tuple[int, int, int]:
+    """Three distinct free ports (http, grpc, metrics): each one's probe socket is held until all are
+    picked, so the kernel cannot hand the same port out twice."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(3)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return tuple(sock.getsockname()[1] for sock in sockets)
+
+
 @contextmanager
-def triton_server(tmp: Path, **env_overrides: str):
-    """``python -m runners.worker.triton_server`` on free ports, ready (/v2/health/ready 200) when yielded.
-    Yields (http URL, metrics URL, process); stopped with SIGTERM to the Python process (which must
-    stop tritonserver itself), SIGKILL to the group after 60 s."""
+def triton_server(tmp: Path, ports: tuple[int, int, int], **env_overrides: str):
+    """``python -m runners.worker.triton_server`` on ``ports`` (http, grpc, metrics), ready
+    (/v2/health/ready 200) when yielded. Yields (http URL, metrics URL, process); stopped with SIGTERM
+    to the Python process (which must stop tritonserver itself), SIGKILL to the group after 60 s."""
     if not TRITON_PYTHON.exists():
         pytest.fail("no .venv-triton: run `make venv-triton` (make test builds it)")
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = ports
+    # PyTriton's workspace holds its Unix sockets, whose paths may not pass 107 bytes. Under the test's
+    # folder (XDG_CACHE_HOME) they did once pytest-xdist added popen-gwN/ to it: Triton was ready, and
+    # then failed every request with a 500. A short folder of its own instead.
+    workspace = Path(tempfile.mkdtemp(prefix="pytriton-"))
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "XDG_CACHE_HOME": str(tmp / "cache"),
+        "PYTRITON_HOME": str(workspace),
         "FLUX_TRITON_HTTP_PORT": str(http),
         "FLUX_TRITON_GRPC_PORT": str(grpc),
         "FLUX_TRITON_METRICS_PORT": str(metrics),
@@ -77,6 +96,7 @@ def triton_server(tmp: Path, **env_overrides: str):
             os.killpg(process.pid, signal.SIGKILL)  # tritonserver, had it outlived its parent
         except ProcessLookupError:
             pass
+        shutil.rmtree(workspace, ignore_errors=True)
 
 
 def data_uri(image) -> str:
@@ -115,15 +135,30 @@ def post_all(base: str, bodies: list[dict]) -> list[httpx.Response]:
         return list(pool.map(lambda b: httpx.post(f"{base}/{APP}", json=b, timeout=180), bodies))
 
 
+@contextmanager
+def started_together(*servers):
+    """Enter the servers' context managers at once, so that their start-ups overlap; yields what each
+    yields, in order. Every one that started is stopped on exit, also when another failed to start."""
+    with contextlib.ExitStack() as running:
+        with ThreadPoolExecutor(len(servers)) as pool:
+            entered = [pool.submit(running.enter_context, server) for server in servers]
+        yield [future.result() for future in entered]
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model):
-    """One Triton (batches up to 4, a queue of 4, a short exit grace) and a front against it. The
-    last test stops this Triton; module scope keeps the suite to one start of each."""
+def stack(tmp_path_factory, tiny_model, tiny_dir):
+    """One Triton (batches up to 4, a queue of 4, a short exit grace) and a front against it; beside
+    them, started at the same time, the in-process front that the image comparison needs and a front
+    with a 6 s deadline against the same Triton. The last test stops this Triton; module scope keeps
+    the suite to one start of each."""
     tmp = tmp_path_factory.mktemp("triton")
     lora_dir = tmp / "loras"
     lora_dir.mkdir()
     (lora_dir / "broken.safetensors").write_bytes(b"not a safetensors file" * 10)
     write_lora(lora_dir, "style", 4, 1, linear_shapes(tiny_model.pipeline.transformer))
+    # Every server reads the very same tiny model files (the image comparison counts on it), and
+    # none spends its start-up building them: the session's copy, in the cache they all share.
+    shutil.copytree(tiny_dir, tmp / "cache" / "flux-inpaint" / tiny_dir.name)
     triton_env = {
         "PYTHONPATH": os.pathsep.join([str(FAULTS), str(REPO)]),
         "FLUX_TRITON_MAX_BATCH_SIZE": "4",
@@ -132,25 +167,26 @@ def stack(tmp_path_factory, tiny_model):
         "FLUX_TRITON_MAX_QUEUE_SIZE": "4",
         "FLUX_TRITON_EXIT_TIMEOUT_S": "2",
     }
-    with triton_server(tmp, **triton_env) as (triton_url, metrics_url, process):
-        with bentoml_server(
-            tmp,
-            FLUX_EXECUTOR="triton",
-            FLUX_TRITON_URL=triton_url,
-            FLUX_QUEUE_CONCURRENCY="32",
-            FLUX_LORA_DIR=str(lora_dir),
-            FLUX_LOG_FORMAT="text",
-        ) as (front, front_log):
-            yield {
-                "tmp": tmp,
-                "triton": triton_url,
-                "metrics": metrics_url,
-                "process": process,
-                "front": front,
-                "front_log": front_log,
-                "lora_dir": lora_dir,
-                "triton_log": tmp / f"triton-{triton_url.rsplit(':', 1)[1]}.log",
-            }
+    ports = triton_ports()
+    triton_url = f"http://127.0.0.1:{ports[0]}"
+    common = {"XDG_CACHE_HOME": str(tmp / "cache"), "FLUX_LORA_DIR": str(lora_dir), "FLUX_LOG_FORMAT": "text"}
+    on_triton = {**common, "FLUX_EXECUTOR": "triton", "FLUX_TRITON_URL": triton_url}
+    with started_together(
+        triton_server(tmp, ports, **triton_env),
+        bentoml_server(tmp / "front", **on_triton, FLUX_QUEUE_CONCURRENCY="32"),
+        bentoml_server(tmp / "in-process", **common),
+        bentoml_server(tmp / "deadline", **on_triton, FLUX_REQUEST_TIMEOUT_S="6"),
+    ) as ((_, metrics_url, process), (front, front_log), (in_process, _), (deadline_front, _)):
+        yield {
+            "triton": triton_url,
+            "metrics": metrics_url,
+            "process": process,
+            "front": front,
+            "front_log": front_log,
+            "in_process": in_process,
+            "deadline_front": deadline_front,
+            "triton_log": tmp / f"triton-{ports[0]}.log",
+        }
 
 
 def test_tensor_contract_round_trip():
@@ -273,17 +309,13 @@ def test_triton_refusals_become_fal_errors(status, message, error_type):
     assert error.status == (429 if error_type == "queue_full" else 503)
 
 
-def test_same_images_as_the_in_process_executor_with_and_without_a_lora(stack, tmp_path):
+def test_same_images_as_the_in_process_executor_with_and_without_a_lora(stack):
     """One request alone on each executor, non-square, then the same with a LoRA: byte-identical
     PNGs, the same seed and NSFW flags; the LoRA works through Triton (it changes the image)."""
     requests = [body(11, steps=3), body(11, steps=3, loras=[{"path": "style.safetensors", "scale": 0.9}])]
     on_triton = [httpx.post(f"{stack['front']}/{APP}", json=request, timeout=180) for request in requests]
     assert [r.status_code for r in on_triton] == [200, 200], [r.text[:300] for r in on_triton]
-    # The in-process front reads the very same tiny model files (the shared cache directory).
-    cache = str(stack["tmp"] / "cache")
-    env = {"XDG_CACHE_HOME": cache, "FLUX_LOG_FORMAT": "text", "FLUX_LORA_DIR": str(stack["lora_dir"])}
-    with bentoml_server(tmp_path, **env) as (in_process, _):
-        local = [httpx.post(f"{in_process}/{APP}", json=request, timeout=180) for request in requests]
+    local = [httpx.post(f"{stack['in_process']}/{APP}", json=request, timeout=180) for request in requests]
     assert [r.status_code for r in local] == [200, 200], [r.text[:300] for r in local]
     for a, b in zip((r.json() for r in on_triton), (r.json() for r in local)):
         assert a["seed"] == b["seed"] == 11
@@ -382,18 +414,11 @@ def test_the_queue_routes_and_cancel_through_triton(stack):
         time.sleep(0.5)
 
 
-def test_a_request_past_its_deadline_on_triton_answers_504_and_stops_there(stack, tmp_path):
+def test_a_request_past_its_deadline_on_triton_answers_504_and_stops_there(stack):
     """A front with a 6 s deadline in front of the same Triton: the deadline travels with the job
     (DEADLINE), and Triton's loop stops the request at a step boundary, well before its 50 steps."""
-    env = {
-        "FLUX_EXECUTOR": "triton",
-        "FLUX_TRITON_URL": stack["triton"],
-        "FLUX_REQUEST_TIMEOUT_S": "6",
-        "FLUX_LOG_FORMAT": "text",
-    }
-    with bentoml_server(tmp_path, **env) as (front, _):
-        request = body(14, steps=50, strength=1.0, prompt=SLOW_PROMPT)  # all 50 steps run, unless stopped
-        response = httpx.post(f"{front}/{APP}", json=request, timeout=120)
+    request = body(14, steps=50, strength=1.0, prompt=SLOW_PROMPT)  # all 50 steps run, unless stopped
+    response = httpx.post(f"{stack['deadline_front']}/{APP}", json=request, timeout=120)
     assert response.status_code == 504 and response.json()["error_type"] == "request_timeout", response.text
     request_id = response.headers["x-fal-request-id"]
     prefix = f"request {request_id} out of time: left the batch after step "
@@ -412,15 +437,17 @@ def test_triton_stopping_under_load_fails_cleanly_and_readyz_goes_false(stack):
     front, process = stack["front"], stack["process"]
     assert httpx.get(f"{front}/readyz", timeout=5).status_code == 200
     with ThreadPoolExecutor(6) as pool:
-        # Enough work that Triton's 2 s exit grace cannot finish it all on any CPU: steps that sleep
-        # (tests/faults, 0.3 s or more each), not only compute.
+        # Enough work that Triton's 2 s exit grace cannot finish it all on any CPU: two batches (4 and
+        # 2) of 17 steps that each sleep 0.3 s or more (tests/faults), 5 s a batch whatever the compute.
         futures = [
-            pool.submit(
-                httpx.post, f"{front}/{APP}", json=body(seed, steps=50, size=512, prompt=SLOW_PROMPT), timeout=180
-            )
+            pool.submit(httpx.post, f"{front}/{APP}", json=body(seed, steps=20, prompt=SLOW_PROMPT), timeout=180)
             for seed in range(6)
         ]
-        time.sleep(1.5)  # the first batch is running, the rest queued at Triton
+        deadline = time.monotonic() + 120
+        while counter(stack["metrics"], "nv_inference_pending_request_count") == 0:
+            assert time.monotonic() < deadline and not any(f.done() for f in futures), "no request reached Triton"
+            time.sleep(0.1)
+        time.sleep(0.2)  # the batcher's queue delay (FLUX_TRITON_MAX_QUEUE_DELAY_MS): the first batch is running
         process.send_signal(signal.SIGTERM)
         responses = [future.result() for future in futures]
     codes = [r.status_code for r in responses]

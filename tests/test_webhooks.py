@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
+import socket
+from contextlib import contextmanager
 
 from runners.config import WebhookSettings
 from runners.fetch import FetchFailed, UrlRefused
+from runners.front import webhooks
 from runners.front.webhooks import deliver, webhook_body
-from tests.conftest import LocalHandler, free_port, local_http_server
+from tests.conftest import LocalHandler, local_http_server
 
 
 class FakeFetcher:
@@ -71,13 +73,31 @@ def test_a_refused_address_is_never_retried():
     assert len(fetcher.calls) == 1
 
 
-def test_total_time_is_bounded():
+def test_total_time_is_bounded(monkeypatch):
+    """Backoff 1 s, then 2 s cut to the 1.5 s left of the 2.5 s deadline, and no attempt past it: on a
+    clock that only the backoff moves, so a loaded machine's scheduling cannot change what is seen."""
+    clock = BackoffClock()
+    monkeypatch.setattr(webhooks, "time", clock)
+    monkeypatch.setattr(asyncio, "sleep", clock.sleep)
     fetcher = FakeFetcher([500] * 20)
-    started = time.monotonic()
     assert not run(deliver(fetcher, "https://hooks.example/x", BODY, WebhookSettings(attempts=20, total_timeout_s=2.5)))
-    assert time.monotonic() - started < 3.5  # backoff 1 s, 2 s, ... cut at the deadline
-    assert 2 <= len(fetcher.calls) <= 3
-    assert all(call[2] <= 2.5 for call in fetcher.calls)
+    assert clock.slept == [1.0, 1.5] and clock.now == 2.5
+    assert [call[2] for call in fetcher.calls] == [2.5, 1.5]  # each attempt's timeout: what is left
+
+
+class BackoffClock:
+    """``time.monotonic`` for runners.front.webhooks, advanced only by its ``asyncio.sleep``."""
+
+    def __init__(self):
+        self.now, self.slept = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds):
+        self.slept.append(seconds)
+        self.now += seconds
+        await _real_sleep(0)
 
 
 _real_sleep = asyncio.sleep
@@ -108,7 +128,8 @@ def local_fetcher():
     return SafeFetcher(HostPolicy(["127.0.0.1"]), FetchSettings())
 
 
-def test_a_real_receiver_answering_500_500_then_200_gets_the_body_three_times():
+def test_a_real_receiver_answering_500_500_then_200_gets_the_body_three_times(monkeypatch):
+    monkeypatch.setattr(asyncio, "sleep", fast_sleep)  # the backoff's length is test_total_time_is_bounded's
     FlakyReceiver.answers, FlakyReceiver.bodies = [500, 500], []
     with local_http_server(FlakyReceiver) as url:
         delivered = run(deliver(local_fetcher(), f"{url}/hook", BODY, WebhookSettings(attempts=5)))
@@ -116,13 +137,24 @@ def test_a_real_receiver_answering_500_500_then_200_gets_the_body_three_times():
     assert FlakyReceiver.bodies == [BODY, BODY, BODY]  # retried after each 500, stopped at the 200
 
 
-def test_a_receiver_that_is_always_down_is_tried_each_attempt_then_given_up(caplog):
+def test_a_receiver_that_is_always_down_is_tried_each_attempt_then_given_up(caplog, monkeypatch):
     import logging
 
-    down = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there: connection refused
-    with caplog.at_level(logging.INFO, logger="runners.front.webhooks"):
-        delivered = run(deliver(local_fetcher(), down, BODY, WebhookSettings(attempts=3)))
+    monkeypatch.setattr(asyncio, "sleep", fast_sleep)
+
+    with closed_port() as port, caplog.at_level(logging.INFO, logger="runners.front.webhooks"):
+        delivered = run(deliver(local_fetcher(), f"http://127.0.0.1:{port}/hook", BODY, WebhookSettings(attempts=3)))
     assert not delivered
     failed = [r.getMessage() for r in caplog.records if "attempt" in r.getMessage() and "failed" in r.getMessage()]
     assert len(failed) == 3, failed  # three real connection attempts, then the give-up
     assert "not delivered after 3 attempt(s)" in caplog.records[-1].getMessage()
+
+
+@contextmanager
+def closed_port():
+    """A loopback port that refuses connections: bound and never listening, so that no other server
+    (another test's, beside this one under pytest-xdist) can take it meanwhile, as a port that was
+    only probed free could be."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
