@@ -490,20 +490,35 @@ def test_a_lora_that_cannot_be_loaded_is_named_on_its_row(browser):
     assert "invalid" in browser.find('.field[data-field="loras.0.path"]').get_attribute("class")
 
 
+HOLD_THE_CANCEL_ANSWER_UNTIL_THE_RUN_ENDS = """
+const realFetch = window.fetch;
+window.fetch = async (url, init) => {
+  const response = await realFetch(url, init);
+  if (String(url).endsWith("/cancel")) {
+    while (document.querySelector("#submit").disabled) await new Promise((r) => setTimeout(r, 50));
+    setTimeout(() => { window.cancelAnswerHandled = true; }, 500);  // after cancel() has read it
+  }
+  return response;
+};
+"""
+
+
 def test_cancel_of_a_long_request_shows_it_cancelled(browser):
     browser.open()
     browser.upload_image()
     browser.stroke((64, 64), (128, 128))
-    browser.set_value("#field-prompt", "a long one")
-    # Long by compute, not by tests/faults' sleeping steps: cancelled at the next 0.3 s step, the run
-    # ends before the cancel's own answer, and the page then shows "Cancelling" over "Cancelled"
-    # (main.js cancel() does not check that its run is still the page's one; reported, not ours).
-    browser.set_value("#field-image_size", "e:square_hd")
+    # Long by tests/faults' sleeping steps. Cancelled at its next step, the run can end before the
+    # cancel's own answer reaches the page, and that late answer must not paint "Cancelling" over
+    # "Cancelled" (main.js cancel() once did). The page's fetch is wrapped to hold that answer until
+    # the run has ended, so this order happens every time.
+    browser.set_value("#field-prompt", f"a long one, {SLOW_PROMPT}")
     browser.set_value("#field-num_inference_steps", "50")
     browser.set_value("#field-strength", "1")
+    browser.js(HOLD_THE_CANCEL_ANSWER_UNTIL_THE_RUN_ENDS)
     browser.submit()
     browser.wait_for("/step \\d+\\/50/.test(document.querySelector('#logs').textContent)")  # running, streamed
     browser.find("#cancel").click()
+    browser.wait_for("window.cancelAnswerHandled === true")
     assert browser.wait_until_finished() == "Cancelled", browser.text("#error")
     assert "request_cancelled" in browser.text("#error") and "cancelled" in browser.text("#error")
     assert 0 < browser.js("return document.querySelector('#progress').value") < 1

@@ -54,11 +54,14 @@ def test_retries_until_delivered(monkeypatch):
     assert len(fetcher.calls) == 4 and all(call[1] == BODY for call in fetcher.calls)
 
 
-def test_gives_up_after_the_attempts(monkeypatch):
-    monkeypatch.setattr(asyncio, "sleep", fast_sleep)
+def test_gives_up_after_the_attempts_without_waiting_after_the_last(monkeypatch):
+    clock = BackoffClock()
+    monkeypatch.setattr(webhooks, "time", clock)
+    monkeypatch.setattr(asyncio, "sleep", clock.sleep)
     fetcher = FakeFetcher([500] * 10)
     assert not run(deliver(fetcher, "https://hooks.example/x", BODY, WebhookSettings(attempts=3)))
     assert len(fetcher.calls) == 3
+    assert clock.slept == [1.0, 2.0]  # between the attempts only (a wait of 4 s after the third once held a drain up)
 
 
 def test_a_receiver_that_refuses_is_not_retried():

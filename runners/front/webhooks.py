@@ -55,6 +55,8 @@ async def deliver(fetcher: SafeFetcher, url: str, body: dict[str, Any], settings
                 log.warning("webhook for %s rejected by the receiver: %s", body["request_id"], reason)
                 return False
         log.info("webhook for %s attempt %d failed: %s", body["request_id"], attempt, reason)
+        if attempt == settings.attempts:
+            break  # no wait after the last attempt: it would only hold the finish hook (and a drain) up
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay *= 2
     log.warning("webhook for %s not delivered after %d attempt(s)", body["request_id"], attempt)

@@ -186,6 +186,9 @@ async function cancel() {
   $("cancel").disabled = true;
   try {
     const answer = await page.server.cancel(running.requestId);
+    // The run may have ended while the cancel was on its way (it stops at its next step): its own
+    // final state ("Cancelled", "Done") stands then, not "Cancelling".
+    if (page.running !== running) return;
     setState(answer.status === "CANCELLATION_REQUESTED" ? "Cancelling" : answer.status, "cancelling");
   } catch (error) {
     showError(error);
