@@ -604,3 +604,29 @@ def test_the_triton_process_stops_what_it_left_running_even_a_child_that_ignores
         assert 0.5 <= took < 5  # SIGTERM ignored: it waited out the grace, then killed it
     finally:
         stubborn.kill()
+
+
+def test_a_pytriton_home_too_long_for_its_sockets_is_refused_at_start():
+    """Under a long PYTRITON_HOME (by default inside XDG_CACHE_HOME) Triton answered ready and failed
+    every request; the server now refuses to start, naming the setting."""
+    from runners.worker.triton_server import UNIX_SOCKET_PATH_MAX, socket_path_problem
+
+    assert socket_path_problem("/tmp/pytriton", "flux_inpaint") is None
+    room = UNIX_SOCKET_PATH_MAX - len("/workspace_XXXXXXXX/flux_inpaint_0_0-server.sock")
+    assert socket_path_problem("/" + "a" * (room - 1), "flux_inpaint") is None  # exactly at the limit
+    problem = socket_path_problem("/" + "a" * room, "flux_inpaint")
+    assert problem and "PYTRITON_HOME" in problem and f"{UNIX_SOCKET_PATH_MAX + 1} bytes" in problem
+    if not TRITON_PYTHON.exists():
+        pytest.fail("no .venv-triton: run `make venv-triton` (make test builds it)")
+    environment = {**os.environ, "PYTRITON_HOME": "/tmp/" + "a" * room, "FLUX_LOG_FORMAT": "text"}
+    ended = subprocess.run(
+        [str(TRITON_PYTHON), "-m", "runners.worker.triton_server"],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ended.returncode == 2 and "set PYTRITON_HOME to a shorter folder" in ended.stdout + ended.stderr
+    assert "loading model" not in ended.stdout + ended.stderr  # refused before the model loads
+

@@ -152,6 +152,25 @@ def triton_model_config(server: TritonServerSettings):
     )
 
 
+# A Unix socket's path holds at most 107 bytes (108 with its NUL). PyTriton makes its sockets in a
+# folder ``PYTRITON_HOME/workspace_XXXXXXXX`` (tempfile's 8 characters), the longest of them
+# ``<model>_0_<i>-server.sock`` for the i-th bound function (one here). Past the limit Triton still
+# starts and answers ready, and then fails every request: refused at start instead.
+UNIX_SOCKET_PATH_MAX = 107
+
+
+def socket_path_problem(pytriton_home: str, model: str) -> str | None:
+    """Why PyTriton's sockets cannot be made under ``pytriton_home`` (resolved), or None."""
+    longest = os.path.join(os.path.realpath(pytriton_home), "workspace_XXXXXXXX", f"{model}_0_0-server.sock")
+    if len(longest.encode()) <= UNIX_SOCKET_PATH_MAX:
+        return None
+    return (
+        f"PyTriton's Unix sockets under PYTRITON_HOME={pytriton_home} would have paths of "
+        f"{len(longest.encode())} bytes, past the {UNIX_SOCKET_PATH_MAX} a socket path may have (Triton would "
+        "answer ready and fail every request): set PYTRITON_HOME to a shorter folder, e.g. /tmp/pytriton"
+    )
+
+
 def load_inpainter(settings):
     """The model through the same code as the in-process worker: load, backend, warm-up."""
     from runners.worker.loading import load_inpainter as load
@@ -181,8 +200,13 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
+    from pytriton.constants import PYTRITON_HOME
     from pytriton.model_config import Tensor
     from pytriton.triton import Triton, TritonConfig
+
+    if problem := socket_path_problem(str(PYTRITON_HOME), server.model):
+        log.error("%s", problem)
+        raise SystemExit(2)  # before the model loads: the fix is a setting, not a wait
 
     model = TritonModel(load_inpainter(settings))
     config = TritonConfig(
