@@ -629,4 +629,3 @@ def test_a_pytriton_home_too_long_for_its_sockets_is_refused_at_start():
     )
     assert ended.returncode == 2 and "set PYTRITON_HOME to a shorter folder" in ended.stdout + ended.stderr
     assert "loading model" not in ended.stdout + ended.stderr  # refused before the model loads
-
