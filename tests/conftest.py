@@ -247,3 +247,32 @@ def redis_server(directory: Path):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_model, cache_dir, tmp_path_factory):
+    """The tiny model's ONNX artifact, built once for the session in this process by the exporter's
+    own build (export.build.onnx_artifact: three graphs, each validated at three shapes) from
+    ``tiny_model``: tests/test_export.py and tests/test_onnx_export.py read the same graphs instead
+    of exporting the same networks twice. Returns (settings: the tiny model with 32 text tokens and
+    this artifact's engine folder, the artifact, {network: (inputs, its torch output before the
+    export)})."""
+    import torch
+
+    from export.build import onnx_artifact
+    from export.networks import SPECS
+    from runners.config import Settings
+
+    settings = Settings.model_validate(
+        {
+            "model": {"cache_dir": cache_dir, "max_sequence_length": 32},  # FLUX_MODEL=tiny: tiny_dir
+            "backend": {"engine_dir": tmp_path_factory.mktemp("engines")},
+        }
+    )
+    before = {}
+    for name, spec in SPECS.items():
+        inputs = spec.sample_inputs(tiny_model, 2, 48, 32, tiny_model.max_sequence_length, seed=7)
+        with torch.inference_mode():
+            before[name] = (inputs, spec.module(tiny_model)(*inputs))
+    artifact, _ = onnx_artifact(tiny_model, settings, build=True, progress=lambda message: None)
+    return settings, artifact, before

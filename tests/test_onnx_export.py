@@ -1,6 +1,9 @@
 """Tests for export/networks.py and export/onnx_export.py on the tiny FLUX model: each network
 exports with dynamic axes, passes the ONNX checker, matches torch under ONNX Runtime at batch
-sizes and image sizes other than the export example's, and leaves the served model as it was."""
+sizes and image sizes other than the export example's, and leaves the served model as it was.
+
+The graphs are the session's export of the tiny model (conftest's ``tiny_onnx``: the exporter's own
+build, which tests/test_export.py serves from too), not a second export of the same networks."""
 
 from __future__ import annotations
 
@@ -22,22 +25,12 @@ TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_model, tmp_path_factory):
-    """Each network exported once: {name: (onnx path, torch outputs before export)}. The decoder
-    goes through the external-data path (threshold lowered to 0), the others as single files."""
-    folder = tmp_path_factory.mktemp("onnx")
-    result = {}
-    for name in NAMES:
-        spec = SPECS[name]
-        probe = spec.sample_inputs(tiny_model, 2, 48, 32, tiny_model.max_sequence_length, seed=7)
-        with torch.inference_mode():
-            before = spec.module(tiny_model)(*probe)
-        with pytest.MonkeyPatch.context() as patch:
-            if name == "vae_decoder":
-                patch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
-            path = export_onnx(spec, tiny_model, folder / f"{name}.onnx")
-        result[name] = (path, probe, before)
-    return result
+def exported(tiny_onnx):
+    """{name: (onnx path, probe inputs, torch outputs before the export)}: the session's export of
+    each network of ``tiny_model``, in this process, as single files (the external-data path is
+    test_the_export_traces_a_meta_twin_and_copies_no_weight_before_writing's)."""
+    _, artifact, before = tiny_onnx
+    return {name: (artifact.file(name), *before[name]) for name in NAMES}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -61,20 +54,19 @@ def test_graph_interface_is_the_spec_with_symbolic_axes(exported, tiny_model, na
             assert dims[0] == "batch"
     assert summary.opset >= 18
     assert summary.float64 == 0  # float32 RoPE during the export: nothing TensorRT cannot build
-    if name == "vae_decoder":
-        assert (path.parent / f"{path.name}.data").exists()
-        assert summary.bytes > path.stat().st_size
-    else:
-        assert not (path.parent / f"{path.name}.data").exists()
+    assert not (path.parent / f"{path.name}.data").exists() and summary.bytes == path.stat().st_size
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_onnx_runtime_matches_torch_at_other_shapes(exported, tiny_model, name):
-    rows = validate(SPECS[name], tiny_model, exported[name][0], SHAPES, tiny_model.max_sequence_length, TOLERANCE)
+def test_onnx_runtime_matches_torch_at_other_shapes(tiny_onnx, name):
+    """The export's own validation (``validate`` at ``validation_shapes``: these SHAPES for the tiny
+    model, at float32's default tolerance), as its manifest records it."""
+    _, artifact, _ = tiny_onnx
+    rows = [onnx_export.ValidationRow(**row) for row in artifact.manifest["files"][name]["validation"]]
     assert [row.shape for row in rows] == ["B1 32x32", "B2 48x64", "B3 64x48"]
     for row in rows:
         print(f"{row.network} {row.shape}: max abs {row.max_abs:.2e} max rel {row.max_rel:.2e}")
-        assert row.ok and not row.error, row
+        assert row.ok and not row.error and row.provider == "CPUExecutionProvider", row
         assert 0 <= row.max_abs <= TOLERANCE and row.tolerance == TOLERANCE
 
 
@@ -181,9 +173,11 @@ def test_a_model_without_guidance_embeds_has_no_guidance_input(tiny_model):
     assert "guidance" not in spec.input_shapes(no_guidance, 1, 32, 32, 8)
 
 
-def test_the_export_traces_a_meta_twin_and_copies_no_weight_before_writing(tiny_model, tmp_path, monkeypatch):
+def test_the_export_traces_a_meta_twin_and_copies_no_weight_before_writing(exported, tiny_model, tmp_path, monkeypatch):
     """The exporter traces a storage-less twin; each live weight is read once, while the file is
-    written (none before: no copy of the network), and the served model is left as it was."""
+    written (none before: no copy of the network), and the served model is left as it was. The
+    graph goes through the external-data path (threshold lowered to 0): its weights in a ``.data``
+    file beside it, which the checker and ONNX Runtime read through the ``.onnx``."""
     from export.onnx_export import live_tensors, meta_twin
 
     vae = tiny_model.pipeline.vae
@@ -204,7 +198,7 @@ def test_the_export_traces_a_meta_twin_and_copies_no_weight_before_writing(tiny_
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
-        export_onnx(SPECS["vae_decoder"], tiny_model, tmp_path / "vae_decoder.onnx")
+        path = export_onnx(SPECS["vae_decoder"], tiny_model, tmp_path / "vae_decoder.onnx")
     before, after = events[: events.index("save")], events[events.index("save") + 1 :]
     # Before the save only the optimizer's constant folding reads weights, and only small ones (its
     # input limit: norms' scales and biases, which it folds into the graph); every large one is made
@@ -212,6 +206,12 @@ def test_the_export_traces_a_meta_twin_and_copies_no_weight_before_writing(tiny_
     assert all(size <= 8192 for _, size in before), before
     assert len(after) > 10 and len(set(after)) == len(after)
     assert all(t.dtype == torch.float32 and not t.is_meta for t in vae.parameters())
+
+    summary, single_file = check_onnx(path), check_onnx(exported["vae_decoder"][0])
+    assert (path.parent / f"{path.name}.data").exists() and summary.bytes > path.stat().st_size
+    assert (summary.inputs, summary.outputs) == (single_file.inputs, single_file.outputs)  # the same interface
+    (row,) = validate(SPECS["vae_decoder"], tiny_model, path, SHAPES[2:], 32, TOLERANCE)
+    assert row.ok and not row.error, row
 
 
 def test_validation_runs_torch_first_and_frees_its_session_before_returning(exported, tiny_model, monkeypatch):
