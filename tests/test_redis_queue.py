@@ -735,7 +735,8 @@ def test_after_a_sentinel_failover_the_queue_follows_the_new_primary_and_accepte
     from tests.conftest import RedisServer, free_port
 
     (tmp_path / "primary").mkdir(), (tmp_path / "replica").mkdir()
-    primary = RedisServer(tmp_path / "primary")
+    # Its replica synced at once: by default a primary waits 5 s for more replicas to share the transfer.
+    primary = RedisServer(tmp_path / "primary", extra=["--repl-diskless-sync-delay", "0"])
     primary.start()
     replica = RedisServer(tmp_path / "replica", extra=["--replicaof", "127.0.0.1", str(primary.port)])
     replica.start()
