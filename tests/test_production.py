@@ -214,10 +214,13 @@ def hang_up_once_in_the_loop(base: str, body: dict) -> None:
     url = httpx.URL(base)
     payload = json.dumps(body).encode()
     head = f"POST /{APP} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\nContent-Type: application/json\r\n"
+    deadline = time.monotonic() + 60
+    while metrics(base)["flux_in_flight"]:  # a request cancelled before may still end its step
+        assert time.monotonic() < deadline, "the server never went idle"
+        time.sleep(0.05)
     forwards = metrics(base).get("flux_samples_per_forward_count", 0)
     with socket.create_connection((url.host, url.port), timeout=10) as client:
         client.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-        deadline = time.monotonic() + 60
         while metrics(base).get("flux_samples_per_forward_count", 0) <= forwards:
             assert time.monotonic() < deadline, "the request never reached the loop"
             time.sleep(0.05)
