@@ -52,7 +52,7 @@ def stepped(steps: int) -> dict:
     return {**STORED, "prompt": f"please {SLOW_PROMPT}", "num_inference_steps": steps, "strength": 1.0}
 
 
-RUNNING = stepped(8)  # 2.4 s or more: still running a few polls after it started
+RUNNING = stepped(5)  # 1.5 s or more: still running a few polls after it started
 LONG = stepped(50)  # 15 s or more: cancelled long before its end
 # FLUX_DRAIN_TIMEOUT_S of the fleet: long enough for a test to see a replica draining before it exits
 DRAIN_S = 4
