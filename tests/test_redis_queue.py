@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 
 import pytest
 from redis.exceptions import ResponseError
@@ -19,10 +20,19 @@ from tests.conftest import redis_server
 from tests.test_queue import REQUEST, FakeWorker
 
 
+@pytest.fixture(scope="module")
+def shared_redis(tmp_path_factory):
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
 @pytest.fixture
-def redis_url(tmp_path):
-    with redis_server(tmp_path) as server:
-        yield server.url
+def redis_url(shared_redis):
+    """The module's Redis, emptied for each test: one ``redis-server`` start for the whole module."""
+    import redis
+
+    redis.Redis.from_url(shared_redis.url).flushall()
+    return shared_redis.url
 
 
 @pytest.fixture
@@ -51,6 +61,15 @@ class Replica:
             on_finish=self.report,
         )
         self.queue.POLL_INTERVAL_S = 0.05
+        self.beats: list[float] = []  # when each of its heartbeats that ended began (time.time())
+        heartbeat = self.queue._heartbeat_once
+
+        async def counted_heartbeat() -> None:
+            began = time.time()
+            await heartbeat()
+            self.beats.append(began)
+
+        self.queue._heartbeat_once = counted_heartbeat
 
     async def report(self, record) -> None:
         self.reporting.append(record.id)
@@ -75,6 +94,15 @@ async def until(predicate, timeout: float = 20.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.02)
+
+
+async def past_a_lease(granted_by: float, *replicas: Replica) -> None:
+    """Until one of ``replicas`` has run a whole heartbeat begun after a lease (or a report claim)
+    granted by ``granted_by`` (time.time()) ran out, had nobody renewed it: that beat would have put
+    the request back in the line, or taken its report over. A sleep past the lease hoped for as much;
+    on a stalled machine it could end before any beat had looked."""
+    expiry = granted_by + replicas[0].queue.settings.lease_s
+    await until(lambda: any(began > expiry for replica in replicas for began in replica.beats))
 
 
 async def status(queue: RedisQueue, request_id: str) -> Status:
@@ -128,9 +156,10 @@ def test_a_cancel_on_one_replica_stops_the_request_running_on_the_other(redis_ur
         a.queue.ensure_started()
         record = await a.queue.submit(REQUEST, "http://a/")
         await until(lambda: a.holds() == [record.id] and a.worker.started == [record.id])
+        claimed = time.time()
         await until(lambda: a.queue._reported_logs.get(record.id) is not None)  # progress written
         assert await status(b.queue, record.id) == Status.IN_PROGRESS
-        await asyncio.sleep(2.5)  # past the lease (2 s): A renews it while it runs, so nobody re-runs it
+        await past_a_lease(claimed, a)  # A renews it while it runs, so nobody re-runs it
         assert "queued again" not in str((await b.queue.get(record.id)).logs) and a.worker.started == [record.id]
         assert await b.queue.cancel(record.id) == "CANCELLATION_REQUESTED"
         await until(lambda: a.worker.cancelled == [record.id])  # A saw it at its next poll
@@ -168,8 +197,10 @@ def test_a_dead_replicas_request_runs_again_elsewhere_same_id_reported_once(redi
 def test_a_model_tier_slow_to_answer_progress_does_not_let_the_lease_run_out(redis_url):
     async def scenario():
         a, b = Replica(redis_url), Replica(redis_url)
+        asked: list[float] = []
 
         async def slow_progress(request_ids):
+            asked.append(time.time())
             await asyncio.sleep(3.0)  # longer than a lease (2 s)
             return {}
 
@@ -178,7 +209,8 @@ def test_a_model_tier_slow_to_answer_progress_does_not_let_the_lease_run_out(red
         record = await a.queue.submit(REQUEST, "http://a/")
         await until(lambda: a.worker.started == [record.id])
         b.queue.ensure_started()
-        await asyncio.sleep(4.0)
+        await until(lambda: asked)
+        await past_a_lease(asked[0], b)  # a renewal that waited for this answer would be a lease too late
         assert b.worker.started == [] and "queued again" not in str((await b.queue.get(record.id)).logs)
         a.worker.finish(record)
         await until(lambda: a.reported == [record.id])
@@ -205,7 +237,7 @@ def test_a_webhook_cut_short_by_its_replicas_death_is_delivered_once_by_another(
         await a.die()  # killed mid-delivery: its report claim stops being renewed
         b.queue.ensure_started()
         await until(lambda: b.reported == [record.id])  # B's poller took the lapsed claim over
-        await asyncio.sleep(2.5)  # past a lease: B's claim went with its delivery, nobody takes it again
+        await past_a_lease(time.time(), b)  # B's claim went with its delivery: nobody takes it again
         assert (a.reported, b.reported) == ([], [record.id])
         assert await b.queue.redis.zcard(b.queue.p + "unreported") == 0
         await b.queue.stop()
@@ -218,11 +250,13 @@ def test_a_report_longer_than_the_lease_stays_with_its_live_replica(redis_url):
         a, b = Replica(redis_url), Replica(redis_url)
         record = await finished_and_reporting(a)
         b.queue.ensure_started()
-        await asyncio.sleep(2.5)  # a webhook retried past a lease: A's heartbeat renews the claim
+        await past_a_lease(time.time(), b)  # a webhook retried past a lease: A's heartbeat renews the claim
         a.report_gate.set()
         await until(lambda: a.reported == [record.id])
-        await asyncio.sleep(1.5)
-        assert b.reporting == [] and await b.queue.redis.zcard(b.queue.p + "unreported") == 0
+        async with asyncio.timeout(20):  # A drops its claim once delivered: nothing left to take over
+            while await b.queue.redis.zcard(b.queue.p + "unreported"):
+                await asyncio.sleep(0.02)
+        assert (a.reported, b.reporting) == ([record.id], [])  # nor was it taken over before
         await a.queue.stop(), await b.queue.stop()
 
     run(scenario())
@@ -368,8 +402,9 @@ def test_redis_down_refuses_new_work_keeps_running_work_and_recovers_with_what_i
         assert refused.value.status == 503 and refused.value.error_type == "queue_unavailable"
         with pytest.raises(QueueUnavailable):
             await a.queue.get(running.id)
+        finishes_failed = redis_errors("finish")
         a.worker.finish(running)  # it finishes while Redis is away: its result waits to be written
-        await asyncio.sleep(0.5)
+        await until(lambda: redis_errors("finish") > finishes_failed)
         assert a.holds() == [running.id]
         restartable_redis.start()  # same port, same AOF
         await until(lambda: a.reported == [running.id])
@@ -507,6 +542,12 @@ def loop_errors(loop: str) -> float:
     return prometheus_client.REGISTRY.get_sample_value("flux_queue_loop_errors_total", {"loop": loop}) or 0.0
 
 
+def redis_errors(operation: str) -> float:
+    import prometheus_client
+
+    return prometheus_client.REGISTRY.get_sample_value("flux_queue_redis_errors_total", {"operation": operation}) or 0.0
+
+
 class StorageDown(FakeWorker):
     """A model tier whose outputs cannot be stored (the bucket refuses): a 503 that is not the replica's."""
 
@@ -620,7 +661,7 @@ def test_a_full_redis_answers_503_while_accepted_work_goes_on_and_recovers_when_
             assert refused.value.status == 503 and refused.value.error_type == "queue_unavailable"
             b.queue.ensure_started()
             await until(lambda: b.worker.started == [waiting.id])  # claimed though Redis is full
-            await asyncio.sleep(2.5)  # past a lease: A's heartbeat renews its claim though Redis is full
+            await past_a_lease(time.time(), a, b)  # A's heartbeat renews its claim though Redis is full
             assert running.id not in b.worker.started and "queued again" not in str(
                 (await b.queue.get(running.id)).logs
             )
@@ -694,7 +735,8 @@ def test_after_a_sentinel_failover_the_queue_follows_the_new_primary_and_accepte
     from tests.conftest import RedisServer, free_port
 
     (tmp_path / "primary").mkdir(), (tmp_path / "replica").mkdir()
-    primary = RedisServer(tmp_path / "primary")
+    # Its replica synced at once: by default a primary waits 5 s for more replicas to share the transfer.
+    primary = RedisServer(tmp_path / "primary", extra=["--repl-diskless-sync-delay", "0"])
     primary.start()
     replica = RedisServer(tmp_path / "replica", extra=["--replicaof", "127.0.0.1", str(primary.port)])
     replica.start()
