@@ -117,6 +117,20 @@ class Executor:
         return {asked[key]: report for key, report in (await self.client.progress(list(asked))).items() if key in asked}
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """Whether a worker call failed because its connection dropped. aiohttp says so with a
+    ``ClientConnectionError`` when the connection drops before the answer, but with a bare
+    ``RuntimeError("Connection closed.")`` (aiohttp/streams.py) when it drops while the answer's body
+    is read, after the job ran: under load that one failed requests with a 500. Sending the job again
+    is safe either way: the worker's ledger (runners/worker/ledger.py) answers a repeat from its
+    first run."""
+    import aiohttp
+
+    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+        return True
+    return isinstance(exc, RuntimeError) and str(exc) == "Connection closed."
+
+
 class BentoWorkerClient:
     """The in-process tier: the model worker service, through BentoML's ``depends`` handle."""
 
@@ -125,17 +139,17 @@ class BentoWorkerClient:
         self.continuous = continuous  # FLUX_BATCHING=continuous: one call per job into the step engine
 
     async def _call(self, api: str, *args):
-        """A worker API call, tried once more when the connection fails before an answer: BentoML's
+        """A worker API call, tried once more when its connection drops (``connection_lost``): BentoML's
         client reuses pooled keep-alive connections that the worker's server closes when idle, and
         such a request never reached the worker (bentoml/BentoML#4971; the fix proposed upstream,
         bentoml/BentoML#5698, shortens the pool's keep-alive and retries once, as here). Still
         failing: the worker is unavailable (503, ``retry_elsewhere``: another replica's may answer)."""
-        import aiohttp
-
         for attempt in (1, 2):
             try:
                 return await getattr(self.worker.to_async, api)(*args)
-            except aiohttp.ClientConnectionError as exc:
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise
                 if attempt == 2:
                     log.warning("worker %s call failed twice: %s", api, exc)
                     raise WorkerUnavailable("the model worker is not reachable; retry shortly") from None
