@@ -46,21 +46,21 @@ class WorkerReadiness:
         worker.is_ready = self.is_ready  # the proxy is one object per front: BentoML's /readyz calls this
 
     async def is_ready(self, timeout: float | None = None) -> bool:
+        return bool(await self._answer(timeout))
+
+    async def answers(self, timeout_s: float) -> bool:
+        """Whether the worker answers a readiness check at all (ready or not) within ``timeout_s``."""
+        return await self._answer(timeout_s) is not None
+
+    async def _answer(self, timeout: float | None) -> bool | None:
+        """The worker's readiness, or None when it does not answer."""
         try:
             ready = await self._ask(timeout)
         except (asyncio.TimeoutError, OSError, aiohttp.ClientError) as exc:
             log.warning("model worker did not answer its readiness check: %s", type(exc).__name__)
-            return False
+            return None
         self.seen_ready |= ready
         return ready
-
-    async def answers(self, timeout_s: float) -> bool:
-        """Whether the worker answers a readiness check at all (ready or not) within ``timeout_s``."""
-        try:
-            self.seen_ready |= await self._ask(timeout_s)
-        except (asyncio.TimeoutError, OSError, aiohttp.ClientError):
-            return False
-        return True
 
 
 def model_client(settings: Settings, worker) -> ModelClient:
@@ -81,8 +81,8 @@ class Front:
         if not settings.server.api_keys:
             log.warning("FLUX_API_KEYS is not set: the API is open to anyone who can reach it")
         self.client = client
-        worker = getattr(client, "worker", None) if isinstance(client, BentoWorkerClient) else None
-        self.worker_readiness = WorkerReadiness(worker) if worker is not None else None
+        in_process = isinstance(client, BentoWorkerClient) and client.worker is not None
+        self.worker_readiness = WorkerReadiness(client.worker) if in_process else None
         self.fetcher = SafeFetcher.for_settings(settings)
         self.store = make_store(settings.store, settings.model.cache_dir)
         self.last_sweep = time.monotonic()
