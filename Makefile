@@ -61,8 +61,11 @@ redis-server:
 	@command -v redis-server >/dev/null && command -v redis-sentinel >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq redis-server redis-sentinel)
 
+# The test files run on TEST_WORKERS processes (pytest-xdist), a file's tests together in one of them
+# (their servers are module fixtures); tests/conftest.py gives each process one OpenMP thread.
+TEST_WORKERS ?= 2
 test: venv venv-triton lint browser js-client redis-server
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Regenerate docs/configuration.md from the settings' docstrings (tests/test_configuration_docs.py checks it).
 configuration-docs: venv
