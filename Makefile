@@ -62,7 +62,7 @@ redis-server:
 		(apt-get update -qq && apt-get install -y -qq redis-server redis-sentinel)
 
 # The test files run on TEST_WORKERS processes (pytest-xdist), a file's tests together in one of them
-# (their servers are module fixtures); tests/conftest.py gives each process one OpenMP thread.
+# (tests/conftest.py groups them by file); conftest also gives each process one OpenMP thread.
 TEST_WORKERS ?= 2
 test: venv venv-triton lint browser js-client redis-server
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

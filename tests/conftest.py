@@ -50,6 +50,27 @@ FAULT_PATH = os.pathsep.join([str(REPO / "tests" / "faults"), str(REPO)])
 SLOW_PROMPT = "take your time"
 FAULT_PROMPT = "raise inside the model"
 
+# Test files that run in the process of another under pytest-xdist (pytest_xdist_make_scheduler):
+# both read the session's ONNX export of the tiny model (tiny_onnx).
+SAME_PROCESS = {"tests/test_onnx_export.py": "tests/test_export.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``make test`` spreads the test files over processes (pytest-xdist, ``--dist loadfile``): a
+    file's tests run in one process, with its module fixtures (a served server starts once). Here,
+    files named in ``SAME_PROCESS`` count as part of another, so that a session fixture only they
+    use (``tiny_onnx``) is built once instead of once in each process. Other modes: xdist's own."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LoadFileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SAME_PROCESS.get(path, path)
+
+    return LoadFileScheduling(config, log)
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
@@ -265,7 +286,7 @@ def tiny_onnx(tiny_model, cache_dir, tmp_path_factory):
     ``tiny_model``: tests/test_export.py and tests/test_onnx_export.py read the same graphs instead
     of exporting the same networks twice. Returns (settings: the tiny model with 32 text tokens and
     this artifact's engine folder, the artifact, {network: (inputs, its torch output before the
-    export)})."""
+    export)}). Its files share a process under pytest-xdist (``SAME_PROCESS``): built once."""
     import torch
 
     from export.build import onnx_artifact

@@ -1,4 +1,5 @@
-"""The suite's own set-up: the thread setting tests/conftest.py makes lands before torch reads it."""
+"""The suite's own set-up (tests/conftest.py): one OpenMP thread per process, set before torch reads it,
+and the grouping of test files into processes under pytest-xdist."""
 
 from __future__ import annotations
 
@@ -29,3 +30,22 @@ def test_a_server_started_by_a_test_gets_the_same_setting():
     )
     assert child.returncode == 0, child.stderr[-2000:]
     assert int(child.stdout) == int(os.environ["OMP_NUM_THREADS"])
+
+
+def test_under_xdist_loadfile_the_files_that_read_the_session_export_share_one_process(pytestconfig, monkeypatch):
+    """tests/conftest.py's scheduler: a file's tests stay together, and test_onnx_export.py goes
+    with test_export.py (one build of ``tiny_onnx``); other ``--dist`` modes keep xdist's own."""
+    from tests.conftest import pytest_xdist_make_scheduler
+
+    monkeypatch.setattr(pytestconfig.option, "dist", "loadfile", raising=False)
+    monkeypatch.setattr(pytestconfig.option, "tx", ["popen"], raising=False)
+    scheduler = pytest_xdist_make_scheduler(pytestconfig, log=None)
+    scope = scheduler._split_scope
+    assert (
+        scope("tests/test_onnx_export.py::test_a[x]") == scope("tests/test_export.py::test_b") == "tests/test_export.py"
+    )
+    assert (
+        scope("tests/test_fleet.py::test_c") == scope("tests/test_fleet.py::test_d") != scope("tests/test_triton.py::t")
+    )
+    monkeypatch.setattr(pytestconfig.option, "dist", "load")
+    assert pytest_xdist_make_scheduler(pytestconfig, log=None) is None
