@@ -153,12 +153,12 @@ def lora_sets(model, modes: list[str], rank: int, batch_sizes: list[int]) -> dic
     sets = {"none": [[] for _ in range(most)]}
     if modes == ["none"]:
         return sets
-    directory = Path(tempfile.mkdtemp(prefix="bench-loras-"))
     shapes = linear_shapes(model.pipeline.transformer)
     adapters = []
-    for seed in range(most):
-        path, sha = make_lora(directory, shapes, rank, seed)
-        adapters.append(model.adapters.get(path, sha, path.name))
+    with tempfile.TemporaryDirectory(prefix="bench-loras-") as directory:  # the adapters are read into memory
+        for seed in range(most):
+            path, sha = make_lora(Path(directory), shapes, rank, seed)
+            adapters.append(model.adapters.get(path, sha, path.name))
     sets["fused"] = sets["deltas"] = [[(adapters[0], 1.0)] for _ in range(most)]
     sets["mixed"] = [[(adapters[i], 1.0)] for i in range(most)]
     return sets

@@ -58,9 +58,14 @@ def test_flop_formula_matches_torchs_own_count_at_full_flux_size():
 
 
 def test_loop_benchmark_smoke(tmp_path, cache_dir, monkeypatch):
+    import tempfile
+
     from benchmarks import loop
 
     monkeypatch.setenv("FLUX_CACHE_DIR", str(cache_dir))
+    scratch = tmp_path / "scratch"  # the run's temporary files (its LoRAs) go here
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     results = loop.main(
         [
             "--backends",
@@ -91,6 +96,7 @@ def test_loop_benchmark_smoke(tmp_path, cache_dir, monkeypatch):
             str(tmp_path),
         ]
     )
+    assert not list(scratch.glob("bench-loras-*"))  # its LoRA files are not left in the temporary folder
     (json_file,) = tmp_path.glob("loop-*.json")
     assert json_file.name.startswith("loop-tiny-torch+onnxruntime-")
     assert json.loads(json_file.read_text())["cells"] == results["cells"] and len(results["cells"]) == 8
