@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 
 # One OpenMP thread for torch's CPU kernels, here and in every server a test starts (they inherit
-# this environment): set before anything imports torch or numpy. The tiny model's ops are too small
-# to gain from a second thread, and the suite runs several processes at once (pytest-xdist's
-# workers, each server's front and model worker, Triton): on 2 cores, their OpenMP threads spinning
-# while they wait for one another made the whole suite ~1.8x slower under `-n 2` and a loaded
-# machine's run 19 min instead of 12 (docs/architecture.md, "Tests"). An explicit setting wins.
+# this environment): set before anything imports torch or numpy. The tiny model's ops gain little
+# from a second thread, and the suite runs several processes at once (pytest-xdist's workers, each
+# server's front and model worker, Triton): on 2 cores their OpenMP threads, spinning while they
+# wait for one another, made `-n 2` slower than one process (docs/architecture.md, "Tests").
+# An explicit setting wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import shutil
