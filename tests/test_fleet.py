@@ -451,6 +451,7 @@ def test_load_over_both_replicas_with_one_killed_and_restarted_loses_nothing(fle
     outcomes: dict[int, str] = {}
     ids: dict[int, str] = {}
     refused: collections.Counter = collections.Counter()  # 503s at submit, each retried
+    unanswered = []  # submits sent to A as it was killed: A may have taken them before it died
     lock = threading.Lock()
     total = 24
 
@@ -466,7 +467,11 @@ def test_load_over_both_replicas_with_one_killed_and_restarted_loses_nothing(fle
                     response = httpx.post(
                         f"{base}/queue/{APP}", params={"fal_webhook": hooks}, json={**QUICK, "seed": n}, timeout=30
                     )
-                except httpx.HTTPError:
+                except httpx.ConnectError:  # nothing listened: nothing was taken
+                    continue
+                except httpx.HTTPError:  # sent, but the answer never came
+                    with lock:
+                        unanswered.append(base)
                     continue
                 if response.status_code == 503:  # refused, so not accepted: what a client does is retry
                     assert response.json()["error_type"] in ("queue_unavailable", "server_draining"), response.text
@@ -511,7 +516,10 @@ def test_load_over_both_replicas_with_one_killed_and_restarted_loses_nothing(fle
     assert all(counts[i] >= 1 for i in accepted), counts
     # Twice only if the kill fell in the milliseconds between the receiver's 2xx and A dropping its
     # claim (docs/fleet.md): at most one request, for the one kill.
-    assert sum(n - 1 for n in counts.values()) <= 1 and set(counts) <= set(accepted), counts
+    assert sum(n - 1 for n in counts.values()) <= 1, counts
+    # A webhook for an id the client never got only for a submit whose answer died with A: A had
+    # put it in the line, so it ran (docs/fleet.md); the client's retry made another request.
+    assert len(set(counts) - set(accepted)) <= len(unanswered), (counts, accepted, unanswered)
     taken_over = sum(metric(fleet.url(n), "flux_queue_reports_taken_over_total") for n in ("a", "b"))
     print(f"webhooks taken over from the killed replica: {taken_over:.0f}; most delivered: {counts.most_common(1)}")
 
