@@ -126,6 +126,17 @@ def require(available: object, what: str) -> None:
     pytest.skip(what)
 
 
+def wait_for(predicate, timeout: float = 180.0, every: float = 0.2, seen=lambda: ""):
+    """Poll ``predicate`` every ``every`` s until it returns something true, and return that; fail
+    after ``timeout`` s, with what ``seen()`` says of the state then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not reached in {timeout:.0f} s {seen()}")
+
+
 def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, name: str, timeout_s: float = 240) -> None:
     """Poll a readiness URL until it answers 200; fail with the log's tail if the process exits or time runs out."""
     try:

@@ -36,6 +36,7 @@ from tests.conftest import (
     local_http_server,
     moto_s3_server,
     redis_server,
+    wait_for,
 )
 from tests.test_s3_store import AWS_ENV
 
@@ -192,15 +193,6 @@ def submit(base: str, body: dict, webhook: str | None = None) -> str:
 
 def status(base: str, request_id: str) -> dict:
     return httpx.get(f"{base}/{REQUESTS}/{request_id}/status", params={"logs": 1}, timeout=30).json()
-
-
-def wait_for(predicate, timeout: float = 180.0, every: float = 0.2, seen=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not reached in {timeout:.0f} s {seen()}")
 
 
 def completed(bases: list[str], request_id: str) -> dict:

@@ -33,6 +33,7 @@ from tests.conftest import (
     Served,
     bentoml_server,
     local_http_server,
+    wait_for,
 )
 
 APP = "fal-ai/flux-lora/inpainting"
@@ -270,10 +271,8 @@ def test_a_request_past_its_deadline_stops_in_the_loop_answers_504_and_tells_its
         # The webhook's request goes once the sync one is in the loop (the first forward of this
         # server's life, past its warm-up): adaptive batching then runs it beside or behind that one,
         # never ahead, where the sync request would wait out its deadline in the line.
-        deadline = time.monotonic() + 60
-        while not metrics(base).get("flux_samples_per_forward_count"):
-            assert time.monotonic() < deadline and not sync.done(), "the sync request never reached the loop"
-            time.sleep(0.05)
+        wait_for(lambda: metrics(base).get("flux_samples_per_forward_count") or sync.done(), 60, 0.05)
+        assert metrics(base).get("flux_samples_per_forward_count"), "the sync request never reached the loop"
         queued = httpx.post(f"{base}/queue/{APP}", params={"fal_webhook": f"{hooks}/late"}, json=LONG, timeout=10)
         response = sync.result()
         answered = time.monotonic() - started
@@ -337,10 +336,12 @@ def test_an_idle_server_exits_soon_after_sigterm_its_front_still_reaching_its_wo
     assert post(server[0], QUICK).status_code == 200
     # Until the worker's server has closed the front's keep-alive connections (idle): the next call
     # from the front opens a new one, the case that failed.
-    deadline = time.monotonic() + 60
-    while worker_connections(server.process.pid):
-        assert time.monotonic() < deadline, "the front's connections to its worker stayed open"
-        time.sleep(0.1)
+    wait_for(
+        lambda: not worker_connections(server.process.pid),
+        60,
+        0.1,
+        seen=lambda: "(the front's connections stayed open)",
+    )
     signalled = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     server.process.wait(timeout=180)
@@ -385,10 +386,12 @@ def drain_under_load(tmp_path, webhook: str) -> None:
             wait_for_status(handles[1], "COMPLETED")
             signalled = time.monotonic()
             served.process.send_signal(signal.SIGTERM)  # as Kubernetes does: the main process only
-            deadline = time.monotonic() + 5
-            while httpx.get(f"{base}/readyz", timeout=5).status_code != 503:  # traffic moves elsewhere
-                assert time.monotonic() < deadline, "readiness still true after SIGTERM"
-                time.sleep(0.05)
+            wait_for(  # traffic moves elsewhere
+                lambda: httpx.get(f"{base}/readyz", timeout=5).status_code == 503,
+                5,
+                0.05,
+                seen=lambda: "(readiness still true after SIGTERM)",
+            )
             refused = post(base, QUICK, timeout=10)
             assert refused.status_code == 503 and refused.json()["error_type"] == "server_draining"
             assert "retry-after" in refused.headers

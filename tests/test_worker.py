@@ -90,8 +90,8 @@ def test_a_worker_call_whose_pooled_connection_was_closed_is_tried_once_more():
     from runners.errors import WorkerUnavailable
 
     class FlakyWorker:
-        def __init__(self, failures):
-            self.failures, self.calls, self.failure = failures, 0, None
+        def __init__(self, failures, failure=aiohttp.ServerDisconnectedError()):
+            self.failures, self.calls, self.failure = failures, 0, failure
             self.to_async = self
 
         async def progress(self, request_ids):
@@ -102,17 +102,14 @@ def test_a_worker_call_whose_pooled_connection_was_closed_is_tried_once_more():
 
     # Dropped before the answer, and while its body was read (aiohttp's bare RuntimeError: a 500 once)
     for failure in (aiohttp.ServerDisconnectedError(), RuntimeError("Connection closed.")):
-        once = FlakyWorker(failures=1)
-        once.failure = failure
+        once = FlakyWorker(failures=1, failure=failure)
         assert asyncio.run(BentoWorkerClient(once).progress(["a"])) == {}
         assert once.calls == 2
-    other = FlakyWorker(failures=1)
-    other.failure = RuntimeError("something else")  # not a lost connection: not sent again
+    other = FlakyWorker(failures=1, failure=RuntimeError("something else"))  # not a lost connection: not sent again
     with pytest.raises(RuntimeError, match="something else"):
         asyncio.run(BentoWorkerClient(other).progress(["a"]))
     assert other.calls == 1
     always = FlakyWorker(failures=5)
-    always.failure = aiohttp.ServerDisconnectedError()
     with pytest.raises(WorkerUnavailable) as error:
         asyncio.run(BentoWorkerClient(always).progress(["a"]))
     assert error.value.status == 503 and always.calls == 2

@@ -6,19 +6,18 @@ set -euo pipefail
 : "${OUT:?set OUT to a folder for the rounds}"
 cd "$(dirname "$0")/../../.."   # the repository
 work=$(mktemp -d)
-trap 'redis-cli -p 6401 shutdown nosave >/dev/null 2>&1 || true; redis-cli -p 6402 shutdown nosave >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+declare -A port=([everysec]=6401 [always]=6402)
+trap 'for p in "${port[@]}"; do redis-cli -p "$p" shutdown nosave >/dev/null 2>&1 || true; done; rm -rf "$work"' EXIT
 for policy in everysec always; do
-  port=$([ $policy = everysec ] && echo 6401 || echo 6402)
   mkdir -p "$work/$policy"
-  redis-server --port $port --bind 127.0.0.1 --dir "$work/$policy" --save "" --appendonly yes \
+  redis-server --port ${port[$policy]} --bind 127.0.0.1 --dir "$work/$policy" --save "" --appendonly yes \
     --appendfsync $policy --daemonize yes --logfile "$work/$policy/redis.log"
 done
 sleep 1
 for round in 1 2 3; do
   order=$([ $((round % 2)) = 1 ] && echo "everysec always" || echo "always everysec")
   for policy in $order; do
-    port=$([ $policy = everysec ] && echo 6401 || echo 6402)
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.queue --redis-url redis://127.0.0.1:$port/0 \
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.queue --redis-url redis://127.0.0.1:${port[$policy]}/0 \
       --requests 400 --concurrency 1,4,8 --out "$OUT/$policy-$round" > /dev/null
   done
 done
