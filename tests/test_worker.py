@@ -90,7 +90,7 @@ def test_a_worker_call_whose_pooled_connection_was_closed_is_tried_once_more():
     from runners.errors import WorkerUnavailable
 
     class FlakyWorker:
-        def __init__(self, failures, failure=aiohttp.ServerDisconnectedError()):
+        def __init__(self, failures, failure):
             self.failures, self.calls, self.failure = failures, 0, failure
             self.to_async = self
 
@@ -109,7 +109,7 @@ def test_a_worker_call_whose_pooled_connection_was_closed_is_tried_once_more():
     with pytest.raises(RuntimeError, match="something else"):
         asyncio.run(BentoWorkerClient(other).progress(["a"]))
     assert other.calls == 1
-    always = FlakyWorker(failures=5)
+    always = FlakyWorker(failures=5, failure=aiohttp.ServerDisconnectedError())
     with pytest.raises(WorkerUnavailable) as error:
         asyncio.run(BentoWorkerClient(always).progress(["a"]))
     assert error.value.status == 503 and always.calls == 2
