@@ -65,8 +65,17 @@ def wait_ready(
 
 
 def stop(process: subprocess.Popen, grace_s: float = 30) -> None:
-    """SIGTERM to the process group (the server drains), SIGKILL after ``grace_s``; waits for the
-    exit. Harmless on a server already stopped (a test may have signalled it itself)."""
+    """SIGTERM to the process group (the server drains, and its arbiter stops its workers), SIGKILL
+    after ``grace_s``; waits for the exit. Then whatever the server had started and is still running
+    is killed: BentoML's workers run in sessions of their own (circus calls ``setsid``), so neither
+    the group nor the session reaches them, and one left behind keeps its memory, its port and the
+    server's output open. Harmless on a server already stopped (a test may have signalled it)."""
+    import psutil  # here, not above: benchmarks/device/run.py imports this module where only torch is sure
+
+    try:
+        started = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        started = []
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -75,6 +84,11 @@ def stop(process: subprocess.Popen, grace_s: float = 30) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    _, left = psutil.wait_procs(started, timeout=0)
+    for leftover in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            leftover.kill()
+    psutil.wait_procs(left, timeout=10)
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -18,26 +15,14 @@ from typing import NamedTuple
 
 import httpx
 
-from tests.conftest import REPO, free_port
+from benchmarks import serving
 
 
-def poll_readyz(port: int, process: subprocess.Popen) -> None:
+def poll_readyz(url: str, process: subprocess.Popen) -> None:
     while process.poll() is None:
         with contextlib.suppress(httpx.HTTPError):
-            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+            httpx.get(f"{url}/readyz", timeout=2)
         time.sleep(0.5)
-
-
-def stop_tree(process: subprocess.Popen) -> None:
-    """SIGTERM to ``bentoml serve`` (its arbiter stops its workers), then SIGKILL to whatever of the
-    tree is left: circus puts each worker in its own process group, so killpg alone leaks them."""
-    import psutil
-
-    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    process.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(tree, timeout=60)
-    for leftover in alive:
-        leftover.kill()
 
 
 class Ended(NamedTuple):
@@ -70,31 +55,23 @@ def seconds_from_the_sigterm_to_the_exit(ended: Ended) -> float:
 
 
 def serve_until_it_exits(tmp: Path, timeout_s: float = 240, probe: bool = False, **env: str) -> Ended:
-    """Run ``bentoml serve`` as conftest's bentoml_server does; wait for it to end by itself. With
-    ``probe``, /readyz is polled meanwhile, as Kubernetes does (a probe in flight once held the
-    front's shutdown, and so the whole server, up forever)."""
-    environment = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "XDG_CACHE_HOME": str(tmp / "cache"),
-        "BENTOML_HOME": str(tmp / "bentoml"),
-        **env,
-    }
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    port = free_port()
-    command = [bentoml, "serve", "service:FluxInpainting", "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(
-        command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    """Run ``bentoml serve`` as conftest's bentoml_server does (benchmarks/serving.py); wait for it
+    to end by itself. With ``probe``, /readyz is polled meanwhile, as Kubernetes does (a probe in
+    flight once held the front's shutdown, and so the whole server, up forever). Its output goes to
+    a file, not a pipe: a worker that outlived it would hold a pipe open, and reading it to its end
+    would then wait forever, where this fails in ``timeout_s``."""
+    environment = {"XDG_CACHE_HOME": str(tmp / "cache"), "BENTOML_HOME": str(tmp / "bentoml"), **env}
+    server = serving.start(tmp / "serve.log", environment)
     if probe:
-        threading.Thread(target=poll_readyz, args=(port, process), daemon=True).start()
+        threading.Thread(target=poll_readyz, args=(server.url, server.process), daemon=True).start()
     try:
-        output, _ = process.communicate(timeout=timeout_s)
+        server.process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:  # the fault this file guards against: up, unready, forever
-        stop_tree(process)
-        output, _ = process.communicate()
-        raise AssertionError(f"bentoml serve still running after {timeout_s} s:\n{output.decode()[-3000:]}") from None
-    return Ended(process.returncode, output.decode(), datetime.now(timezone.utc))
+        serving.stop(server.process)
+        raise AssertionError(
+            f"bentoml serve still running after {timeout_s} s:\n{serving.log_tail(server.log_path)}"
+        ) from None
+    return Ended(server.process.returncode, server.log_path.read_text(errors="replace"), datetime.now(timezone.utc))
 
 
 def test_a_bad_setting_stops_bentoml_serve_naming_the_variable(tmp_path):

@@ -1,5 +1,5 @@
 """The suite's own set-up (tests/conftest.py): one OpenMP thread per process, set before torch reads it,
-and the grouping of test files into processes under pytest-xdist."""
+the grouping of test files into processes under pytest-xdist, and the timeout that ends a hung test."""
 
 from __future__ import annotations
 
@@ -49,3 +49,23 @@ def test_under_xdist_loadfile_the_files_that_read_the_session_export_share_one_p
     )
     monkeypatch.setattr(pytestconfig.option, "dist", "load")
     assert pytest_xdist_make_scheduler(pytestconfig, log=None) is None
+
+
+def test_a_test_that_hangs_fails_with_its_stack_instead_of_holding_the_run(pytestconfig, tmp_path):
+    """pyproject.toml's pytest-timeout setting: a hang (here a wait on a pipe nobody writes, as a
+    server's output once was) fails that test in an xdist process, and the run goes on to the next."""
+    assert int(pytestconfig.getini("timeout")) == 600
+    (tmp_path / "test_hang.py").write_text(
+        "import os\n\ndef test_hangs():\n    read, _ = os.pipe()\n    os.read(read, 1)\n\ndef test_after():\n    pass\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "1", "-o", "timeout=2"]
+        + ["-c", str(REPO / "pyproject.toml"), "--rootdir", str(tmp_path), str(tmp_path / "test_hang.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == 1, child.stdout[-3000:]
+    assert "Timeout" in child.stdout and "os.read(read, 1)" in child.stdout, child.stdout[-3000:]
+    assert "1 failed, 1 passed" in child.stdout, child.stdout[-3000:]
